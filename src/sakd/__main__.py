@@ -1,0 +1,3 @@
+from sakd.cli import main
+
+raise SystemExit(main())

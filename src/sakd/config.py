@@ -1,0 +1,221 @@
+"""The run configuration: typed, nested, validated in one place.
+
+A config is a YAML file plus ``--set section.key=value`` overrides. Every problem (wrong type, value out of
+range, unknown key, missing file) is collected and reported at once as a `UserError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sakd.errors import UserError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HFSource(Section):
+    """A Hugging Face dataset, loaded with `datasets.load_dataset(hf, config, split=split)`."""
+
+    hf: str
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+
+Source = str | HFSource
+
+
+class ModelSpec(Section):
+    model: str
+    """Hub id or local folder of a causal LM."""
+    tokenizer: str | None = None
+    """Hub id or folder of the tokenizer; defaults to `model`."""
+    dtype: Precision = "auto"
+    """Weights' dtype. auto: fp32 on CPU; on GPU bf16 where supported, else fp16 (teacher) / fp32 (student)."""
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+    """auto picks sdpa unless a loss needs attention maps (then eager, since sdpa returns none)."""
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+
+class StudentSpec(ModelSpec):
+    init: Literal["pretrained", "random"] = "pretrained"
+    """random: build the student from its config with fresh weights."""
+
+
+class DataConfig(Section):
+    train: list[Source] = Field(min_length=1)
+    """Text sources: .txt, .jsonl (a `text` field), a folder of those, or an HF dataset."""
+    eval: list[Source] = Field(default_factory=list)
+    """Held-out sources; without them no evaluation runs during training."""
+    max_length: int = Field(256, ge=8, le=1_048_576)
+    """Tokens per window, the limit on each side (teacher and student)."""
+    eval_max_windows: int | None = Field(256, ge=1)
+    """Evaluate on at most this many held-out windows (all when null)."""
+
+
+class DistillConfig(Section):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    """Same-vocabulary divergence, also used on projected teacher distributions."""
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    cross_vocab: Literal["projection", "uld", "hybrid"] = "projection"
+    """How the teacher's distribution is compared when the vocabularies differ."""
+    temperature: float = Field(1.0, gt=0.0)
+    kd_weight: float = Field(1.0, ge=0.0)
+    lm_weight: float = Field(1.0, ge=0.0)
+    chunk_size: int = Field(1024, ge=1)
+    """Rows per chunk when projecting hidden states through the LM heads."""
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps (each covers batch_size x grad_accum windows per process)."""
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup in optimizer steps, then cosine decay to lr * min_lr_ratio at max_steps."""
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    seed: int = 0
+    precision: Precision = "auto"
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    max_minutes: float | None = Field(None, gt=0.0)
+    """Wall-clock budget: save a checkpoint and stop cleanly when it is spent."""
+    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)
+    """EMA of the student's weights (null: off); the decay warms up from 0."""
+    nonfinite_max_rate: float = Field(0.01, ge=0.0, le=1.0)
+    nonfinite_window: int = Field(100, ge=1)
+    """Stop when more than nonfinite_max_rate of the last nonfinite_window steps were skipped."""
+    early_stop_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a better held-out bits per byte (null: never)."""
+    early_stop_min_steps: int = Field(0, ge=0)
+    progress: bool = True
+
+
+class Config(Section):
+    teacher: ModelSpec | None = None
+    """The teacher; without it the student trains on the LM loss alone (the baseline)."""
+    student: StudentSpec
+    data: DataConfig
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        if self.train.warmup_steps > self.train.max_steps:
+            raise ValueError("train.warmup_steps exceeds train.max_steps")
+        return self
+
+
+def _looks_like_path(ref: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else (or anything that exists) is a local path."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
+
+
+def _file_problems(cfg: Config) -> list[str]:
+    problems = []
+    specs = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.teacher else [])
+    for role, spec in specs:
+        for key, ref in (("model", spec.model), ("tokenizer", spec.tokenizer)):
+            if ref and _looks_like_path(ref) and not Path(ref).expanduser().exists():
+                problems.append(f"{role}.{key}: '{ref}' does not exist")
+    for split in ("train", "eval"):
+        for src in getattr(cfg.data, split):
+            if isinstance(src, str) and not Path(src).expanduser().exists():
+                problems.append(f"data.{split}: '{src}' does not exist")
+    return problems
+
+
+def _format_validation(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{loc}: unknown key")
+        elif e["type"] == "missing":
+            problems.append(f"{loc}: missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg)
+    return problems
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); the value is parsed as YAML."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.setdefault(k, {}), dict):
+                raise UserError(f"--set {item!r}: '{k}' is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file '{path}' is not valid YAML{where}: fix its syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of sections (teacher, student, data, ...)")
+    return raw
+
+
+def validate(raw: dict[str, Any], check_files: bool = True) -> Config:
+    """Validate a raw mapping; every problem is reported at once in one `UserError`."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError("invalid config: " + "; ".join(_format_validation(e))) from None
+    if check_files and (problems := _file_problems(cfg)):
+        raise UserError("invalid config: " + "; ".join(problems) + ": fix the paths")
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path) if path else {}
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,84 @@
+"""Held-out language-model metrics: per-token perplexity and bits per byte.
+
+Perplexity is exp of the mean next-token cross-entropy over real target tokens (padding never counts).
+Bits per byte divides the cross-entropy of the targets that carry text by the UTF-8 bytes of that text, so it
+compares models with different tokenizers; special tokens (EOS) carry no bytes and are left out of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sakd.losses import chunked_head_loss
+from sakd.models.load import capture_final_hidden, lm_head, unwrap
+
+
+def bits_per_byte(nll_nats: float, nbytes: int) -> float:
+    if nbytes <= 0:
+        raise ValueError("no bytes to evaluate on")
+    return nll_nats / (math.log(2) * nbytes)
+
+
+def _nll_rows(logits: torch.Tensor, labels: torch.Tensor, nbytes: torch.Tensor) -> dict[str, torch.Tensor]:
+    nll = F.cross_entropy(logits.float(), labels, reduction="none")  # (n,)
+    return {"nll": nll.sum(), "nll_text": nll[nbytes > 0].sum()}
+
+
+@torch.no_grad()
+def lm_metrics(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    side: str = "student",
+    device: torch.device | None = None,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Perplexity and bits per byte of `model` on the `side` ("student"/"teacher") tokens of `batches`."""
+    was_training = model.training
+    model.eval()
+    head = lm_head(unwrap(model))
+    nll = nll_text = 0.0
+    tokens = nbytes = 0
+    for batch in batches:
+        ids = batch[f"{side}_input_ids"].to(device) if device else batch[f"{side}_input_ids"]
+        attn = batch[f"{side}_attention_mask"].to(ids.device)
+        labels = batch[f"{side}_labels"].to(ids.device)
+        target_bytes = batch[f"{side}_target_bytes"].to(ids.device)
+        with capture_final_hidden(model) as out:
+            model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
+        rows = labels != -100
+        _, parts = chunked_head_loss(
+            out["hidden"][rows],
+            head.weight,
+            _nll_rows,
+            [labels[rows], target_bytes[rows]],
+            {},
+            chunk_size=chunk_size,
+            bias=head.bias,
+        )
+        nll += float(parts["nll"])
+        nll_text += float(parts["nll_text"])
+        tokens += int(rows.sum())
+        nbytes += int(target_bytes[rows].sum())
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no target tokens to evaluate on")
+    return {
+        "loss": nll / tokens,
+        "perplexity": _exp_or_inf(nll / tokens),
+        "bits_per_byte": bits_per_byte(nll_text, nbytes),
+        "tokens": tokens,
+        "bytes": nbytes,
+    }
+
+
+def _exp_or_inf(x: float) -> float:
+    """Perplexity without a cap: a diverged model's perplexity is reported as inf, never a clamped number."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

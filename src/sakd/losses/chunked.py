@@ -1,0 +1,128 @@
+"""The one chunking mechanism: LM-head losses without a full (tokens x vocab) logits tensor.
+
+`chunked_head_loss` computes the logits of `chunk_size` rows at a time, evaluates the row loss on them and
+immediately turns d(total)/d(logits) into gradients for the hidden states, the head weight and bias (as Liger
+Kernel's fused linear cross-entropy does). Only those gradients are kept for backward, so peak memory is
+O(chunk_size x V) instead of O(N x V) and the logits are computed once. `full_head_loss` is the plain
+reference it is tested against.
+
+A row loss maps (logits (n, V) fp32, *row_chunks) to {part name: scalar SUM over the n rows}; parts are sums
+so that chunks add up and the caller divides by its global count of valid tokens.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+RowLoss = Callable[..., dict[str, torch.Tensor]]
+
+
+def _weighted_total(parts: dict[str, torch.Tensor], part_weights: dict[str, float]) -> torch.Tensor | None:
+    """sum of weight * part over the nonzero weights (a zero-weight part, even inf, only gets logged)."""
+    missing = [name for name, weight in part_weights.items() if weight != 0 and name not in parts]
+    if missing:
+        raise ValueError(f"part_weights weight {missing} but the row loss returned only {sorted(parts)}")
+    terms = [weight * parts[name] for name, weight in part_weights.items() if weight != 0]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    return logits.float()
+
+
+class _AttachGrads(torch.autograd.Function):
+    """Returns `total` unchanged; its backward hands out the precomputed gradients scaled by grad_output."""
+
+    @staticmethod
+    def forward(ctx, total, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        grads = [None if g is None else (grad_output * g).to(g.dtype) for g in ctx.saved_tensors]
+        return None, *grads, None, None, None
+
+
+def chunked_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_loss: RowLoss,
+    row_inputs: Sequence[torch.Tensor],
+    part_weights: dict[str, float],
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the row-loss parts over all rows, with gradients, computed chunk by chunk.
+
+    hidden (N, H) student hidden states at the rows that carry a loss; weight (V, H) LM head (may be tied to
+    the input embedding); bias (V,) or None; row_inputs: tensors with first dim N passed chunked to row_loss
+    (no grad). Returns (total fp32 scalar, {part: detached fp32 sum}); total = sum part_weights[k] * parts[k].
+    Gradient work is skipped when nothing requires grad (evaluation). N == 0 gives zeros, never NaN.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows = hidden.shape[0]
+    if any(t.shape[0] != rows for t in row_inputs):
+        raise ValueError(f"every row input needs first dim {rows}: got {[tuple(t.shape) for t in row_inputs]}")
+    needs = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    train = torch.is_grad_enabled() and any(needs)
+    hidden_, weight_ = hidden.detach(), weight.detach()
+    bias_ = None if bias is None else bias.detach()
+    grad_hidden = torch.zeros_like(hidden_) if needs[0] and train else None
+    # Accumulated over chunks in fp32 so that low-precision weights do not lose small contributions.
+    grad_weight = torch.zeros_like(weight_, dtype=torch.float32) if needs[1] and train else None
+    grad_bias = torch.zeros_like(bias_, dtype=torch.float32) if needs[2] and train else None
+
+    parts: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # An empty batch still runs one (empty) chunk, so the part names are known and every part is 0.
+    for start in range(0, max(rows, 1), chunk_size):
+        stop = min(start + chunk_size, rows)
+        hidden_chunk = hidden_[start:stop]
+        with torch.no_grad():
+            logits = _head_logits(hidden_chunk, weight_, bias_).requires_grad_(train)  # (n, V)
+        with torch.enable_grad() if train else torch.no_grad():
+            chunk_parts = row_loss(logits, *(t[start:stop] for t in row_inputs))
+            chunk_total = _weighted_total(chunk_parts, part_weights)
+        for name, value in chunk_parts.items():
+            parts[name] = parts.get(name, 0.0) + value.detach().float()
+        if chunk_total is None:
+            continue
+        total = total + chunk_total.detach().float()
+        if not (train and chunk_total.requires_grad):
+            continue
+        (grad_logits,) = torch.autograd.grad(chunk_total, logits)
+        grad_logits = grad_logits.to(weight_.dtype)  # (n, V)
+        if grad_hidden is not None:
+            grad_hidden[start:stop] = grad_logits @ weight_
+        if grad_weight is not None:
+            grad_weight += grad_logits.T @ hidden_chunk
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+
+    parts = {name: torch.as_tensor(value, dtype=torch.float32, device=hidden.device) for name, value in parts.items()}
+    if not train:
+        return total, parts
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return _AttachGrads.apply(total, hidden, weight, bias, grad_hidden, grad_weight, grad_bias), parts
+
+
+def full_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_loss: RowLoss,
+    row_inputs: Sequence[torch.Tensor],
+    part_weights: dict[str, float],
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Plain reference for `chunked_head_loss`: one (N, V) logits tensor and ordinary autograd."""
+    parts = row_loss(_head_logits(hidden, weight, bias), *row_inputs)
+    total = _weighted_total(parts, part_weights)
+    if total is None:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    return total.float(), {name: value.detach().float() for name, value in parts.items()}

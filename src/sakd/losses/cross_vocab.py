@@ -1,0 +1,158 @@
+"""Distillation losses between models with different tokenizers, per row, fp32.
+
+Each loss takes student_logits (N, V_s_model) and teacher_logits (N, V_t_model) for aligned positions and
+returns (N,). Model logit widths may exceed the tokenizer sizes (vocabularies padded to a multiple of 64/128):
+teacher logits are sliced to mapping.teacher_vocab_size before the softmax (the padding columns are not
+tokens), while every student column stays in the student's softmax (they are real outputs of the student,
+merely never targeted). The teacher is a fixed target: its logits are detached.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from sakd.errors import UserError
+from sakd.losses.divergence import divergence_from_logprobs, student_logprobs_at
+from sakd.losses.vocab_mapping import VocabMapping, build_vocab_mapping, token_surfaces
+
+__all__ = [
+    "CROSS_VOCAB_LOSSES",
+    "VocabMapping",
+    "build_vocab_mapping",
+    "hybrid_loss",
+    "projected_divergence",
+    "projected_teacher_probs",
+    "token_surfaces",
+    "uld_loss",
+]
+
+
+def _teacher_logits(teacher_logits: torch.Tensor, mapping: VocabMapping, temperature: float) -> torch.Tensor:
+    """Teacher logits / T over the teacher tokenizer's ids, fp32, detached. (N, V_t_model) -> (N, V_t)."""
+    if teacher_logits.shape[-1] < mapping.teacher_vocab_size:
+        raise UserError(
+            f"teacher logits have {teacher_logits.shape[-1]} columns but the vocabulary mapping was built for a "
+            f"teacher tokenizer of {mapping.teacher_vocab_size} tokens: the teacher model and tokenizer do not match"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return teacher_logits.detach()[..., : mapping.teacher_vocab_size].float() / temperature
+
+
+def _check_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mapping: VocabMapping) -> None:
+    if student_logits.shape[-1] < mapping.student_vocab_size:
+        raise UserError(
+            f"student logits have {student_logits.shape[-1]} columns but the vocabulary mapping was built for a "
+            f"student tokenizer of {mapping.student_vocab_size} tokens: the student model and tokenizer do not match"
+        )
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "must hold the same aligned rows"
+        )
+
+
+def projected_teacher_probs(
+    teacher_logits: torch.Tensor, mapping: VocabMapping, temperature: float, student_width: int
+) -> torch.Tensor:
+    """Teacher probabilities at T summed onto student ids, renormalised. (N, V_t_model) -> (N, student_width).
+
+    Mass on unmapped teacher tokens is dropped. A row whose mass is all unmapped (a teacher certain of a
+    special token) comes back all zeros: there is nothing to distil there.
+    """
+    probs = torch.softmax(_teacher_logits(teacher_logits, mapping, temperature), dim=-1)  # (N, V_t)
+    targets = mapping.teacher_to_student.to(probs.device)
+    # Unmapped tokens go to one extra column that is then cut off, which avoids copying the mapped columns.
+    targets = torch.where(targets >= 0, targets, student_width)
+    projected = probs.new_zeros(*probs.shape[:-1], student_width + 1)
+    projected.index_add_(-1, targets, probs)
+    projected = projected[..., :student_width]
+    total = projected.sum(-1, keepdim=True)
+    return projected / torch.where(total > 0, total, 1.0)
+
+
+def projected_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mapping: VocabMapping,
+    temperature: float,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """A divergence between the student and the teacher projected onto the student vocabulary. -> (N,).
+
+    The projected teacher puts no mass on student tokens that no teacher token maps to, so reverse KL (and
+    jsd with beta = 1, which is reverse KL) would be infinite on every row: those are refused.
+    """
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        raise UserError(
+            "reverse KL against a projected teacher is infinite (the projection gives zero probability to "
+            "student tokens no teacher token maps to): use forward_kl, jsd with beta < 1, or tvd"
+        )
+    _check_student(student_logits, teacher_logits, mapping)
+    projected = projected_teacher_probs(teacher_logits, mapping, temperature, student_logits.shape[-1])
+    has_mass = projected.sum(-1) > 0
+    rows = divergence_from_logprobs(
+        divergence, student_logprobs_at(student_logits, temperature), projected.log(), temperature, beta
+    )
+    return torch.where(has_mass, rows, 0.0)
+
+
+def _sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """L1 between descending-sorted probability vectors, the shorter zero-padded. (N, A), (N, B) -> (N,)."""
+    width = max(student_probs.shape[-1], teacher_probs.shape[-1])
+    student_sorted = F.pad(student_probs.sort(dim=-1, descending=True).values, (0, width - student_probs.shape[-1]))
+    teacher_sorted = F.pad(teacher_probs.sort(dim=-1, descending=True).values, (0, width - teacher_probs.shape[-1]))
+    return (student_sorted - teacher_sorted).abs().sum(-1)
+
+
+def uld_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mapping: VocabMapping, temperature: float
+) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024): sorted-probability L1, no T^2. -> (N,).
+
+    Invariant to any permutation of either vocabulary, so it needs no token correspondence at all.
+    """
+    _check_student(student_logits, teacher_logits, mapping)
+    teacher_probs = torch.softmax(_teacher_logits(teacher_logits, mapping, temperature), dim=-1)
+    return _sorted_l1(student_logprobs_at(student_logits, temperature).exp(), teacher_probs)
+
+
+def _unshared(width: int, shared: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(width, dtype=torch.bool, device=shared.device)
+    keep[shared] = False
+    return keep
+
+
+def hybrid_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mapping: VocabMapping,
+    temperature: float,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Exact divergence on shared tokens plus ULD on the rest of both vocabularies. -> (N,).
+
+    The shared part compares the two distributions restricted to the shared ids as they are, without
+    renormalising (for forward KL: sum over shared of p_t * (log p_t - log q_s)), scaled by T^2 like every
+    KL-family divergence; the ULD part (no T^2) compares the sorted leftover probabilities, student columns
+    beyond the tokenizer included.
+    """
+    _check_student(student_logits, teacher_logits, mapping)
+    teacher_logprobs = torch.log_softmax(_teacher_logits(teacher_logits, mapping, temperature), dim=-1)
+    student_logprobs = student_logprobs_at(student_logits, temperature)
+    shared_teacher = mapping.shared_teacher_ids.to(teacher_logprobs.device)
+    shared_student = mapping.shared_student_ids.to(student_logprobs.device)
+    exact = divergence_from_logprobs(
+        divergence,
+        student_logprobs[..., shared_student],
+        teacher_logprobs[..., shared_teacher],
+        temperature,
+        beta,
+    )
+    rest_teacher = teacher_logprobs[..., _unshared(teacher_logprobs.shape[-1], shared_teacher)].exp()
+    rest_student = student_logprobs[..., _unshared(student_logprobs.shape[-1], shared_student)].exp()
+    return exact + _sorted_l1(rest_student, rest_teacher)
+
+
+CROSS_VOCAB_LOSSES = {"projection": projected_divergence, "uld": uld_loss, "hybrid": hybrid_loss}

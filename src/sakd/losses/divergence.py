@@ -1,0 +1,168 @@
+"""Per-row divergences between a student and a teacher next-token distribution (same vocabulary).
+
+All functions are pure, compute in fp32 and return one value per row, shape (N,). The teacher side is given as
+log-probabilities already at the distillation temperature; they may hold -inf for impossible tokens, and
+0 * log 0 is taken as 0 by masking with torch.where, never by nan_to_num or clamping, so a real fault (a
+student that gives zero probability to a token the teacher expects) still shows as inf.
+
+The cores work on log-probabilities so that the cross-vocabulary losses share one implementation; the
+Hinton T^2 scaling is applied in exactly one place, `divergence_from_logprobs`.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sakd.errors import UserError
+
+HINTON_SCALED = frozenset({"forward_kl", "reverse_kl", "jsd"})
+
+
+def _weighted_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v * (log p_v - log q_v) over the last dim, with terms where p_v == 0 taken as 0.
+
+    (N, V), (N, V) -> (N,). p need not be normalised (the hybrid loss uses restricted vectors).
+    """
+    p = logp.exp()
+    # Masking the difference (not the product) keeps the backward pass free of 0 * inf.
+    log_ratio = torch.where(p > 0, logp - logq, 0.0)
+    return (p * log_ratio).sum(-1)
+
+
+def forward_kl_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p_T || q_S), no temperature scaling. (N, V), (N, V) -> (N,)."""
+    return _weighted_log_ratio(teacher_logprobs, student_logprobs)
+
+
+def reverse_kl_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(q_S || p_T), no temperature scaling; inf where the teacher rules out a token the student allows.
+
+    (N, V), (N, V) -> (N,).
+    """
+    return _weighted_log_ratio(student_logprobs, teacher_logprobs)
+
+
+def jsd_logprobs(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float = 0.5
+) -> torch.Tensor:
+    """Generalised JSD of TRL's GKD, no temperature scaling. (N, V), (N, V) -> (N,).
+
+    beta * KL(p_T || m) + (1 - beta) * KL(q_S || m) with m = beta * p_T + (1 - beta) * q_S. As in TRL, beta = 0
+    is forward KL and beta = 1 reverse KL: these ends are conventions (the mixture itself tends to 0 there),
+    so they dispatch exactly rather than being evaluated.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl_logprobs(student_logprobs, teacher_logprobs)
+    if beta == 1.0:
+        return reverse_kl_logprobs(student_logprobs, teacher_logprobs)
+    log_mixture = torch.logaddexp(teacher_logprobs + math.log(beta), student_logprobs + math.log1p(-beta))
+    return beta * _weighted_log_ratio(teacher_logprobs, log_mixture) + (1.0 - beta) * _weighted_log_ratio(
+        student_logprobs, log_mixture
+    )
+
+
+def tvd_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Total variation 0.5 * sum |p_T - q_S|. (N, V), (N, V) -> (N,)."""
+    return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(-1)
+
+
+_CORES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "forward_kl": lambda s, t, beta: forward_kl_logprobs(s, t),
+    "reverse_kl": lambda s, t, beta: reverse_kl_logprobs(s, t),
+    "jsd": jsd_logprobs,
+    "tvd": lambda s, t, beta: tvd_logprobs(s, t),
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in _CORES:
+        raise ValueError(f"unknown divergence {name!r}: choose one of {sorted(_CORES)}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def divergence_from_logprobs(
+    name: str,
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """The named divergence on log-probabilities at `temperature`, scaled by T^2 for the KL family.
+
+    (N, V), (N, V) -> (N,) fp32. The T^2 factor (Hinton et al. 2015) keeps the gradient magnitude of a
+    softened KL independent of the temperature; TVD is a bounded distance and stays unscaled.
+    """
+    _check_name(name)
+    _check_temperature(temperature)
+    rows = _CORES[name](student_logprobs.float(), teacher_logprobs.float(), beta)
+    return rows * temperature**2 if name in HINTON_SCALED else rows
+
+
+def student_logprobs_at(student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(student_logits / T) in fp32. (N, V) -> (N, V)."""
+    _check_temperature(temperature)
+    return F.log_softmax(student_logits.float() / temperature, dim=-1)
+
+
+def divergence(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """The named divergence ("forward_kl", "reverse_kl", "jsd", "tvd") between same-vocabulary models.
+
+    student_logits (N, V) any float dtype; teacher_logprobs (N, V) = log_softmax(teacher_logits / T).
+    Returns (N,) fp32.
+    """
+    _check_name(name)
+    if student_logits.shape != teacher_logprobs.shape:
+        raise UserError(
+            f"student logits {tuple(student_logits.shape)} and teacher log-probabilities "
+            f"{tuple(teacher_logprobs.shape)} differ in shape: if the vocabularies differ, use a cross-vocabulary "
+            "loss (projection, uld or hybrid); if both models share one tokenizer but pad their vocabularies "
+            "differently, slice both logits to len(tokenizer) first"
+        )
+    student_logprobs = student_logprobs_at(student_logits, temperature)
+    return divergence_from_logprobs(name, student_logprobs, teacher_logprobs, temperature, beta)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(p_T || q_S). (N, V), (N, V) -> (N,)."""
+    return divergence("forward_kl", student_logits, teacher_logprobs, temperature)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(q_S || p_T). (N, V), (N, V) -> (N,)."""
+    return divergence("reverse_kl", student_logits, teacher_logprobs, temperature)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float, beta: float = 0.5
+) -> torch.Tensor:
+    """T^2 * generalised JSD with mixture weight beta (see `jsd_logprobs`). (N, V), (N, V) -> (N,)."""
+    return divergence("jsd", student_logits, teacher_logprobs, temperature, beta)
+
+
+def total_variation(
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """0.5 * sum |p_T - q_S|, no T^2. (N, V), (N, V) -> (N,)."""
+    return divergence("tvd", student_logits, teacher_logprobs, temperature)
+
+
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "tvd": total_variation,
+}

@@ -1,0 +1,58 @@
+"""Exponential moving average of the student's weights, with a warmup so that early EMA weights are not
+dominated by the random initialisation (an EMA of decay 0.9999 over a few thousand steps keeps most of it)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def effective_decay(self) -> float:
+        """Grows from 0 towards `decay`: (1 + n) / (10 + n) after n updates, capped at `decay`."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Call after each real optimizer step (never after a skipped one)."""
+        d = self.effective_decay()
+        params = model.state_dict()
+        for k, s in self.shadow.items():
+            s.lerp_(params[k].detach().float(), 1.0 - d)
+        self.updates += 1
+
+    @contextmanager
+    @torch.no_grad()
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """Temporarily put the EMA weights into `model`; the raw weights come back afterwards."""
+        params = model.state_dict()
+        raw = {k: params[k].detach().clone() for k in self.shadow}
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            for k, v in raw.items():
+                params[k].copy_(v)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        params = model.state_dict()
+        for k, s in self.shadow.items():
+            params[k].copy_(s.to(params[k].dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.updates = state["updates"]
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)

@@ -1,0 +1,497 @@
+"""The training loop: distil a frozen teacher into a student on HF Accelerate.
+
+One optimizer step = `grad_accum` micro-batches per process. Loss sums are divided by the token counts of the
+whole step over all processes, so batch 4 x accumulation 1 equals batch 2 x accumulation 2. A step whose loss
+or gradient is not finite is skipped on every process and counted. The run can be killed at any point and
+resumed from its newest complete checkpoint with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+from tqdm.auto import tqdm
+
+from sakd.config import Config
+from sakd.data.corpus import build_windows
+from sakd.data.loader import WindowLoader
+from sakd.errors import UserError
+from sakd.eval.metrics import lm_metrics
+from sakd.models.load import freeze, load_model, load_tokenizer, resolve_precision, unwrap, weights_dtype
+from sakd.train import checkpoint, rundir
+from sakd.train.ema import EMA
+from sakd.train.objective import DistillObjective, TokenCounts
+from sakd.train.schedule import make_scheduler
+
+log = logging.getLogger("sakd")
+
+
+class TrainingStopped(Exception):
+    """Training ended before max_steps for a reason the user must see (exit status `code`)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class LoopState:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    best_bpb: float | None = None
+    evals_without_improvement: int = 0
+    recent_skips: list[int] = field(default_factory=list)
+    skipped_batches: list[list[int]] = field(default_factory=list)
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint and a clean stop at the next step boundary; a second SIGINT
+    interrupts at once (and the emergency checkpoint of the last finished step is written)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def loss_weights(cfg: Config) -> dict[str, float]:
+    """The loss weights; the same function serves training and evaluation."""
+    return {"lm": cfg.distill.lm_weight, "kd": cfg.distill.kd_weight if cfg.teacher else 0.0}
+
+
+def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[str, Any]:
+    out = rundir.prepare(cfg, resume, force)
+    tc = cfg.train
+    precision = resolve_precision(tc.precision, PartialState().device)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+    main = accelerator.is_main_process
+    set_seed(tc.seed)
+
+    student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
+    teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher") if cfg.teacher else None
+    bar = tqdm(total=2 if cfg.data.eval else 1, desc="tokenizing", disable=not (main and tc.progress))
+    windows = build_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
+    bar.update()
+    eval_windows = []
+    if cfg.data.eval:
+        eval_windows = build_windows(
+            cfg.data.eval, student_tok, teacher_tok, cfg.data.max_length, cfg.data.eval_max_windows
+        )
+        bar.update()
+    bar.close()
+    per_step = tc.batch_size * accelerator.num_processes
+    if len(windows) < per_step:
+        raise UserError(
+            f"the training data gives {len(windows)} windows of {cfg.data.max_length} tokens, fewer than one "
+            f"batch ({per_step}): add data or lower train.batch_size / data.max_length"
+        )
+
+    teacher = None
+    if cfg.teacher:
+        teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
+        teacher = freeze(
+            load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), _attn(cfg.teacher.attn_implementation))
+        ).to(accelerator.device)
+    # Trainable weights stay fp32 (master weights); mixed precision comes from autocast and a GradScaler.
+    student = load_model(
+        cfg.student.model, "student", torch.float32, _attn(cfg.student.attn_implementation),
+        random_init=cfg.student.init == "random", seed=tc.seed,
+    )
+    student.train()
+    objective = DistillObjective(
+        teacher_tok, student_tok, cfg.distill.divergence, cfg.distill.jsd_beta, cfg.distill.cross_vocab,
+        cfg.distill.temperature, cfg.distill.chunk_size,
+    )
+    optimizer = torch.optim.AdamW(
+        _param_groups(student, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False
+    )
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper steps it once per process).
+    scheduler = make_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    ema = EMA(unwrap(student), tc.ema_decay) if tc.ema_decay else None
+    loader = WindowLoader(
+        windows, tc.batch_size, tc.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        student_pad_id=student_tok.pad_token_id, teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
+    )
+    state = LoopState()
+    ckpt_root = out / "checkpoints"
+
+    def save(tag: str = "") -> Path:
+        path = save_checkpoint(ckpt_root, accelerator, student, optimizer, scheduler, ema, loader, state, tc.keep_last)
+        if main:
+            log.info("checkpoint%s saved: %s", tag, path)
+        return path
+
+    start_path = checkpoint.resolve_resume(ckpt_root, resume) if resume else None
+    if start_path is not None:
+        load_checkpoint(start_path, accelerator, student, optimizer, scheduler, ema, loader, state)
+    if main:
+        rundir.write_run_files(out, cfg, rundir.environment_snapshot(str(accelerator.device), precision,
+                                                                      accelerator.num_processes))
+        if start_path is not None:
+            _append_jsonl(out / "metrics.jsonl", {"event": "resume", "step": state.step, "from": str(start_path)})
+    weights = loss_weights(cfg)
+    eval_batches = _eval_batches(eval_windows, tc.batch_size, student_tok, teacher_tok)
+
+    def evaluate() -> dict[str, Any]:
+        result = evaluate_student(student, teacher, objective, eval_batches, weights, accelerator, ema)
+        result["step"] = state.step
+        if main:
+            _append_jsonl(out / "metrics.jsonl", {"event": "eval", **result})
+        return result
+
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc="distilling", disable=not (main and tc.progress))
+    last_eval: dict[str, Any] | None = None
+    interval = _Interval()
+    t_segment = time.perf_counter()
+    elapsed_at_start = state.elapsed_s
+    stop_reason = None
+    boundary = (loader.state_dict(), checkpoint.rng_state())
+    with StopFlag() as stop:
+        try:
+            while state.step < tc.max_steps:
+                boundary = (loader.state_dict(), checkpoint.rng_state())
+                batches = [_to(loader.next_batch(), accelerator.device) for _ in range(tc.grad_accum)]
+                counts = _global_counts(TokenCounts.of(batches), accelerator)
+                loss_sum = torch.zeros((), device=accelerator.device)
+                parts_sum: dict[str, torch.Tensor] = {}
+                for i, batch in enumerate(batches):
+                    last = i == len(batches) - 1
+                    with accelerator.no_sync(student) if not last else nullcontext(), accelerator.autocast():
+                        loss, parts = objective(student, teacher, batch, weights, counts, accelerator.num_processes)
+                    accelerator.backward(loss)
+                    loss_sum += loss.detach()
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0) + v.detach()
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm or math.inf)
+                finite = _all_finite(loss_sum, grad_norm, accelerator)
+                if finite:
+                    optimizer.step()
+                    stepped = not accelerator.optimizer_step_was_skipped
+                elif accelerator.scaler is not None:
+                    optimizer.step()  # the GradScaler skips it and lowers its scale
+                    stepped = False
+                else:
+                    stepped = False
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if stepped and ema is not None:
+                    ema.update(unwrap(student))
+                state.step += 1
+                boundary = (loader.state_dict(), checkpoint.rng_state())
+                state.recent_skips = (state.recent_skips + [0 if stepped else 1])[-tc.nonfinite_window:]
+                tokens = _global_sum(sum(int(b["student_attention_mask"].sum()) for b in batches), accelerator)
+                state.tokens_seen += tokens
+                state.elapsed_s = elapsed_at_start + time.perf_counter() - t_segment
+                if not stepped:
+                    state.skipped_steps += 1
+                    ids = [int(i) for b in batches for i in b["window_index"]]
+                    state.skipped_batches = (state.skipped_batches + [[state.step, *ids]])[-100:]
+                    if main:
+                        _append_jsonl(out / "metrics.jsonl", {"event": "skip", "step": state.step, "windows": ids,
+                                                              "loss": float(loss_sum), "grad_norm": float(grad_norm)})
+                interval.add(loss_sum, parts_sum, counts, tokens, grad_norm if stepped else None)
+                bar.update()
+                if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                    record = interval.flush(state, scheduler.get_last_lr()[0])
+                    if main:
+                        _append_jsonl(out / "metrics.jsonl", record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                skip_limit = tc.nonfinite_max_rate * tc.nonfinite_window
+                if state.skipped_steps and sum(state.recent_skips) > skip_limit:
+                    save(" (non-finite stop)")
+                    raise TrainingStopped(
+                        f"{sum(state.recent_skips)} of the last {len(state.recent_skips)} steps had a non-finite "
+                        "loss or gradient (skipped windows are listed in metrics.jsonl); likely causes: a learning "
+                        "rate too high, fp16 overflow (use bf16 or fp32), a teacher that outputs NaN/inf, or bad "
+                        f"data. The newest checkpoint is in {ckpt_root}"
+                    )
+                if eval_batches and tc.eval_every and state.step % tc.eval_every == 0 and state.step < tc.max_steps:
+                    last_eval = evaluate()
+                    if _early_stop(state, last_eval, tc):
+                        stop_reason = "early stop"
+                if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
+                    save()
+                signum = _agree_max(stop.signum, accelerator)
+                if signum:
+                    save(" (emergency)")
+                    name = signal.Signals(signum).name
+                    raise TrainingStopped(
+                        f"stopped by {name} at step {state.step}; a checkpoint is in {ckpt_root}: resume with "
+                        "`sakd train CONFIG --resume auto`", code=128 + signum,
+                    )
+                if tc.max_minutes and _agree_max(int(state.elapsed_s > 60 * tc.max_minutes), accelerator):
+                    stop_reason = f"time budget of {tc.max_minutes} minutes spent"
+                if stop_reason:
+                    break
+        except (Exception, KeyboardInterrupt) as exc:
+            if isinstance(exc, TrainingStopped):
+                raise
+            if state.step > 0:
+                try:
+                    # Back to the last step boundary, so that the checkpoint matches the weights.
+                    loader.load_state_dict(boundary[0])
+                    checkpoint.set_rng_state(boundary[1])
+                    save(" (emergency)")
+                except Exception:  # the original failure matters more than a failed emergency save
+                    log.exception("emergency checkpoint failed")
+            raise
+        finally:
+            bar.close()
+
+    final_eval = evaluate() if eval_batches else None
+    save()
+    export = export_final(out, student, ema, student_tok, final_eval, accelerator)
+    summary = {
+        "step": state.step,
+        "skipped_steps": state.skipped_steps,
+        "tokens_seen": state.tokens_seen,
+        "elapsed_s": round(state.elapsed_s, 2),
+        "stop_reason": stop_reason or "max_steps",
+        "objective": objective.kind,
+        "final": export,
+        "eval": final_eval,
+        "last_periodic_eval": last_eval,
+    }
+    if main:
+        _append_jsonl(out / "metrics.jsonl", {"event": "end", **summary})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _attn(choice: str) -> str | None:
+    return None if choice == "auto" else choice
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and embeddings' 1-d parameters."""
+    decay, no_decay = [], []
+    for _name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _global_counts(counts: TokenCounts, accelerator: Accelerator) -> TokenCounts:
+    if accelerator.num_processes == 1:
+        return counts
+    t = accelerator.reduce(torch.tensor([counts.lm, counts.kd], device=accelerator.device), reduction="sum")
+    return TokenCounts(int(t[0]), int(t[1]))
+
+
+def _global_sum(value: int, accelerator: Accelerator) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
+
+
+def _agree_max(value: int, accelerator: Accelerator) -> int:
+    """All processes take the same decision (stop, skip): the largest of their values."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="max"))
+
+
+def _all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, accelerator: Accelerator) -> bool:
+    """Gradients are already all-reduced (same norm everywhere); losses differ per process, so agree on them."""
+    bad = int(not (torch.isfinite(loss) and torch.isfinite(torch.as_tensor(grad_norm))))
+    return not _agree_max(bad, accelerator)
+
+
+class _Interval:
+    """Loss parts, tokens and time since the last log line, averaged per optimizer step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.loss = 0.0
+        self.parts: dict[str, float] = {}
+        self.tokens = 0
+        self.grad_norm = None
+        self.t0 = time.perf_counter()
+
+    def add(self, loss, parts, counts: TokenCounts, tokens: int, grad_norm) -> None:
+        self.steps += 1
+        self.loss += float(loss)
+        for k, v in parts.items():
+            denom = counts.kd if k == "kd" else counts.lm
+            self.parts[k] = self.parts.get(k, 0.0) + float(v) / max(denom, 1)
+        self.tokens += tokens
+        if grad_norm is not None:
+            self.grad_norm = float(grad_norm)
+
+    def flush(self, state: LoopState, lr: float) -> dict[str, Any]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        record = {
+            "event": "train",
+            "step": state.step,
+            "lr": lr,
+            "loss": self.loss / max(self.steps, 1),
+            **{f"loss_{k}": v / max(self.steps, 1) for k, v in self.parts.items()},
+            "grad_norm": self.grad_norm,
+            "tokens_per_s": self.tokens / dt,
+            "skipped_steps": state.skipped_steps,
+            "elapsed_s": round(state.elapsed_s, 2),
+        }
+        self.reset()
+        return record
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _early_stop(state: LoopState, result: dict[str, Any], tc) -> bool:
+    bpb = result["best_bits_per_byte"]
+    if state.best_bpb is None or bpb < state.best_bpb:
+        state.best_bpb = bpb
+        state.evals_without_improvement = 0
+        return False
+    state.evals_without_improvement += 1
+    return (
+        tc.early_stop_patience is not None
+        and state.evals_without_improvement >= tc.early_stop_patience
+        and state.step >= tc.early_stop_min_steps
+    )
+
+
+def _eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[dict[str, torch.Tensor]]:
+    if not windows:
+        return []
+    loader = WindowLoader(
+        windows, batch_size, seed=0, shuffle=False, drop_last=False, student_pad_id=student_tok.pad_token_id,
+        teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
+    )
+    return list(loader)
+
+
+@torch.no_grad()
+def evaluate_student(student, teacher, objective, batches, weights, accelerator, ema) -> dict[str, Any]:
+    """Held-out bits per byte and perplexity of the raw (and EMA) student, and the distillation loss with the
+    same weights as training."""
+    model = unwrap(student)
+    device = accelerator.device
+    result: dict[str, Any] = {"raw": lm_metrics(model, batches, "student", device, objective.chunk_size)}
+    if ema is not None:
+        with ema.applied(model):
+            result["ema"] = lm_metrics(model, batches, "student", device, objective.chunk_size)
+    if teacher is not None and weights.get("kd", 0) > 0:
+        model.eval()
+        moved = [_to(b, device) for b in batches]
+        counts = TokenCounts.of(moved)
+        total = kd = 0.0
+        for b in moved:
+            with accelerator.autocast():
+                loss, parts = objective(model, teacher, b, weights, counts)
+            total += float(loss)
+            kd += float(parts["kd"])
+        model.train()
+        result["distill_loss"] = total
+        result["kd"] = kd / max(counts.kd, 1)
+    result["best"] = "ema" if "ema" in result and result["ema"]["bits_per_byte"] < result["raw"]["bits_per_byte"] else "raw"
+    result["best_bits_per_byte"] = result[result["best"]]["bits_per_byte"]
+    return result
+
+
+def save_checkpoint(root, accelerator, student, optimizer, scheduler, ema, loader, state, keep_last) -> Path:
+    """Every process writes its RNG state; the main process writes the rest. Never the teacher."""
+    accelerator.wait_for_everyone()
+    tmp = root / f".tmp-{checkpoint.step_dir_name(state.step)}"
+    if accelerator.is_main_process:
+        tmp = checkpoint.begin(root, state.step)
+    accelerator.wait_for_everyone()
+    torch.save(checkpoint.rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_safetensors_model(unwrap(student), str(tmp / "student.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "loader": loader.state_dict(),
+                "loop": asdict(state),
+                "num_processes": accelerator.num_processes,
+            },
+            tmp / "training_state.pt",
+        )
+    accelerator.wait_for_everyone()
+    final = root / checkpoint.step_dir_name(state.step)
+    if accelerator.is_main_process:
+        keep = max(keep_last, 1)
+        final = checkpoint.commit(root, tmp, state.step, keep, {"num_processes": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path, accelerator, student, optimizer, scheduler, ema, loader, state) -> None:
+    load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
+    saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if accelerator.scaler is not None and saved["scaler"] is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    if ema is not None and saved["ema"] is not None:
+        ema.load_state_dict(saved["ema"])
+    loader.load_state_dict(saved["loader"])
+    for k, v in saved["loop"].items():
+        setattr(state, k, v)
+    rng = path / f"rng-rank{accelerator.process_index}.pt"
+    if rng.exists():
+        checkpoint.set_rng_state(torch.load(rng, weights_only=False))
+
+
+def export_final(out: Path, student, ema, tokenizer, final_eval, accelerator) -> dict[str, Any]:
+    """`final/`: the student as a Hugging Face folder, with the better of raw and EMA weights on held-out bits
+    per byte (raw when there is no held-out data), and `sakd.json` saying which."""
+    choice = final_eval["best"] if final_eval else "raw"
+    info = {"weights": choice, "bits_per_byte": final_eval["best_bits_per_byte"] if final_eval else None}
+    if accelerator.is_main_process:
+        model = unwrap(student)
+        final = out / "final"
+        context = ema.applied(model) if choice == "ema" and ema is not None else nullcontext()
+        with context:
+            model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        (final / "sakd.json").write_text(json.dumps(info, indent=1))
+    accelerator.wait_for_everyone()
+    return info
