@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "datasets", "transformers", "accelerate", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
     from sakd.train.loop import TrainingStopped
+
+    hf_logging.disable_progress_bar()
 
     try:
         return args.func(args)

@@ -7,10 +7,10 @@ import json
 import textwrap
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-NON_ASCII = "naïve café — 日本語 🙂 Straße, ½ × ∑ — «quoted» ok"
+NON_ASCII = "naïve café — 日本語 🙂 Straße, ½ ∑ — «quoted» ok"
 
 
 @pytest.fixture(scope="session")
@@ -76,11 +76,22 @@ def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="session")
-def tokenizers(
-    byte_level_tokenizer, metaspace_tokenizer, wordpiece_tokenizer
+def trimmed_byte_level_tokenizer(byte_level_tokenizer) -> PreTrainedTokenizerFast:
+    """The byte-level tokenizer with `trim_offsets`: offsets leave out leading spaces (RoBERTa style)."""
+    tokenizer = Tokenizer.from_str(byte_level_tokenizer.backend_tokenizer.to_str())
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizers_by_name(
+    byte_level_tokenizer, trimmed_byte_level_tokenizer, metaspace_tokenizer, wordpiece_tokenizer
 ) -> dict[str, PreTrainedTokenizerFast]:
     return {
         "byte_level": byte_level_tokenizer,
+        "byte_level_trimmed": trimmed_byte_level_tokenizer,
         "metaspace": metaspace_tokenizer,
         "wordpiece": wordpiece_tokenizer,
     }

@@ -61,7 +61,7 @@ def test_missing_path_is_a_user_error(tmp_path):
 
 def test_folder_without_text_files_is_a_user_error(tmp_path):
     (tmp_path / "notes.md").write_text("ignored")
-    with pytest.raises(UserError, match="no .txt or .jsonl files"):
+    with pytest.raises(UserError, match=r"no \.txt or \.jsonl files"):
         load_documents(tmp_path)
 
 
@@ -90,7 +90,7 @@ def test_unloadable_dataset_is_a_user_error(monkeypatch):
         raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub\nmore details")
 
     monkeypatch.setattr(datasets, "load_dataset", failing_load_dataset)
-    with pytest.raises(UserError, match="dataset 'nope' .* could not be loaded .*doesn't exist on the Hub"):
+    with pytest.raises(UserError, match=r"dataset 'nope' .* could not be loaded .*doesn't exist on the Hub"):
         load_documents({"hf": "nope"})
 
 

@@ -40,7 +40,9 @@ def _params(seed: int = 1, bias: bool = False, rows: int = ROWS):
 
 def _row_loss():
     teacher_weight = torch.randn(TEACHER_VOCAB, TEACHER_HIDDEN, generator=_gen(2))
-    return make_distill_row_loss(_kd, teacher_weight, teacher_bias=torch.randn(TEACHER_VOCAB, generator=_gen(3)))
+    return make_distill_row_loss(
+        _kd, teacher_weight, teacher_bias=torch.randn(TEACHER_VOCAB, generator=_gen(3))
+    )
 
 
 WEIGHTS = {"lm": 0.7, "kd": 1.3}
@@ -62,7 +64,11 @@ def test_chunked_equals_full(chunk_size: int, bias: bool) -> None:
     for name in parts:
         torch.testing.assert_close(parts[name], ref_parts[name], rtol=1e-5, atol=1e-5)
         assert not parts[name].requires_grad
-    for ours, ref in zip(_grads(total, [hidden, weight, head_bias]), _grads(ref_total, [hidden, weight, head_bias])):
+    for ours, ref in zip(
+        _grads(total, [hidden, weight, head_bias]),
+        _grads(ref_total, [hidden, weight, head_bias]),
+        strict=True,
+    ):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -81,7 +87,7 @@ def test_tied_weights() -> None:
     total, grads = run(functools.partial(chunked_head_loss, chunk_size=8))
     ref_total, ref_grads = run(full_head_loss)
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
-    for ours, ref in zip(grads, ref_grads):
+    for ours, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -183,3 +189,23 @@ def test_memory_is_flat_in_rows() -> None:
     total.backward()
     assert max(seen_rows) == chunk and sum(seen_rows) == rows
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+def test_distill_row_loss_parts_are_sums() -> None:
+    logits = torch.randn(ROWS, VOCAB, generator=_gen(12))
+    labels, teacher_hidden, kd_mask, kd_weight = _batch()
+    teacher_weight = torch.randn(TEACHER_VOCAB, TEACHER_HIDDEN, generator=_gen(13))
+    parts = make_distill_row_loss(_kd, teacher_weight)(logits, labels, teacher_hidden, kd_mask, kd_weight)
+    valid = labels != -100
+    expected_lm = (
+        torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="mean") * valid.sum()
+    )
+    teacher_logits = teacher_hidden @ teacher_weight.T
+    expected_kd = (kd_weight * _kd(logits, teacher_logits))[kd_mask].sum()
+    torch.testing.assert_close(parts["lm"], expected_lm)
+    torch.testing.assert_close(parts["kd"], expected_kd)
+    assert make_distill_row_loss(None, None)(logits, labels, teacher_hidden, kd_mask, kd_weight).keys() == {
+        "lm"
+    }
+    with pytest.raises(ValueError, match="teacher"):
+        make_distill_row_loss(_kd, None)

@@ -20,7 +20,9 @@ def _logits(seed: int, rows: int = 6, vocab: int = 11) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def _reference(name: str, student_logits, teacher_logits, temperature: float, beta: float = 0.5) -> torch.Tensor:
+def _reference(
+    name: str, student_logits, teacher_logits, temperature: float, beta: float = 0.5
+) -> torch.Tensor:
     """Direct textbook formulas in float64."""
     q = torch.softmax(student_logits.double() / temperature, -1)
     p = torch.softmax(teacher_logits.double() / temperature, -1)
@@ -48,22 +50,32 @@ def test_matches_float64_formula(name: str, temperature: float) -> None:
     student, teacher = _logits(0), _logits(1)
     rows = divergence(name, student, _teacher_logprobs(teacher, temperature), temperature)
     assert rows.shape == (6,) and rows.dtype == torch.float32
-    torch.testing.assert_close(rows.double(), _reference(name, student, teacher, temperature), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        rows.double(), _reference(name, student, teacher, temperature), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_jsd_beta_matches_formula(beta: float) -> None:
     student, teacher = _logits(2), _logits(3)
     rows = generalized_jsd(student, _teacher_logprobs(teacher, 2.0), 2.0, beta)
-    torch.testing.assert_close(rows.double(), _reference("jsd", student, teacher, 2.0, beta), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        rows.double(), _reference("jsd", student, teacher, 2.0, beta), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_public_functions_match_dispatcher() -> None:
     student, teacher = _logits(4), _teacher_logprobs(_logits(5), 1.5)
     assert set(DIVERGENCES) == {"forward_kl", "reverse_kl", "jsd", "tvd"}
-    torch.testing.assert_close(forward_kl(student, teacher, 1.5), divergence("forward_kl", student, teacher, 1.5))
-    torch.testing.assert_close(reverse_kl(student, teacher, 1.5), divergence("reverse_kl", student, teacher, 1.5))
-    torch.testing.assert_close(total_variation(student, teacher, 1.5), divergence("tvd", student, teacher, 1.5))
+    torch.testing.assert_close(
+        forward_kl(student, teacher, 1.5), divergence("forward_kl", student, teacher, 1.5)
+    )
+    torch.testing.assert_close(
+        reverse_kl(student, teacher, 1.5), divergence("reverse_kl", student, teacher, 1.5)
+    )
+    torch.testing.assert_close(
+        total_variation(student, teacher, 1.5), divergence("tvd", student, teacher, 1.5)
+    )
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
@@ -98,15 +110,33 @@ def test_teacher_impossible_tokens() -> None:
     p = teacher.double().exp()
     q = torch.softmax(student.detach().double(), -1)
     expected = (p[:, 4:] * (p[:, 4:].log() - q[:, 4:].log())).sum(-1)
-    torch.testing.assert_close(forward_kl(student, teacher, 1.0).detach().double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        forward_kl(student, teacher, 1.0).detach().double(), expected, rtol=1e-5, atol=1e-6
+    )
     # The student does put mass where the teacher has none: reverse KL is truly infinite, not hidden.
     assert torch.isinf(reverse_kl(student, teacher, 1.0)).all()
 
 
+def test_token_impossible_for_both_sides() -> None:
+    # A student vocabulary padding column masked to -inf, which the teacher also rules out.
+    student = torch.tensor([[0.0, 1.0, -math.inf], [2.0, -1.0, -math.inf]]).requires_grad_()
+    teacher = torch.log_softmax(torch.tensor([[1.0, 0.5, -math.inf], [0.0, 0.0, -math.inf]]), -1)
+    for name in ["forward_kl", "jsd", "tvd"]:
+        rows = divergence(name, student, teacher, 1.0)
+        (grad,) = torch.autograd.grad(rows.sum(), student)
+        assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), name
+        expected = _reference(name, student.detach()[:, :2], teacher[:, :2], 1.0)
+        torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_jsd_beta_ends_are_forward_and_reverse_kl() -> None:
     student, teacher = _logits(11), _teacher_logprobs(_logits(12), 2.0)
-    torch.testing.assert_close(generalized_jsd(student, teacher, 2.0, beta=0.0), forward_kl(student, teacher, 2.0))
-    torch.testing.assert_close(generalized_jsd(student, teacher, 2.0, beta=1.0), reverse_kl(student, teacher, 2.0))
+    torch.testing.assert_close(
+        generalized_jsd(student, teacher, 2.0, beta=0.0), forward_kl(student, teacher, 2.0)
+    )
+    torch.testing.assert_close(
+        generalized_jsd(student, teacher, 2.0, beta=1.0), reverse_kl(student, teacher, 2.0)
+    )
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
@@ -139,3 +169,18 @@ def test_errors() -> None:
     # Failure mode 8: different vocabularies get an actionable error, not a crash deep in torch.
     with pytest.raises(UserError, match="cross-vocabulary"):
         forward_kl(torch.randn(3, 151), torch.log_softmax(torch.randn(3, 49), -1), 1.0)
+
+
+def test_nan_teacher_is_never_hidden():
+    """FAILURE_MODES 14: a NaN in the teacher propagates to the loss (the trainer then skips the step)."""
+    import torch
+
+    from sakd.losses.divergence import DIVERGENCES
+
+    student = torch.randn(3, 7)
+    teacher = torch.log_softmax(torch.randn(3, 7), -1)
+    teacher[1, 2] = float("nan")
+    for name in DIVERGENCES:
+        rows = DIVERGENCES[name](student, teacher, 1.0)
+        assert torch.isnan(rows[1]), name
+        assert torch.isfinite(rows[[0, 2]]).all(), name

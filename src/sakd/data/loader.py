@@ -119,4 +119,6 @@ class WindowLoader:
             )
         self.seed = int(state["seed"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        if 0 < self.batches_per_epoch <= self.batch_in_epoch:  # a larger batch size than when saved
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self._order_epoch = None

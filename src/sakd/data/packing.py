@@ -155,7 +155,7 @@ def _group_last_positions(group: np.ndarray) -> np.ndarray:
 def collate_windows(
     windows: list[Window], student_pad_id: int, teacher_pad_id: int | None
 ) -> dict[str, torch.Tensor]:
-    """Stack windows into a padded batch of long tensors (see the data section of DESIGN.md).
+    """Stack windows into a padded batch of long tensors.
 
     Per model (prefix `student_`, and `teacher_` when the windows have a teacher side): `input_ids`,
     `attention_mask`, `labels` (-100 at the last real position and at padding), `target_bytes` (UTF-8 bytes

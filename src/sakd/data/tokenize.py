@@ -26,7 +26,7 @@ class TokenizedDoc:
     `ids` (n,) int64: token ids. `ends` (n,) int64: character offset in the document where each token ends,
     made non-decreasing; the last text token ends at len(document). `nbytes` (n,) int64: UTF-8 bytes of the
     characters between the previous token's end and this token's end, so `nbytes.sum()` is the document's
-    byte length; special tokens and later pieces of a character split over several tokens get 0.
+    byte length (when it has any text token); special tokens and later pieces of a character split over several tokens get 0.
     """
 
     ids: np.ndarray
@@ -52,11 +52,12 @@ def tokenized_doc(
 ) -> TokenizedDoc:
     """Build a `TokenizedDoc` from a tokenizer's ids and (start, end) character offsets for `text`."""
     token_ids = np.asarray(ids, dtype=np.int64)
-    ends = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 1]
-    # byte-level pieces of one character share offsets and some tokenizers drop trailing whitespace from
-    # every token: only monotone end offsets are meaningful, and the last token takes the rest of the text
-    ends = np.minimum(np.maximum.accumulate(ends), len(text)) if len(ends) else ends
+    ends = np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))
     if len(ends):
+        # pieces of one character (byte-level BPE) share offsets and trimmed offsets can step back: only
+        # monotone end offsets are meaningful. Whitespace that no token covers at the end of the text goes
+        # to the last token, so that the tokens cover the whole text.
+        ends = np.minimum(np.maximum.accumulate(ends), len(text))
         ends[-1] = len(text)
     prefix = utf8_prefix_bytes(text)
     ends_bytes = prefix[ends]

@@ -35,12 +35,21 @@ class _AttachGrads(torch.autograd.Function):
     """Returns `total` unchanged; its backward hands out the precomputed gradients scaled by grad_output."""
 
     @staticmethod
-    def forward(ctx, total, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):  # noqa: ANN001, ANN205
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        total: torch.Tensor,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        grad_hidden: torch.Tensor | None,
+        grad_weight: torch.Tensor | None,
+        grad_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return total.clone()
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001, ANN205
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:
         grads = [None if g is None else (grad_output * g).to(g.dtype) for g in ctx.saved_tensors]
         return None, *grads, None, None, None
 
@@ -65,7 +74,9 @@ def chunked_head_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = hidden.shape[0]
     if any(t.shape[0] != rows for t in row_inputs):
-        raise ValueError(f"every row input needs first dim {rows}: got {[tuple(t.shape) for t in row_inputs]}")
+        raise ValueError(
+            f"every row input needs first dim {rows}: got {[tuple(t.shape) for t in row_inputs]}"
+        )
     needs = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
     train = torch.is_grad_enabled() and any(needs)
     hidden_, weight_ = hidden.detach(), weight.detach()
@@ -102,7 +113,10 @@ def chunked_head_loss(
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
 
-    parts = {name: torch.as_tensor(value, dtype=torch.float32, device=hidden.device) for name, value in parts.items()}
+    parts = {
+        name: torch.as_tensor(value, dtype=torch.float32, device=hidden.device)
+        for name, value in parts.items()
+    }
     if not train:
         return total, parts
     if grad_weight is not None:

@@ -67,7 +67,8 @@ def projected_teacher_probs(
     projected.index_add_(-1, targets, probs)
     projected = projected[..., :student_width]
     total = projected.sum(-1, keepdim=True)
-    return projected / torch.where(total > 0, total, 1.0)
+    # `total == 0` (not `total > 0`) so that a NaN teacher stays NaN and is caught, never zeroed.
+    return projected / torch.where(total == 0, 1.0, total)
 
 
 def projected_divergence(
@@ -90,18 +91,22 @@ def projected_divergence(
         )
     _check_student(student_logits, teacher_logits, mapping)
     projected = projected_teacher_probs(teacher_logits, mapping, temperature, student_logits.shape[-1])
-    has_mass = projected.sum(-1) > 0
+    no_mass = projected.sum(-1) == 0
     rows = divergence_from_logprobs(
         divergence, student_logprobs_at(student_logits, temperature), projected.log(), temperature, beta
     )
-    return torch.where(has_mass, rows, 0.0)
+    return torch.where(no_mass, 0.0, rows)
 
 
 def _sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """L1 between descending-sorted probability vectors, the shorter zero-padded. (N, A), (N, B) -> (N,)."""
     width = max(student_probs.shape[-1], teacher_probs.shape[-1])
-    student_sorted = F.pad(student_probs.sort(dim=-1, descending=True).values, (0, width - student_probs.shape[-1]))
-    teacher_sorted = F.pad(teacher_probs.sort(dim=-1, descending=True).values, (0, width - teacher_probs.shape[-1]))
+    student_sorted = F.pad(
+        student_probs.sort(dim=-1, descending=True).values, (0, width - student_probs.shape[-1])
+    )
+    teacher_sorted = F.pad(
+        teacher_probs.sort(dim=-1, descending=True).values, (0, width - teacher_probs.shape[-1])
+    )
     return (student_sorted - teacher_sorted).abs().sum(-1)
 
 

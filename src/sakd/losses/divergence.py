@@ -26,8 +26,9 @@ def _weighted_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     (N, V), (N, V) -> (N,). p need not be normalised (the hybrid loss uses restricted vectors).
     """
     p = logp.exp()
-    # Masking the difference (not the product) keeps the backward pass free of 0 * inf.
-    log_ratio = torch.where(p > 0, logp - logq, 0.0)
+    # Masking the difference (not the product) keeps the backward pass free of 0 * inf; `p == 0` (not
+    # `p > 0`) lets a NaN through, so that a fault upstream is caught rather than zeroed.
+    log_ratio = torch.where(p == 0, 0.0, logp - logq)
     return (p * log_ratio).sum(-1)
 
 
@@ -59,7 +60,13 @@ def jsd_logprobs(
         return forward_kl_logprobs(student_logprobs, teacher_logprobs)
     if beta == 1.0:
         return reverse_kl_logprobs(student_logprobs, teacher_logprobs)
-    log_mixture = torch.logaddexp(teacher_logprobs + math.log(beta), student_logprobs + math.log1p(-beta))
+    # Where both sides are -inf the mixture is irrelevant (both weights are 0) but logaddexp's backward would
+    # be NaN there: give it finite inputs.
+    impossible = torch.isneginf(teacher_logprobs) & torch.isneginf(student_logprobs)
+    log_mixture = torch.logaddexp(
+        teacher_logprobs.masked_fill(impossible, 0.0) + math.log(beta),
+        student_logprobs.masked_fill(impossible, 0.0) + math.log1p(-beta),
+    )
     return beta * _weighted_log_ratio(teacher_logprobs, log_mixture) + (1.0 - beta) * _weighted_log_ratio(
         student_logprobs, log_mixture
     )
@@ -136,12 +143,16 @@ def divergence(
     return divergence_from_logprobs(name, student_logprobs, teacher_logprobs, temperature, beta)
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+def forward_kl(
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """T^2 * KL(p_T || q_S). (N, V), (N, V) -> (N,)."""
     return divergence("forward_kl", student_logits, teacher_logprobs, temperature)
 
 
-def reverse_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+def reverse_kl(
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """T^2 * KL(q_S || p_T). (N, V), (N, V) -> (N,)."""
     return divergence("reverse_kl", student_logits, teacher_logprobs, temperature)
 

@@ -29,8 +29,9 @@ class VocabMapping:
     """Teacher -> student vocabulary correspondence.
 
     teacher_to_student: (V_t,) student id of each teacher token's first student token, -1 where unmappable.
-    shared_teacher_ids, shared_student_ids: (S,) one-to-one pairs of tokens with identical surface text that are
-        a single token in both vocabularies (plus the EOS pair).
+    shared_teacher_ids, shared_student_ids: (S,) one-to-one pairs of tokens with identical surface text (plus
+        the EOS pair). A shared token's teacher_to_student entry may differ from its twin: it follows the
+        student's tokenization of the text, which need not emit the twin (a metaspace student prepends "▁").
     teacher_vocab_size, student_vocab_size: len() of the tokenizers (model logits may be wider).
     coverage: fraction of teacher tokens mapped.
     """
@@ -63,7 +64,11 @@ class VocabMapping:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -71,7 +76,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return {byte: chr(code) for byte, code in zip(printable, codes)}
+    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
 
 
 _UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
@@ -103,7 +108,7 @@ def _decode_after_anchor(tokenizer: Any, ids: list[int]) -> list[str]:
         text[len(prefix) :]
         if text.startswith(prefix)
         else tokenizer.decode([i], clean_up_tokenization_spaces=False)
-        for i, text in zip(ids, decoded)
+        for i, text in zip(ids, decoded, strict=True)
     ]
 
 
@@ -171,17 +176,20 @@ def build_vocab_mapping(teacher_tokenizer: Any, student_tokenizer: Any) -> Vocab
     teacher_to_student = [-1] * len(teacher)
     shared: dict[int, int] = {}
     text_ids = [i for i, surface in enumerate(teacher) if isinstance(surface, str)]
-    encoded = student_tokenizer([teacher[i] for i in text_ids], add_special_tokens=False)["input_ids"]
-    for i, student_ids in zip(text_ids, encoded):
+    encoded = student_tokenizer(
+        [teacher[i] for i in text_ids], add_special_tokens=False, return_attention_mask=False
+    )["input_ids"]
+    for i, student_ids in zip(text_ids, encoded, strict=True):
         target = teacher[i].encode()
         first = student_ids[0] if student_ids else -1
         first_bytes = student_bytes[first] if 0 <= first < len(student) else None
         if first_bytes and target.startswith(first_bytes):
             teacher_to_student[i] = first
-            if len(student_ids) == 1 and student[first] == teacher[i]:
-                shared.setdefault(first, i)
         else:
             teacher_to_student[i] = _longest_prefix(target, index, longest)
+        same_text = index.get(target, -1)
+        if same_text >= 0 and student[same_text] == teacher[i]:
+            shared.setdefault(same_text, i)
     for i, surface in enumerate(teacher):
         if isinstance(surface, bytes):
             teacher_to_student[i] = _longest_prefix(surface, index, longest)
