@@ -35,9 +35,18 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     tok_a = train_tokenizer(texts, 512, split="gpt2")
     tok_b = train_tokenizer(texts, 384, split="isolated")
     specs = {
-        "teacher": (moe_teacher_config(len(tok_a), hidden_size=48, layers=2, heads=4, experts=4, max_length=512), tok_a),
-        "student": (dense_student_config(len(tok_b), hidden_size=32, layers=2, heads=2, max_length=512), tok_b),
-        "student_same": (dense_student_config(len(tok_a), hidden_size=32, layers=2, heads=2, max_length=512), tok_a),
+        "teacher": (
+            moe_teacher_config(len(tok_a), hidden_size=48, layers=2, heads=4, experts=4, max_length=512),
+            tok_a,
+        ),
+        "student": (
+            dense_student_config(len(tok_b), hidden_size=32, layers=2, heads=2, max_length=512),
+            tok_b,
+        ),
+        "student_same": (
+            dense_student_config(len(tok_a), hidden_size=32, layers=2, heads=2, max_length=512),
+            tok_a,
+        ),
     }
     out = {"train": train, "eval": evalp, "root": root}
     for name, (cfg, tok) in specs.items():
@@ -55,9 +64,22 @@ def base_config(assets, tmp_path) -> dict:
     return {
         "teacher": {"model": str(assets["teacher"])},
         "student": {"model": str(assets["student"]), "init": "pretrained"},
-        "data": {"train": [str(assets["train"])], "eval": [str(assets["eval"])], "max_length": 64,
-                 "eval_max_windows": 8},
-        "train": {"max_steps": 6, "batch_size": 2, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 2, "seed": 0,
-                  "log_every": 1, "progress": False, "ema_decay": 0.9},
+        "data": {
+            "train": [str(assets["train"])],
+            "eval": [str(assets["eval"])],
+            "max_length": 64,
+            "eval_max_windows": 8,
+        },
+        "train": {
+            "max_steps": 6,
+            "batch_size": 2,
+            "grad_accum": 1,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "seed": 0,
+            "log_every": 1,
+            "progress": False,
+            "ema_decay": 0.9,
+        },
         "output_dir": str(tmp_path / "run"),
     }

@@ -18,25 +18,38 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, force=args.force)
     final = summary["final"]
-    bpb = f", held-out bits per byte {final['bits_per_byte']:.4f}" if final["bits_per_byte"] is not None else ""
-    print(f"done: {summary['step']} steps ({summary['stop_reason']}), {summary['skipped_steps']} skipped; "
-          f"student saved to {os.path.join(cfg.output_dir, 'final')} ({final['weights']} weights{bpb})")
+    bpb = (
+        f", held-out bits per byte {final['bits_per_byte']:.4f}" if final["bits_per_byte"] is not None else ""
+    )
+    print(
+        f"done: {summary['step']} steps ({summary['stop_reason']}), {summary['skipped_steps']} skipped; "
+        f"student saved to {os.path.join(cfg.output_dir, 'final')} ({final['weights']} weights{bpb})"
+    )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from sakd.eval.run import run_eval
 
-    result = run_eval(args.student, args.teacher, args.data, args.output, max_length=args.max_length,
-                      batch_size=args.batch_size, max_windows=args.max_windows)
+    result = run_eval(
+        args.student,
+        args.teacher,
+        args.data,
+        args.output,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+    )
     if args.format == "json":
         print(json.dumps(result, indent=1))
     else:
         for role in ("student", "teacher"):
             if role in result:
                 m = result[role]
-                print(f"{role:8s} bits/byte {m['bits_per_byte']:.4f}  perplexity {m['perplexity']:.2f}  "
-                      f"tokens {m['tokens']}  parameters {m['parameters']:,}")
+                print(
+                    f"{role:8s} bits/byte {m['bits_per_byte']:.4f}  perplexity {m['perplexity']:.2f}  "
+                    f"tokens {m['tokens']}  parameters {m['parameters']:,}"
+                )
     return 0
 
 
@@ -53,9 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="distil a teacher into a student from a YAML config")
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH"
+    )
     p.add_argument("--force", action="store_true", help="resume even if the config changes the run")
     p.set_defaults(func=_train)
 

@@ -44,7 +44,9 @@ QUICK = DemoSize(1.5, 0.25, 128, 200, 200, 8, 128, 2, 64, 2, 64)
 def stdlib_files() -> list[Path]:
     """The running interpreter's own standard library sources (installed packages excluded), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    return sorted(
+        p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts
+    )
 
 
 def is_eval_file(path: Path) -> bool:
@@ -86,12 +88,16 @@ def prepare_models(work: Path, train_path: Path, size: DemoSize) -> tuple[Path, 
     teacher_init, student_init = work / "teacher-init", work / "student-init"
     if not (teacher_init / "config.json").exists() or not (student_init / "config.json").exists():
         texts = _texts(train_path)
-        teacher_tok = train_tokenizer(texts, 4096, split="gpt2")
-        student_tok = train_tokenizer(texts, 2048, split="isolated")
-        t_cfg = moe_teacher_config(len(teacher_tok), size.teacher_hidden, size.teacher_layers,
-                                   max_length=4 * size.max_length)
-        s_cfg = dense_student_config(len(student_tok), size.student_hidden, size.student_layers,
-                                     max_length=4 * size.max_length)
+        # Both byte-level BPE (as Qwen's and SmolLM's are), of different sizes and trained on different halves
+        # of the corpus, so the vocabularies and the token boundaries differ.
+        teacher_tok = train_tokenizer(texts[0::2], 4096, split="gpt2")
+        student_tok = train_tokenizer(texts[1::2], 2048, split="gpt2")
+        t_cfg = moe_teacher_config(
+            len(teacher_tok), size.teacher_hidden, size.teacher_layers, max_length=4 * size.max_length
+        )
+        s_cfg = dense_student_config(
+            len(student_tok), size.student_hidden, size.student_layers, max_length=4 * size.max_length
+        )
         for folder, cfg, tok in ((teacher_init, t_cfg, teacher_tok), (student_init, s_cfg, student_tok)):
             folder.mkdir(parents=True, exist_ok=True)
             cfg.save_pretrained(folder)
@@ -117,37 +123,57 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict[str, Any]:
     print(f"sakd demo ({'quick' if quick else 'full'}) in {work}")
     train_path, eval_path = write_corpus(work / "corpus", size)
     teacher_init, student_init = prepare_models(work, train_path, size)
-    data = {"train": [str(train_path)], "eval": [str(eval_path)], "max_length": size.max_length,
-            "eval_max_windows": size.eval_windows}
+    data = {
+        "train": [str(train_path)],
+        "eval": [str(eval_path)],
+        "max_length": size.max_length,
+        "eval_max_windows": size.eval_windows,
+    }
     common = {"batch_size": size.batch_size, "seed": 0, "log_every": 25, "warmup_steps": 20}
 
     print("[1/3] pretraining the MoE teacher (cached after the first run)")
-    _run("teacher", work, {
-        "student": {"model": str(teacher_init), "init": "random"},
-        "data": data,
-        "train": {**common, "max_steps": size.teacher_steps, "lr": 3e-3, "ema_decay": None},
-    })
+    _run(
+        "teacher",
+        work,
+        {
+            "student": {"model": str(teacher_init), "init": "random"},
+            "data": data,
+            "train": {**common, "max_steps": size.teacher_steps, "lr": 3e-3, "ema_decay": None},
+        },
+    )
     teacher = work / "teacher" / "final"
     student_train = {**common, "max_steps": size.student_steps, "lr": 3e-3}
     print("[2/3] distilling the teacher into the student (another tokenizer)")
-    _run("distilled", work, {
-        "teacher": {"model": str(teacher)},
-        "student": {"model": str(student_init), "init": "random"},
-        "data": data,
-        "train": student_train,
-    })
+    _run(
+        "distilled",
+        work,
+        {
+            "teacher": {"model": str(teacher)},
+            "student": {"model": str(student_init), "init": "random"},
+            "data": data,
+            "train": student_train,
+        },
+    )
     print("[3/3] training the same student on the LM loss alone (baseline)")
-    _run("baseline", work, {
-        "student": {"model": str(student_init), "init": "random"},
-        "data": data,
-        "train": student_train,
-    })
+    _run(
+        "baseline",
+        work,
+        {
+            "student": {"model": str(student_init), "init": "random"},
+            "data": data,
+            "train": student_train,
+        },
+    )
 
     scored = {
-        name: evaluate_model(str(path), name, [str(eval_path)], size.max_length, batch_size=16,
-                             max_windows=size.eval_windows)
-        for name, path in (("teacher", teacher), ("student", work / "distilled" / "final"),
-                           ("baseline", work / "baseline" / "final"))
+        name: evaluate_model(
+            str(path), name, [str(eval_path)], size.max_length, batch_size=16, max_windows=size.eval_windows
+        )
+        for name, path in (
+            ("teacher", teacher),
+            ("student", work / "distilled" / "final"),
+            ("baseline", work / "baseline" / "final"),
+        )
     }
     report = {
         "teacher_bpb": scored["teacher"]["bits_per_byte"],

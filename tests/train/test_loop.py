@@ -31,8 +31,16 @@ def _with(raw: dict, **train_overrides) -> dict:
 @pytest.mark.parametrize("grad_accum", [1, 2, 3, 4, 8])
 def test_every_accumulation_cycle_steps_the_optimizer(base_config, grad_accum):
     """FAILURE_MODES 1: weights and LR change after every optimizer step, whatever the accumulation."""
-    raw = _with(base_config, max_steps=3, grad_accum=grad_accum, batch_size=1, save_every=1, keep_last=10,
-                warmup_steps=0, ema_decay=None)
+    raw = _with(
+        base_config,
+        max_steps=3,
+        grad_accum=grad_accum,
+        batch_size=1,
+        save_every=1,
+        keep_last=10,
+        warmup_steps=0,
+        ema_decay=None,
+    )
     raw["data"]["eval"] = []
     summary = train(validate(raw))
     assert summary["step"] == 3 and summary["skipped_steps"] == 0
@@ -49,7 +57,9 @@ def test_every_accumulation_cycle_steps_the_optimizer(base_config, grad_accum):
 
 def test_schedule_is_sized_in_optimizer_steps(base_config):
     """FAILURE_MODES 2: warmup and cosine decay follow optimizer steps, not micro-batches."""
-    raw = _with(base_config, max_steps=8, grad_accum=4, batch_size=1, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1)
+    raw = _with(
+        base_config, max_steps=8, grad_accum=4, batch_size=1, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1
+    )
     raw["data"]["eval"] = []
     train(validate(raw))
     lrs = [r["lr"] for r in _records(Path(raw["output_dir"]), "train")]
@@ -84,8 +94,9 @@ def test_batch4_equals_batch2_times_accumulation2(base_config, tmp_path):
     """Loss sums are normalised by the token count of the whole optimizer step."""
     finals = []
     for name, batch, accum in (("b4", 4, 1), ("b2x2", 2, 2)):
-        raw = _with(base_config, max_steps=2, batch_size=batch, grad_accum=accum, ema_decay=None,
-                    max_grad_norm=None)
+        raw = _with(
+            base_config, max_steps=2, batch_size=batch, grad_accum=accum, ema_decay=None, max_grad_norm=None
+        )
         raw["data"]["eval"] = []
         raw["output_dir"] = str(tmp_path / name)
         train(validate(raw))

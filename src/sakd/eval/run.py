@@ -30,16 +30,22 @@ def evaluate_model(
     windows = build_windows(sources, tokenizer, None, max_length, max_windows)
     if not windows:
         raise UserError(f"the evaluation data gives no window of tokens for the {role}: use more text")
-    loader = WindowLoader(windows, batch_size, seed=0, shuffle=False, drop_last=False,
-                          student_pad_id=tokenizer.pad_token_id)
+    loader = WindowLoader(
+        windows, batch_size, seed=0, shuffle=False, drop_last=False, student_pad_id=tokenizer.pad_token_id
+    )
     metrics = lm_metrics(model, loader, "student", dev)
     metrics["parameters"] = count_parameters(model)
     metrics["windows"] = len(windows)
     return metrics
 
 
-def run_eval(student: str, teacher: str | None, sources: list, output: str | None, **kwargs) -> dict[str, Any]:
-    result: dict[str, Any] = {"data": [str(s) for s in sources], "student": evaluate_model(student, "student", sources, **kwargs)}
+def run_eval(
+    student: str, teacher: str | None, sources: list, output: str | None, **kwargs
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "data": [str(s) for s in sources],
+        "student": evaluate_model(student, "student", sources, **kwargs),
+    }
     if teacher:
         result["teacher"] = evaluate_model(teacher, "teacher", sources, **kwargs)
         result["compression_ratio"] = result["teacher"]["parameters"] / result["student"]["parameters"]

@@ -102,9 +102,13 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
     if resume != "auto":
         path = Path(resume)
         if not path.is_dir():
-            raise UserError(f"--resume '{resume}' is not a checkpoint folder: pass a checkpoints/step-NNNNNN folder")
+            raise UserError(
+                f"--resume '{resume}' is not a checkpoint folder: pass a checkpoints/step-NNNNNN folder"
+            )
         if problem := verify(path):
-            raise UserError(f"checkpoint '{resume}' is damaged ({problem}): resume from another one or --resume auto")
+            raise UserError(
+                f"checkpoint '{resume}' is damaged ({problem}): resume from another one or --resume auto"
+            )
         return path
     for path in reversed(list_checkpoints(root)):
         if problem := verify(path):

@@ -3,8 +3,8 @@ dominated by the random initialisation (an EMA of decay 0.9999 over a few thousa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -14,7 +14,9 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {
+            k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()
+        }
 
     def effective_decay(self) -> float:
         """Grows from 0 towards `decay`: (1 + n) / (10 + n) after n updates, capped at `decay`."""

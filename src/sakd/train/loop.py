@@ -13,7 +13,6 @@ import logging
 import math
 import signal
 import time
-from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,17 +120,31 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     if cfg.teacher:
         teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
         teacher = freeze(
-            load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), _attn(cfg.teacher.attn_implementation))
+            load_model(
+                cfg.teacher.model,
+                "teacher",
+                weights_dtype(teacher_dtype),
+                _attn(cfg.teacher.attn_implementation),
+            )
         ).to(accelerator.device)
     # Trainable weights stay fp32 (master weights); mixed precision comes from autocast and a GradScaler.
     student = load_model(
-        cfg.student.model, "student", torch.float32, _attn(cfg.student.attn_implementation),
-        random_init=cfg.student.init == "random", seed=tc.seed,
+        cfg.student.model,
+        "student",
+        torch.float32,
+        _attn(cfg.student.attn_implementation),
+        random_init=cfg.student.init == "random",
+        seed=tc.seed,
     )
     student.train()
     objective = DistillObjective(
-        teacher_tok, student_tok, cfg.distill.divergence, cfg.distill.jsd_beta, cfg.distill.cross_vocab,
-        cfg.distill.temperature, cfg.distill.chunk_size,
+        teacher_tok,
+        student_tok,
+        cfg.distill.divergence,
+        cfg.distill.jsd_beta,
+        cfg.distill.cross_vocab,
+        cfg.distill.temperature,
+        cfg.distill.chunk_size,
     )
     optimizer = torch.optim.AdamW(
         _param_groups(student, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False
@@ -141,14 +154,21 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     student, optimizer = accelerator.prepare(student, optimizer)
     ema = EMA(unwrap(student), tc.ema_decay) if tc.ema_decay else None
     loader = WindowLoader(
-        windows, tc.batch_size, tc.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        student_pad_id=student_tok.pad_token_id, teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
+        windows,
+        tc.batch_size,
+        tc.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        student_pad_id=student_tok.pad_token_id,
+        teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
     )
     state = LoopState()
     ckpt_root = out / "checkpoints"
 
     def save(tag: str = "") -> Path:
-        path = save_checkpoint(ckpt_root, accelerator, student, optimizer, scheduler, ema, loader, state, tc.keep_last)
+        path = save_checkpoint(
+            ckpt_root, accelerator, student, optimizer, scheduler, ema, loader, state, tc.keep_last
+        )
         if main:
             log.info("checkpoint%s saved: %s", tag, path)
         return path
@@ -157,10 +177,15 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     if start_path is not None:
         load_checkpoint(start_path, accelerator, student, optimizer, scheduler, ema, loader, state)
     if main:
-        rundir.write_run_files(out, cfg, rundir.environment_snapshot(str(accelerator.device), precision,
-                                                                      accelerator.num_processes))
+        rundir.write_run_files(
+            out,
+            cfg,
+            rundir.environment_snapshot(str(accelerator.device), precision, accelerator.num_processes),
+        )
         if start_path is not None:
-            _append_jsonl(out / "metrics.jsonl", {"event": "resume", "step": state.step, "from": str(start_path)})
+            _append_jsonl(
+                out / "metrics.jsonl", {"event": "resume", "step": state.step, "from": str(start_path)}
+            )
     weights = loss_weights(cfg)
     eval_batches = _eval_batches(eval_windows, tc.batch_size, student_tok, teacher_tok)
 
@@ -189,7 +214,9 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                 for i, batch in enumerate(batches):
                     last = i == len(batches) - 1
                     with accelerator.no_sync(student) if not last else nullcontext(), accelerator.autocast():
-                        loss, parts = objective(student, teacher, batch, weights, counts, accelerator.num_processes)
+                        loss, parts = objective(
+                            student, teacher, batch, weights, counts, accelerator.num_processes
+                        )
                     accelerator.backward(loss)
                     loss_sum += loss.detach()
                     for k, v in parts.items():
@@ -210,8 +237,10 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                     ema.update(unwrap(student))
                 state.step += 1
                 boundary = (loader.state_dict(), checkpoint.rng_state())
-                state.recent_skips = (state.recent_skips + [0 if stepped else 1])[-tc.nonfinite_window:]
-                tokens = _global_sum(sum(int(b["student_attention_mask"].sum()) for b in batches), accelerator)
+                state.recent_skips = (state.recent_skips + [0 if stepped else 1])[-tc.nonfinite_window :]
+                tokens = _global_sum(
+                    sum(int(b["student_attention_mask"].sum()) for b in batches), accelerator
+                )
                 state.tokens_seen += tokens
                 state.elapsed_s = elapsed_at_start + time.perf_counter() - t_segment
                 if not stepped:
@@ -219,8 +248,16 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                     ids = [int(i) for b in batches for i in b["window_index"]]
                     state.skipped_batches = (state.skipped_batches + [[state.step, *ids]])[-100:]
                     if main:
-                        _append_jsonl(out / "metrics.jsonl", {"event": "skip", "step": state.step, "windows": ids,
-                                                              "loss": float(loss_sum), "grad_norm": float(grad_norm)})
+                        _append_jsonl(
+                            out / "metrics.jsonl",
+                            {
+                                "event": "skip",
+                                "step": state.step,
+                                "windows": ids,
+                                "loss": float(loss_sum),
+                                "grad_norm": float(grad_norm),
+                            },
+                        )
                 interval.add(loss_sum, parts_sum, counts, tokens, grad_norm if stepped else None)
                 bar.update()
                 if state.step % tc.log_every == 0 or state.step == tc.max_steps:
@@ -237,7 +274,12 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                         "rate too high, fp16 overflow (use bf16 or fp32), a teacher that outputs NaN/inf, or bad "
                         f"data. The newest checkpoint is in {ckpt_root}"
                     )
-                if eval_batches and tc.eval_every and state.step % tc.eval_every == 0 and state.step < tc.max_steps:
+                if (
+                    eval_batches
+                    and tc.eval_every
+                    and state.step % tc.eval_every == 0
+                    and state.step < tc.max_steps
+                ):
                     last_eval = evaluate()
                     if _early_stop(state, last_eval, tc):
                         stop_reason = "early stop"
@@ -249,7 +291,8 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                     name = signal.Signals(signum).name
                     raise TrainingStopped(
                         f"stopped by {name} at step {state.step}; a checkpoint is in {ckpt_root}: resume with "
-                        "`sakd train CONFIG --resume auto`", code=128 + signum,
+                        "`sakd train CONFIG --resume auto`",
+                        code=128 + signum,
                     )
                 if tc.max_minutes and _agree_max(int(state.elapsed_s > 60 * tc.max_minutes), accelerator):
                     stop_reason = f"time budget of {tc.max_minutes} minutes spent"
@@ -398,7 +441,12 @@ def _eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[di
     if not windows:
         return []
     loader = WindowLoader(
-        windows, batch_size, seed=0, shuffle=False, drop_last=False, student_pad_id=student_tok.pad_token_id,
+        windows,
+        batch_size,
+        seed=0,
+        shuffle=False,
+        drop_last=False,
+        student_pad_id=student_tok.pad_token_id,
         teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
     )
     return list(loader)
@@ -427,7 +475,11 @@ def evaluate_student(student, teacher, objective, batches, weights, accelerator,
         model.train()
         result["distill_loss"] = total
         result["kd"] = kd / max(counts.kd, 1)
-    result["best"] = "ema" if "ema" in result and result["ema"]["bits_per_byte"] < result["raw"]["bits_per_byte"] else "raw"
+    result["best"] = (
+        "ema"
+        if "ema" in result and result["ema"]["bits_per_byte"] < result["raw"]["bits_per_byte"]
+        else "raw"
+    )
     result["best_bits_per_byte"] = result[result["best"]]["bits_per_byte"]
     return result
 

@@ -12,7 +12,13 @@ from functools import partial
 import torch
 from torch import nn
 
-from sakd.losses import CROSS_VOCAB_LOSSES, build_vocab_mapping, chunked_head_loss, divergence, make_distill_row_loss
+from sakd.losses import (
+    CROSS_VOCAB_LOSSES,
+    build_vocab_mapping,
+    chunked_head_loss,
+    divergence,
+    make_distill_row_loss,
+)
 from sakd.models.load import capture_final_hidden, lm_head, unwrap
 
 
@@ -158,4 +164,3 @@ def _same_vocab_kd(
     """Both logit widths may be padded beyond the tokenizer's size: compare over the real vocabulary."""
     t_logprobs = torch.log_softmax(t_logits[:, :vocab].float() / temperature, dim=-1)
     return divergence(name, s_logits[:, :vocab], t_logprobs, temperature, beta=beta)
-
