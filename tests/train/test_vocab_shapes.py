@@ -1,0 +1,37 @@
+"""FAILURE_MODES 7 and 8: sequences of different lengths and vocabularies of different (padded) sizes."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from sakd.config import validate
+from sakd.data.corpus import build_windows
+from sakd.data.loader import WindowLoader
+from sakd.train.loop import train
+
+
+def test_teacher_and_student_windows_differ_in_length_yet_cover_the_same_bytes(assets):
+    t_tok = AutoTokenizer.from_pretrained(assets["teacher"])
+    s_tok = AutoTokenizer.from_pretrained(assets["student"])
+    windows = build_windows([str(assets["train"])], s_tok, t_tok, max_length=64)
+    assert any(len(w.teacher_ids) != len(w.student_ids) for w in windows)
+    for w in windows:
+        assert int(w.teacher_bytes.sum()) == int(w.student_bytes.sum())
+    batch = next(iter(WindowLoader(windows, 4, seed=0, student_pad_id=0, teacher_pad_id=0)))
+    assert batch["teacher_input_ids"].shape[1] != batch["student_input_ids"].shape[1]
+
+
+def test_cross_vocab_training_with_padded_model_vocabularies(assets, base_config, tmp_path):
+    """Model vocabularies padded beyond their tokenizers (as 152,064 vs 151,936), and of different sizes."""
+    for name, extra in (("teacher", 64), ("student", 24)):
+        cfg = AutoConfig.from_pretrained(assets[name])
+        cfg.vocab_size += extra
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / name)
+        AutoTokenizer.from_pretrained(assets[name]).save_pretrained(tmp_path / name)
+    raw = {**base_config, "teacher": {"model": str(tmp_path / "teacher")},
+           "student": {"model": str(tmp_path / "student")}}
+    summary = train(validate(raw))
+    assert summary["objective"] == "cross-vocabulary projection" and summary["skipped_steps"] == 0
+    assert summary["eval"]["kd"] > 0
