@@ -86,7 +86,11 @@ def bounded_unit_mean(
     all equal get weight 1. Vectorised without host synchronisation.
     """
     if not 0.0 <= min_weight <= 1.0 <= max_weight:
-        raise ValueError(f"token weight bounds must satisfy 0 <= min <= 1 <= max, got [{min_weight}, {max_weight}]")
+        raise ValueError(
+            f"token weight bounds must satisfy 0 <= min <= 1 <= max, got [{min_weight}, {max_weight}]"
+        )
+    if raw.numel() == 0:
+        return raw.detach().float()
     x = torch.where(valid, raw.detach().double(), 0.0)  # (N,)
     count = valid.sum().clamp_min(1)
     # Relative to the largest weight, with a floor so that the search interval is finite.
@@ -183,7 +187,9 @@ class StudentAwareRouter(nn.Module):
         if num_sources < 1:
             raise ValueError(f"the router needs at least one knowledge source, got {num_sources}")
         if not 0.0 <= min_weight <= 1.0 <= max_weight:
-            raise ValueError(f"token weight bounds must satisfy 0 <= min <= 1 <= max, got [{min_weight}, {max_weight}]")
+            raise ValueError(
+                f"token weight bounds must satisfy 0 <= min <= 1 <= max, got [{min_weight}, {max_weight}]"
+            )
         self.num_sources = num_sources
         self.source_hidden = source_hidden
         self.dim = dim
@@ -218,8 +224,9 @@ class StudentAwareRouter(nn.Module):
             )
         if student_states.shape[0] != n or gap.shape != (n,):
             raise ValueError(
-                f"rows disagree: student states {tuple(student_states.shape)}, sources {tuple(sources.shape)}, "
-                f"gap {tuple(gap.shape)}: pool both sides onto the aligned groups first (aligned_group_states)"
+                f"rows disagree: student states {tuple(student_states.shape)}, sources "
+                f"{tuple(sources.shape)}, gap {tuple(gap.shape)}: pool both sides onto the aligned groups "
+                "first (aligned_group_states)"
             )
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -228,8 +235,10 @@ class StudentAwareRouter(nn.Module):
         if valid is None:
             valid = torch.ones(n, dtype=torch.bool, device=sources.device)
         top_k = min(top_k, num_sources)
-        rows = valid.sum().clamp_min(1)
-        divisor = rows if count is None else torch.as_tensor(count, dtype=torch.float32, device=sources.device)
+        rows = valid.sum().clamp_min(1).float()
+        divisor = (
+            rows if count is None else torch.as_tensor(count, dtype=torch.float32, device=sources.device)
+        )
         divisor = divisor.clamp_min(1.0)
 
         # Invalid rows are zeroed first so that garbage there cannot reach a gradient as NaN * 0.

@@ -146,8 +146,8 @@ def default_layer_map(
     num_student_layers: int, num_teacher_layers: int, num_pairs: int
 ) -> list[tuple[int, int]]:
     """num_pairs (student, teacher) indices into the models' `hidden_states` tuples (0 = embeddings, i = the
-    output of layer i), spread evenly over both depths and ending at the last layers: (30, 24, 3) ->
-    [(10, 8), (20, 16), (30, 24)]."""
+    output of layer i; in transformers 5.x the last entry has the final norm applied), spread evenly over
+    both depths and ending at the last layers: (30, 24, 3) -> [(10, 8), (20, 16), (30, 24)]."""
     if not 1 <= num_pairs <= min(num_student_layers, num_teacher_layers):
         raise ValueError(
             f"num_pairs must be in 1..{min(num_student_layers, num_teacher_layers)}, got {num_pairs}"
@@ -185,6 +185,16 @@ def layerwise_loss(
     """
     if len(projections) != len(layer_map) or not layer_map:
         raise ValueError(f"{len(layer_map)} layer pairs need as many projections, got {len(projections)}")
+    bad = [
+        pair
+        for pair in layer_map
+        if not (0 <= pair[0] < len(student_hidden_list) and 0 <= pair[1] < len(teacher_hidden_list))
+    ]
+    if bad:
+        raise ValueError(
+            f"layer pairs {bad} are outside the {len(student_hidden_list)} student and "
+            f"{len(teacher_hidden_list)} teacher hidden states given"
+        )
     num_groups = align_mask.shape[1]
     total = None
     for (s_index, t_index), projection in zip(layer_map, projections, strict=True):
