@@ -14,7 +14,7 @@ SPEC = CurriculumSpec()
 FULL = SPEC.weights.model_dump()
 PHASE1 = {"kd", "lm"}
 PHASE2 = {"feature", "attention"}
-PHASE3 = {"router", "balance", "layerwise", "contrastive"}
+PHASE3 = {"router", "balance", "layerwise", "contrastive", "token_weighting"}
 
 
 def _weights(progress: float, spec: CurriculumSpec = SPEC) -> dict[str, float]:
@@ -131,7 +131,8 @@ def test_curriculum_off_gives_full_weights_from_the_start():
 def test_custom_phases():
     spec = CurriculumSpec(
         phase_starts=[0.5],
-        phases={"feature": 2, "attention": 2, "router": 2, "balance": 2, "layerwise": 2, "contrastive": 2},
+        phases={"feature": 2, "attention": 2, "router": 2, "balance": 2, "layerwise": 2, "contrastive": 2,
+                "token_weighting": 2},
         ramp=0.0,
     )
     assert set(k for k, w in _weights(0.49, spec).items() if w) == PHASE1

@@ -1,4 +1,4 @@
-"""The `sakd` command line: train, eval, demo. A user's mistake prints one `error:` line and exits with 2."""
+"""The `sakd` command line: train, eval, generate, report, demo. A user's mistake prints one `error:` line and exits with 2."""
 
 from __future__ import annotations
 
@@ -39,17 +39,33 @@ def _eval(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         batch_size=args.batch_size,
         max_windows=args.max_windows,
+        device=args.device,
+        top_k=args.top_k,
+        gen_new_tokens=args.gen_new_tokens,
     )
     if args.format == "json":
         print(json.dumps(result, indent=1))
     else:
-        for role in ("student", "teacher"):
-            if role in result:
-                m = result[role]
-                print(
-                    f"{role:8s} bits/byte {m['bits_per_byte']:.4f}  perplexity {m['perplexity']:.2f}  "
-                    f"tokens {m['tokens']}  parameters {m['parameters']:,}"
-                )
+        from sakd.eval.run import print_table
+
+        print_table(result)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sakd.generate import run_generate
+
+    print(
+        run_generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.device)
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sakd.report.build import build_report
+
+    paths = build_report(args.run_dir)
+    print(f"report: {paths['markdown']} and {paths['html']}")
     return 0
 
 
@@ -58,6 +74,22 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.workdir, quick=args.quick)
     return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from sakd.ablate import VARIANTS, run_ablation
+
+    unknown = [v for v in args.variant if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
+    run_ablation(args.workdir, quick=args.quick, variants=args.variant or None)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from sakd.bench import main_from_args
+
+    return main_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,17 +115,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", required=True, help="model folder or hub id")
     p.add_argument("--teacher", help="model folder or hub id")
     p.add_argument("--data", required=True, action="append", help="a .txt/.jsonl file or folder (repeatable)")
-    p.add_argument("--output", help="write the results to this JSON file")
+    p.add_argument("--output", help="write the results to this JSON file (RUN_DIR/eval.json: in the report)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--format", choices=["json", "table"], default="table")
+    p.add_argument("--top-k", type=int, default=5, help="k of the teacher-student top-k overlap")
+    p.add_argument(
+        "--gen-new-tokens", type=int, default=32, help="tokens per prompt when timing generation (0: skip)"
+    )
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("generate", help="the text a model writes after a prompt (greedy at temperature 0)")
+    p.add_argument("--model", required=True, help="model folder (e.g. RUN_DIR/final) or hub id")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.md and report.html (with plots) for a run folder")
+    p.add_argument("run_dir", help="the output_dir of a `sakd train` run")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("demo", help="offline demo: MoE teacher -> small student with another tokenizer")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
     p.add_argument("--workdir", default="demo-runs", help="where the corpus, models and report go")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("ablate", help="measure each student-aware part on the demo setup")
+    p.add_argument("--quick", action="store_true", help="the quick demo's sizes")
+    p.add_argument("--workdir", default="demo-runs", help="shared with `sakd demo` (the teacher is reused)")
+    p.add_argument("--variant", action="append", default=[], help="run only these variants (repeatable)")
+    p.set_defaults(func=_ablate)
+    p = sub.add_parser("bench", help="time and peak memory: chunked KD loss, training step, data loading")
+    from sakd.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sakd.curriculum import CurriculumSpec
 from sakd.errors import UserError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -66,16 +67,40 @@ class DataConfig(Section):
 
 
 class DistillConfig(Section):
+    """How the losses are computed; their weights and the temperature come from `curriculum:`."""
+
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     """Same-vocabulary divergence, also used on projected teacher distributions."""
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
     cross_vocab: Literal["projection", "uld", "hybrid"] = "projection"
     """How the teacher's distribution is compared when the vocabularies differ."""
-    temperature: float = Field(1.0, gt=0.0)
-    kd_weight: float = Field(1.0, ge=0.0)
-    lm_weight: float = Field(1.0, ge=0.0)
     chunk_size: int = Field(1024, ge=1)
     """Rows per chunk when projecting hidden states through the LM heads."""
+    layer_map: list[tuple[int, int]] | None = None
+    """(student, teacher) indices into the models' hidden_states (0 = embeddings) for the layer-wise loss;
+    null: `layerwise_pairs` evenly spaced pairs."""
+    layerwise_pairs: int = Field(2, ge=1)
+    attention_loss: Literal["kl", "mse"] = "kl"
+    """Attention transfer compares last-layer maps pooled onto aligned groups (needs eager attention)."""
+    contrastive_temperature: float = Field(0.1, gt=0.0)
+    """Fixed (never learned) InfoNCE temperature."""
+
+
+class RouterConfig(Section):
+    """The student-aware router (its loss weights and top-k schedule live in `curriculum:`)."""
+
+    num_sources: int = Field(4, ge=1)
+    """Knowledge sources of a dense teacher (evenly spaced layers); an MoE teacher uses its experts."""
+    moe_layer: int | None = None
+    """Decoder layer whose experts are the sources (null: the middle MoE layer)."""
+    include_shared_expert: bool = True
+    dim: int = Field(128, ge=1)
+    """Query/key width."""
+    lr: float | None = Field(None, gt=0.0)
+    """Learning rate of the router and projection heads (null: train.lr)."""
+    min_weight: float = Field(0.25, ge=0.0, le=1.0)
+    max_weight: float = Field(4.0, ge=1.0)
+    """Bounds of the KD token weights (which have mean 1)."""
 
 
 class TrainConfig(Section):
@@ -117,6 +142,8 @@ class Config(Section):
     student: StudentSpec
     data: DataConfig
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str
 
@@ -132,15 +159,20 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
 
 
-def _file_problems(cfg: Config) -> list[str]:
+def _file_problems(raw: dict[str, Any]) -> list[str]:
+    """Local paths that do not exist, read from the raw mapping so that they are reported together with every
+    other problem (even when the rest of the config is invalid)."""
     problems = []
-    specs = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.teacher else [])
-    for role, spec in specs:
-        for key, ref in (("model", spec.model), ("tokenizer", spec.tokenizer)):
-            if ref and _looks_like_path(ref) and not Path(ref).expanduser().exists():
+    for role in ("student", "teacher"):
+        spec = raw.get(role)
+        for key in ("model", "tokenizer"):
+            ref = spec.get(key) if isinstance(spec, dict) else None
+            if isinstance(ref, str) and ref and _looks_like_path(ref) and not Path(ref).expanduser().exists():
                 problems.append(f"{role}.{key}: '{ref}' does not exist")
+    data = raw.get("data")
     for split in ("train", "eval"):
-        for src in getattr(cfg.data, split):
+        sources = data.get(split) if isinstance(data, dict) else None
+        for src in sources if isinstance(sources, list) else []:
             if isinstance(src, str) and not Path(src).expanduser().exists():
                 problems.append(f"data.{split}: '{src}' does not exist")
     return problems
@@ -203,12 +235,15 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def validate(raw: dict[str, Any], check_files: bool = True) -> Config:
     """Validate a raw mapping; every problem is reported at once in one `UserError`."""
+    missing = _file_problems(raw) if check_files else []
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError("invalid config: " + "; ".join(_format_validation(e))) from None
-    if check_files and (problems := _file_problems(cfg)):
-        raise UserError("invalid config: " + "; ".join(problems) + ": fix the paths")
+        problems = _format_validation(e) + missing
+    else:
+        problems = missing
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems) + (": fix the paths" if missing else ""))
     return cfg
 
 

@@ -17,7 +17,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LOSS_NAMES = ("kd", "lm", "feature", "attention", "router", "balance", "layerwise", "contrastive")
+LOSS_NAMES = (
+    "kd", "lm", "feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting"
+)
 
 
 class _Section(BaseModel):
@@ -46,6 +48,9 @@ class LossWeights(_Section):
     """Hidden-state transfer between mapped intermediate layers."""
     contrastive: float = Field(0.1, ge=0.0)
     """InfoNCE between pooled student and teacher window representations."""
+    token_weighting: float = Field(1.0, ge=0.0, le=1.0)
+    """Strength (0-1) with which the router's KD token weights (from knowledge gap and capacity) replace
+    uniform weights; its capacity probe trains with the same weight."""
 
 
 class LossPhases(_Section):
@@ -59,6 +64,7 @@ class LossPhases(_Section):
     balance: int = Field(3, ge=1)
     layerwise: int = Field(3, ge=1)
     contrastive: int = Field(3, ge=1)
+    token_weighting: int = Field(3, ge=1)
 
 
 class CurriculumSpec(_Section):

@@ -116,11 +116,47 @@ def _run(name: str, work: Path, raw: dict[str, Any]) -> dict[str, Any]:
     return train(cfg, resume="auto" if (out / "config.yaml").exists() else None)
 
 
-def run_demo(workdir: str | Path, quick: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DemoSetup:
+    """Everything a student run of the demo needs: corpus, a pretrained teacher, the untrained student."""
+
+    work: Path
+    size: DemoSize
+    eval_path: Path
+    teacher: Path
+    student_init: Path
+    data: dict[str, Any]
+
+    def student_run(self, name: str, teacher: bool = True, **sections: Any) -> dict[str, Any]:
+        raw = {
+            "student": {"model": str(self.student_init), "init": "random"},
+            "data": self.data,
+            "train": {**_common_train(self.size), "max_steps": self.size.student_steps, "lr": 3e-3},
+            **sections,
+        }
+        if teacher:
+            raw["teacher"] = {"model": str(self.teacher)}
+        return _run(name, self.work, raw)
+
+    def score(self, model: Path, role: str) -> dict[str, Any]:
+        return evaluate_model(
+            str(model),
+            role,
+            [str(self.eval_path)],
+            self.size.max_length,
+            batch_size=16,
+            max_windows=self.size.eval_windows,
+        )
+
+
+def _common_train(size: DemoSize) -> dict[str, Any]:
+    return {"batch_size": size.batch_size, "seed": 0, "log_every": 25, "warmup_steps": 20}
+
+
+def prepare(workdir: str | Path, quick: bool) -> DemoSetup:
+    """Corpus, tokenizers and model configs, and the pretrained MoE teacher (all cached in `workdir`)."""
     size = QUICK if quick else FULL
     work = Path(workdir) / ("quick" if quick else "full")
-    t0 = time.perf_counter()
-    print(f"sakd demo ({'quick' if quick else 'full'}) in {work}")
     train_path, eval_path = write_corpus(work / "corpus", size)
     teacher_init, student_init = prepare_models(work, train_path, size)
     data = {
@@ -129,51 +165,32 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict[str, Any]:
         "max_length": size.max_length,
         "eval_max_windows": size.eval_windows,
     }
-    common = {"batch_size": size.batch_size, "seed": 0, "log_every": 25, "warmup_steps": 20}
-
-    print("[1/3] pretraining the MoE teacher (cached after the first run)")
+    print("pretraining the MoE teacher (cached after the first run)")
     _run(
         "teacher",
         work,
         {
             "student": {"model": str(teacher_init), "init": "random"},
             "data": data,
-            "train": {**common, "max_steps": size.teacher_steps, "lr": 3e-3, "ema_decay": None},
+            "train": {**_common_train(size), "max_steps": size.teacher_steps, "lr": 3e-3, "ema_decay": None},
         },
     )
-    teacher = work / "teacher" / "final"
-    student_train = {**common, "max_steps": size.student_steps, "lr": 3e-3}
-    print("[2/3] distilling the teacher into the student (another tokenizer)")
-    _run(
-        "distilled",
-        work,
-        {
-            "teacher": {"model": str(teacher)},
-            "student": {"model": str(student_init), "init": "random"},
-            "data": data,
-            "train": student_train,
-        },
-    )
-    print("[3/3] training the same student on the LM loss alone (baseline)")
-    _run(
-        "baseline",
-        work,
-        {
-            "student": {"model": str(student_init), "init": "random"},
-            "data": data,
-            "train": student_train,
-        },
-    )
+    return DemoSetup(work, size, eval_path, work / "teacher" / "final", student_init, data)
 
+
+def run_demo(workdir: str | Path, quick: bool = False) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    print(f"sakd demo ({'quick' if quick else 'full'}) in {Path(workdir)}")
+    setup = prepare(workdir, quick)
+    print("distilling the teacher into the student (another tokenizer)")
+    setup.student_run("distilled")
+    print("training the same student on the LM loss alone (baseline)")
+    setup.student_run("baseline", teacher=False)
+    work = setup.work
     scored = {
-        name: evaluate_model(
-            str(path), name, [str(eval_path)], size.max_length, batch_size=16, max_windows=size.eval_windows
-        )
-        for name, path in (
-            ("teacher", teacher),
-            ("student", work / "distilled" / "final"),
-            ("baseline", work / "baseline" / "final"),
-        )
+        "teacher": setup.score(setup.teacher, "teacher"),
+        "student": setup.score(work / "distilled" / "final", "student"),
+        "baseline": setup.score(work / "baseline" / "final", "baseline"),
     }
     report = {
         "teacher_bpb": scored["teacher"]["bits_per_byte"],
@@ -182,7 +199,7 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict[str, Any]:
         "distillation_gain_bpb": scored["baseline"]["bits_per_byte"] - scored["student"]["bits_per_byte"],
         "teacher_parameters": scored["teacher"]["parameters"],
         "student_parameters": scored["student"]["parameters"],
-        "student_steps": size.student_steps,
+        "student_steps": setup.size.student_steps,
         "eval_bytes": scored["student"]["bytes"],
         "models": scored,
         "elapsed_s": round(time.perf_counter() - t0, 1),

@@ -26,14 +26,16 @@ from safetensors.torch import save_model as save_safetensors_model
 from tqdm.auto import tqdm
 
 from sakd.config import Config
+from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.errors import UserError
 from sakd.eval.metrics import lm_metrics
+from sakd.models.attention import attention_implementation
 from sakd.models.load import freeze, load_model, load_tokenizer, resolve_precision, unwrap, weights_dtype
 from sakd.train import checkpoint, rundir
 from sakd.train.ema import EMA
-from sakd.train.objective import DistillObjective, TokenCounts
+from sakd.train.objective import DistillObjective, TokenCounts, build_heads
 from sakd.train.schedule import make_scheduler
 
 log = logging.getLogger("sakd")
@@ -84,9 +86,10 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def loss_weights(cfg: Config) -> dict[str, float]:
-    """The loss weights; the same function serves training and evaluation."""
-    return {"lm": cfg.distill.lm_weight, "kd": cfg.distill.kd_weight if cfg.teacher else 0.0}
+def curriculum_point(cfg: Config, step: int) -> CurriculumPoint:
+    """Loss weights, temperature and top-k at an optimizer step; the same function serves training and
+    evaluation (FAILURE_MODES 5)."""
+    return curriculum_at(training_progress(step, cfg.train.max_steps), cfg.curriculum)
 
 
 def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[str, Any]:
@@ -117,38 +120,46 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         )
 
     teacher = None
+    full = cfg.curriculum.weights
+    needs_maps = cfg.teacher is not None and full.attention > 0
     if cfg.teacher:
         teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
-        teacher = freeze(
-            load_model(
-                cfg.teacher.model,
-                "teacher",
-                weights_dtype(teacher_dtype),
-                _attn(cfg.teacher.attn_implementation),
-            )
-        ).to(accelerator.device)
+        attn = attention_implementation(needs_maps, cfg.teacher.attn_implementation)
+        teacher = freeze(load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), attn))
+        teacher.to(accelerator.device)
     # Trainable weights stay fp32 (master weights); mixed precision comes from autocast and a GradScaler.
     student = load_model(
         cfg.student.model,
         "student",
         torch.float32,
-        _attn(cfg.student.attn_implementation),
+        attention_implementation(needs_maps, cfg.student.attn_implementation),
         random_init=cfg.student.init == "random",
         seed=tc.seed,
     )
     student.train()
+    heads = sources = None
+    aux_names = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
+    if teacher is not None and any(getattr(full, k) > 0 for k in aux_names):
+        heads, sources = build_heads(
+            student, teacher, cfg.router, cfg.distill.layer_map, cfg.distill.layerwise_pairs
+        )
+        heads.to(accelerator.device)
     objective = DistillObjective(
         teacher_tok,
         student_tok,
         cfg.distill.divergence,
         cfg.distill.jsd_beta,
         cfg.distill.cross_vocab,
-        cfg.distill.temperature,
         cfg.distill.chunk_size,
+        heads,
+        sources,
+        cfg.distill.attention_loss,
+        cfg.distill.contrastive_temperature,
     )
-    optimizer = torch.optim.AdamW(
-        _param_groups(student, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False
-    )
+    groups = _param_groups(student, tc.weight_decay)
+    if heads is not None:
+        groups.append({"params": list(heads.parameters()), "weight_decay": 0.0, "lr": cfg.router.lr or tc.lr})
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper steps it once per process).
     scheduler = make_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -167,7 +178,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
 
     def save(tag: str = "") -> Path:
         path = save_checkpoint(
-            ckpt_root, accelerator, student, optimizer, scheduler, ema, loader, state, tc.keep_last
+            ckpt_root, accelerator, student, heads, optimizer, scheduler, ema, loader, state, tc.keep_last
         )
         if main:
             log.info("checkpoint%s saved: %s", tag, path)
@@ -175,7 +186,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
 
     start_path = checkpoint.resolve_resume(ckpt_root, resume) if resume else None
     if start_path is not None:
-        load_checkpoint(start_path, accelerator, student, optimizer, scheduler, ema, loader, state)
+        load_checkpoint(start_path, accelerator, student, heads, optimizer, scheduler, ema, loader, state)
     if main:
         rundir.write_run_files(
             out,
@@ -186,17 +197,18 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             _append_jsonl(
                 out / "metrics.jsonl", {"event": "resume", "step": state.step, "from": str(start_path)}
             )
-    weights = loss_weights(cfg)
     eval_batches = _eval_batches(eval_windows, tc.batch_size, student_tok, teacher_tok)
 
     def evaluate() -> dict[str, Any]:
-        result = evaluate_student(student, teacher, objective, eval_batches, weights, accelerator, ema)
+        point = curriculum_point(cfg, state.step)
+        result = evaluate_student(student, teacher, objective, eval_batches, point, accelerator, ema)
         result["step"] = state.step
         if main:
             _append_jsonl(out / "metrics.jsonl", {"event": "eval", **result})
         return result
 
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc="distilling", disable=not (main and tc.progress))
+    desc = "distilling" if teacher is not None else "training (LM only)"
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc=desc, disable=not (main and tc.progress))
     last_eval: dict[str, Any] | None = None
     interval = _Interval()
     t_segment = time.perf_counter()
@@ -209,19 +221,23 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                 boundary = (loader.state_dict(), checkpoint.rng_state())
                 batches = [_to(loader.next_batch(), accelerator.device) for _ in range(tc.grad_accum)]
                 counts = _global_counts(TokenCounts.of(batches), accelerator)
+                point = curriculum_point(cfg, state.step)
                 loss_sum = torch.zeros((), device=accelerator.device)
                 parts_sum: dict[str, torch.Tensor] = {}
                 for i, batch in enumerate(batches):
                     last = i == len(batches) - 1
                     with accelerator.no_sync(student) if not last else nullcontext(), accelerator.autocast():
                         loss, parts = objective(
-                            student, teacher, batch, weights, counts, accelerator.num_processes
+                            student, teacher, batch, point, counts, accelerator.num_processes, len(batches)
                         )
                     accelerator.backward(loss)
                     loss_sum += loss.detach()
                     for k, v in parts.items():
                         parts_sum[k] = parts_sum.get(k, 0) + v.detach()
-                grad_norm = accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm or math.inf)
+                if heads is not None:
+                    _average_gradients(heads, accelerator)
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
                 finite = _all_finite(loss_sum, grad_norm, accelerator)
                 if finite:
                     optimizer.step()
@@ -258,13 +274,13 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                                 "grad_norm": float(grad_norm),
                             },
                         )
-                interval.add(loss_sum, parts_sum, counts, tokens, grad_norm if stepped else None)
+                interval.add(loss_sum, parts_sum, tokens, grad_norm if stepped else None)
                 bar.update()
                 if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                    record = interval.flush(state, scheduler.get_last_lr()[0])
+                    record = interval.flush(state, scheduler.get_last_lr()[0], point)
                     if main:
                         _append_jsonl(out / "metrics.jsonl", record)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", phase=point.phase)
                 skip_limit = tc.nonfinite_max_rate * tc.nonfinite_window
                 if state.skipped_steps and sum(state.recent_skips) > skip_limit:
                     save(" (non-finite stop)")
@@ -334,10 +350,6 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     return summary
 
 
-def _attn(choice: str) -> str | None:
-    return None if choice == "auto" else choice
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases, norms and embeddings' 1-d parameters."""
     decay, no_decay = [], []
@@ -349,6 +361,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _average_gradients(module: torch.nn.Module, accelerator: Accelerator) -> None:
+    """The heads are not wrapped in DDP: average their gradients over processes by hand."""
+    if accelerator.num_processes == 1:
+        return
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 def _global_counts(counts: TokenCounts, accelerator: Accelerator) -> TokenCounts:
@@ -391,17 +413,16 @@ class _Interval:
         self.grad_norm = None
         self.t0 = time.perf_counter()
 
-    def add(self, loss, parts, counts: TokenCounts, tokens: int, grad_norm) -> None:
+    def add(self, loss, parts, tokens: int, grad_norm) -> None:
         self.steps += 1
         self.loss += float(loss)
         for k, v in parts.items():
-            denom = counts.kd if k == "kd" else counts.lm
-            self.parts[k] = self.parts.get(k, 0.0) + float(v) / max(denom, 1)
+            self.parts[k] = self.parts.get(k, 0.0) + float(v)
         self.tokens += tokens
         if grad_norm is not None:
             self.grad_norm = float(grad_norm)
 
-    def flush(self, state: LoopState, lr: float) -> dict[str, Any]:
+    def flush(self, state: LoopState, lr: float, point: CurriculumPoint) -> dict[str, Any]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         record = {
             "event": "train",
@@ -413,6 +434,10 @@ class _Interval:
             "tokens_per_s": self.tokens / dt,
             "skipped_steps": state.skipped_steps,
             "elapsed_s": round(state.elapsed_s, 2),
+            "phase": point.phase,
+            "temperature": point.temperature,
+            "top_k": point.top_k,
+            **{f"weight_{k}": v for k, v in point.weights.items()},
         }
         self.reset()
         return record
@@ -453,7 +478,7 @@ def _eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[di
 
 
 @torch.no_grad()
-def evaluate_student(student, teacher, objective, batches, weights, accelerator, ema) -> dict[str, Any]:
+def evaluate_student(student, teacher, objective, batches, point, accelerator, ema) -> dict[str, Any]:
     """Held-out bits per byte and perplexity of the raw (and EMA) student, and the distillation loss with the
     same weights as training."""
     model = unwrap(student)
@@ -462,19 +487,22 @@ def evaluate_student(student, teacher, objective, batches, weights, accelerator,
     if ema is not None:
         with ema.applied(model):
             result["ema"] = lm_metrics(model, batches, "student", device, objective.chunk_size)
-    if teacher is not None and weights.get("kd", 0) > 0:
+    if teacher is not None and point.weights["kd"] > 0:
         model.eval()
         moved = [_to(b, device) for b in batches]
         counts = TokenCounts.of(moved)
-        total = kd = 0.0
+        total = 0.0
+        parts_sum: dict[str, float] = {}
         for b in moved:
             with accelerator.autocast():
-                loss, parts = objective(model, teacher, b, weights, counts)
+                loss, parts = objective(model, teacher, b, point, counts, micro_batches=len(moved))
             total += float(loss)
-            kd += float(parts["kd"])
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
         model.train()
         result["distill_loss"] = total
-        result["kd"] = kd / max(counts.kd, 1)
+        result["kd"] = parts_sum["kd"]
+        result["parts"] = parts_sum
     result["best"] = (
         "ema"
         if "ema" in result and result["ema"]["bits_per_byte"] < result["raw"]["bits_per_byte"]
@@ -484,7 +512,9 @@ def evaluate_student(student, teacher, objective, batches, weights, accelerator,
     return result
 
 
-def save_checkpoint(root, accelerator, student, optimizer, scheduler, ema, loader, state, keep_last) -> Path:
+def save_checkpoint(
+    root, accelerator, student, heads, optimizer, scheduler, ema, loader, state, keep_last
+) -> Path:
     """Every process writes its RNG state; the main process writes the rest. Never the teacher."""
     accelerator.wait_for_everyone()
     tmp = root / f".tmp-{checkpoint.step_dir_name(state.step)}"
@@ -494,6 +524,8 @@ def save_checkpoint(root, accelerator, student, optimizer, scheduler, ema, loade
     torch.save(checkpoint.rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_safetensors_model(unwrap(student), str(tmp / "student.safetensors"))
+        if heads is not None:
+            save_safetensors_model(heads, str(tmp / "heads.safetensors"))
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -515,16 +547,31 @@ def save_checkpoint(root, accelerator, student, optimizer, scheduler, ema, loade
     return final
 
 
-def load_checkpoint(path, accelerator, student, optimizer, scheduler, ema, loader, state) -> None:
-    load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
+def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema, loader, state) -> None:
+    # A config changed under --force may no longer fit the checkpoint: the user's to fix, not a traceback.
+    try:
+        load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(
+            f"checkpoint '{path}' does not fit this student ({detail}): resume with the student it was trained "
+            "with, or start a new run in another output_dir"
+        ) from None
+    if heads is not None:
+        load_safetensors_model(heads, str(path / "heads.safetensors"))
     saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    try:
+        loader.load_state_dict(saved["loader"])
+    except ValueError as e:
+        raise UserError(
+            f"cannot resume from '{path}': {e}: restore them, or start a new run in another output_dir"
+        ) from None
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler is not None and saved["scaler"] is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
     if ema is not None and saved["ema"] is not None:
         ema.load_state_dict(saved["ema"])
-    loader.load_state_dict(saved["loader"])
     for k, v in saved["loop"].items():
         setattr(state, k, v)
     rng = path / f"rng-rank{accelerator.process_index}.pt"

@@ -1,17 +1,22 @@
-"""The distillation objective for one micro-batch: forward passes, aligned rows, chunked losses.
+"""The distillation objective for one micro-batch: forward passes, aligned rows, chunked and auxiliary losses.
 
 Both models' final hidden states are captured by hooks; the LM heads are applied chunk by chunk inside
-`chunked_head_loss`, so no (tokens x vocabulary) logits of either model exist in full.
+`chunked_head_loss`, so no (tokens x vocabulary) logits of either model exist in full. The auxiliary losses
+(feature, attention, layer-wise, contrastive, router) compare aligned groups; which ones run, and with which
+weights, temperature and top-k, comes from the curriculum point of the current optimizer step.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
+from sakd.curriculum import CurriculumPoint
 from sakd.losses import (
     CROSS_VOCAB_LOSSES,
     build_vocab_mapping,
@@ -19,7 +24,20 @@ from sakd.losses import (
     divergence,
     make_distill_row_loss,
 )
+from sakd.losses.auxiliary import (
+    attention_transfer_loss,
+    contrastive_loss,
+    default_layer_map,
+    feature_loss,
+    group_mean,
+    layer_projections,
+    layerwise_loss,
+    pooled_groups,
+)
+from sakd.models.attention import capture_attentions
+from sakd.models.experts import knowledge_sources
 from sakd.models.load import capture_final_hidden, lm_head, unwrap
+from sakd.router import StudentAwareRouter, blend_token_weights, knowledge_gap
 
 
 def same_vocabulary(teacher_tokenizer, student_tokenizer) -> bool:
@@ -40,8 +58,55 @@ class TokenCounts:
         return TokenCounts(lm, kd)
 
 
+@dataclass
+class TeacherPass:
+    hidden: torch.Tensor  # (B, Lt, Ht) final hidden state
+    sources: torch.Tensor | None = None  # (B, Lt, E, Ht) knowledge sources
+    attention: torch.Tensor | None = None  # (B, heads, Lt, Lt) last-layer attention
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, 0 = embeddings
+
+
+class DistillHeads(nn.Module):
+    """Trainable modules beside the student: the router and the projections of the auxiliary losses."""
+
+    def __init__(
+        self,
+        student_hidden: int,
+        teacher_hidden: int,
+        num_sources: int,
+        layer_map: list[tuple[int, int]],
+        router_dim: int = 128,
+        min_weight: float = 0.25,
+        max_weight: float = 4.0,
+    ):
+        super().__init__()
+        self.layer_map = [tuple(p) for p in layer_map]
+        self.router = StudentAwareRouter(
+            student_hidden, teacher_hidden, num_sources, router_dim, min_weight=min_weight, max_weight=max_weight
+        )
+        self.feature = nn.Linear(student_hidden, teacher_hidden)
+        self.layerwise = layer_projections(self.layer_map, student_hidden, teacher_hidden)
+        self.contrastive = nn.Linear(student_hidden, teacher_hidden)
+
+
+def build_heads(student: nn.Module, teacher: nn.Module, router_cfg, layer_map, layerwise_pairs: int):
+    """The heads and the teacher's knowledge-source capture (experts of an MoE layer, or spaced layers)."""
+    s_cfg, t_cfg = unwrap(student).config, unwrap(teacher).config
+    sources = knowledge_sources(
+        unwrap(teacher), router_cfg.num_sources, router_cfg.moe_layer, router_cfg.include_shared_expert
+    )
+    if layer_map is None:
+        pairs = min(layerwise_pairs, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+        layer_map = default_layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, pairs)
+    heads = DistillHeads(
+        s_cfg.hidden_size, t_cfg.hidden_size, sources.num_sources, layer_map, router_cfg.dim,
+        router_cfg.min_weight, router_cfg.max_weight,
+    )
+    return heads, sources
+
+
 class DistillObjective:
-    """KD (same- or cross-vocabulary) + LM cross-entropy on a student, from a frozen teacher."""
+    """KD (same- or cross-vocabulary) + LM cross-entropy + auxiliary losses, from a frozen teacher."""
 
     def __init__(
         self,
@@ -50,94 +115,189 @@ class DistillObjective:
         divergence_name: str = "forward_kl",
         jsd_beta: float = 0.5,
         cross_vocab: str = "projection",
-        temperature: float = 1.0,
         chunk_size: int = 1024,
+        heads: DistillHeads | None = None,
+        sources=None,
+        attention_loss: str = "kl",
+        contrastive_temperature: float = 0.1,
     ):
-        self.temperature = temperature
         self.chunk_size = chunk_size
-        self.kd_fn = None
-        self.same_vocab = None
+        self.heads = heads
+        self.sources = sources
+        self.attention_loss = attention_loss
+        self.contrastive_temperature = contrastive_temperature
+        self._kd = None
         self.mapping = None
+        self.kind = "LM only"
         if teacher_tokenizer is not None:
-            self.same_vocab = same_vocabulary(teacher_tokenizer, student_tokenizer)
-            if self.same_vocab:
-                vocab = len(student_tokenizer)
-                self.kd_fn = partial(_same_vocab_kd, vocab, divergence_name, temperature, jsd_beta)
+            if same_vocabulary(teacher_tokenizer, student_tokenizer):
+                self._kd = partial(_same_vocab_kd, len(student_tokenizer), divergence_name, jsd_beta)
                 self.kind = f"same-vocabulary {divergence_name}"
             else:
                 self.mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
-                loss = CROSS_VOCAB_LOSSES[cross_vocab]
-                kwargs = {"divergence": divergence_name} if cross_vocab != "uld" else {}
-                if cross_vocab == "projection":
-                    kwargs["beta"] = jsd_beta
-                self.kd_fn = partial(loss, mapping=self.mapping, temperature=temperature, **kwargs)
+                kwargs: dict[str, Any] = {"mapping": self.mapping}
+                if cross_vocab != "uld":
+                    kwargs.update(divergence=divergence_name, beta=jsd_beta)
+                self._kd = partial(CROSS_VOCAB_LOSSES[cross_vocab], **kwargs)
                 self.kind = f"cross-vocabulary {cross_vocab}"
-        else:
-            self.kind = "LM only"
+
+    def kd_fn(self, temperature: float):
+        """Per-row KD at `temperature`: (student logits (n, V_s), teacher logits (n, V_t)) -> (n,)."""
+        return None if self._kd is None else partial(self._kd, temperature=temperature)
 
     def __call__(
         self,
         student: nn.Module,
         teacher: nn.Module | None,
         batch: dict[str, torch.Tensor],
-        weights: dict[str, float],
+        point: CurriculumPoint,
         counts: TokenCounts,
         scale: float = 1.0,
+        micro_batches: int = 1,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one micro-batch, already divided by the global token counts (times `scale`, the number of
-        processes, since DDP averages gradients). Returns (loss, {part: sum over this micro-batch})."""
+        """Loss of one micro-batch. Token-level parts are sums divided by the step's global token counts
+        (times `scale`, the number of processes, since DDP averages gradients); batch-level parts
+        (balance, contrastive) are means divided by `micro_batches`. Returns (loss, unweighted parts)."""
+        w = point.weights
         labels = batch["student_labels"]  # (B, Ls)
-        with capture_final_hidden(student) as s_out:
-            student(
+        use_kd = teacher is not None and self._kd is not None and w["kd"] > 0
+        aux = self.heads is not None and teacher is not None
+        need_attention = aux and w["attention"] > 0
+        need_layers = aux and w["layerwise"] > 0
+        need_router = aux and any(w[k] > 0 for k in ("router", "balance", "token_weighting"))
+        need_groups = need_router or (aux and (w["feature"] > 0 or w["contrastive"] > 0))
+
+        with ExitStack() as stack:
+            s_out = stack.enter_context(capture_final_hidden(student))
+            s_attn = stack.enter_context(capture_attentions(unwrap(student))) if need_attention else None
+            s_result = student(
                 input_ids=batch["student_input_ids"],
                 attention_mask=batch["student_attention_mask"],
                 logits_to_keep=1,
                 use_cache=False,
+                output_hidden_states=need_layers,
             )
         hidden = s_out["hidden"]  # (B, Ls, H)
         rows = labels != -100  # (B, Ls)
 
-        use_kd = teacher is not None and self.kd_fn is not None and weights.get("kd", 0.0) > 0
-        t_head = lm_head(unwrap(teacher)) if use_kd else None
+        t_pass = None
+        if use_kd or need_groups or need_attention or need_layers:
+            t_pass = self.teacher_pass(
+                teacher, batch, self.sources if need_router else None, need_attention, need_layers
+            )
         if use_kd:
-            t_hidden = self.teacher_hidden(teacher, batch)  # (B, Lt, Ht)
-            kd_rows, t_rows = self.aligned_teacher_rows(batch, t_hidden)
+            kd_rows, t_rows = self.aligned_teacher_rows(batch, t_pass.hidden)
+            t_head = lm_head(unwrap(teacher))
         else:
             kd_rows = torch.zeros_like(rows)
             t_rows = hidden.new_zeros((*rows.shape, 1))
+        kd_mask = kd_rows[rows]  # (N,) in (b, position) order == the (b, group) order of align_mask
+        kd_weight = torch.ones(kd_mask.shape, device=hidden.device)
+
+        extra = hidden.new_zeros((), dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        if need_groups:
+            mask = batch["align_mask"]  # (B, G)
+            num_groups = mask.shape[1]
+            s_groups, _ = group_mean(hidden, batch["student_group"], num_groups)  # (B, G, Hs)
+            t_groups, _ = group_mean(t_pass.hidden, batch["teacher_group"], num_groups)  # (B, G, Ht)
+            if need_router:
+                routed = self._route(student, teacher, batch, hidden, t_pass, s_groups, point, counts)
+                if w["token_weighting"] > 0 and use_kd:
+                    kd_weight[kd_mask] = blend_token_weights(routed.token_weights, point.fraction["token_weighting"])
+                parts["router"] = routed.feature_loss
+                parts["capacity"] = routed.capacity_loss
+                parts["balance"] = routed.balance_loss / micro_batches
+                extra = extra + scale * (w["router"] * routed.feature_loss + w["token_weighting"] * routed.capacity_loss)
+                extra = extra + w["balance"] * parts["balance"]
+            if w["feature"] > 0:
+                parts["feature"] = feature_loss(s_groups[mask], t_groups[mask], self.heads.feature, count=counts.kd)
+                extra = extra + scale * w["feature"] * parts["feature"]
+            if w["contrastive"] > 0:
+                s_pooled, valid = pooled_groups(s_groups, mask)
+                t_pooled, _ = pooled_groups(t_groups, mask)
+                c = contrastive_loss(self.heads.contrastive(s_pooled), t_pooled, self.contrastive_temperature, valid)
+                parts["contrastive"] = c / micro_batches
+                extra = extra + w["contrastive"] * parts["contrastive"]
+        if need_attention:
+            parts["attention"] = attention_transfer_loss(
+                s_attn.maps[0], t_pass.attention, batch["student_group"], batch["teacher_group"],
+                batch["align_mask"].shape[1], batch["align_mask"], self.attention_loss, count=counts.kd,
+            )
+            extra = extra + scale * w["attention"] * parts["attention"]
+        if need_layers:
+            parts["layerwise"] = layerwise_loss(
+                s_result.hidden_states, t_pass.hidden_states, self.heads.layer_map, self.heads.layerwise,
+                batch["student_group"], batch["teacher_group"], batch["align_mask"], count=counts.kd,
+            )
+            extra = extra + scale * w["layerwise"] * parts["layerwise"]
 
         s_head = lm_head(unwrap(student))
-        row_loss = make_distill_row_loss(
-            self.kd_fn if use_kd else None,
-            t_head.weight if use_kd else None,
-            t_head.bias if use_kd else None,
-        )
-        kd_mask = kd_rows[rows]
-        part_weights = {
-            "lm": scale * weights.get("lm", 0.0) / max(counts.lm, 1),
-            "kd": scale * weights.get("kd", 0.0) / max(counts.kd, 1) if use_kd else 0.0,
-        }
-        return chunked_head_loss(
+        kd = self.kd_fn(point.temperature) if use_kd else None
+        row_loss = make_distill_row_loss(kd, t_head.weight if use_kd else None, t_head.bias if use_kd else None)
+        part_weights = {"lm": scale * w["lm"] / max(counts.lm, 1)}
+        if use_kd:
+            part_weights["kd"] = scale * w["kd"] / max(counts.kd, 1)
+        total, sums = chunked_head_loss(
             hidden[rows],
             s_head.weight,
             row_loss,
-            [labels[rows], t_rows[rows], kd_mask, torch.ones(kd_mask.shape, device=hidden.device)],
+            [labels[rows], t_rows[rows], kd_mask, kd_weight],
             part_weights,
             chunk_size=self.chunk_size,
             bias=s_head.bias,
         )
+        parts["lm"] = sums["lm"] / max(counts.lm, 1)
+        if "kd" in sums:
+            parts["kd"] = sums["kd"] / max(counts.kd, 1)
+        return total + extra, {k: v.detach() for k, v in parts.items()}
+
+    def _route(self, student, teacher, batch, hidden, t_pass, s_groups, point, counts):
+        """The router on aligned groups, with the detached per-group knowledge gap as one of its inputs."""
+        mask = batch["align_mask"]
+        src_groups, _ = group_mean(t_pass.sources, batch["teacher_group"], mask.shape[1])  # (B, G, E, Ht)
+        bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+        s_head, t_head = lm_head(unwrap(student)), lm_head(unwrap(teacher))
+        gap = knowledge_gap(
+            hidden[bi, batch["align_student_pos"][mask]].detach(),
+            t_pass.hidden[bi, batch["align_teacher_pos"][mask]],
+            s_head.weight.detach(), t_head.weight, self.kd_fn(point.temperature), self.chunk_size,
+            None if s_head.bias is None else s_head.bias.detach(), t_head.bias,
+        )
+        return self.heads.router(
+            s_groups[mask], src_groups[mask], gap, top_k=point.top_k, temperature=point.router_temperature,
+            count=counts.kd,
+        )
 
     @staticmethod
     @torch.no_grad()
-    def teacher_hidden(teacher: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with capture_final_hidden(teacher) as t_out:
-            teacher(
+    def teacher_pass(
+        teacher: nn.Module,
+        batch: dict[str, torch.Tensor],
+        sources=None,
+        attention: bool = False,
+        hidden_states: bool = False,
+    ) -> TeacherPass:
+        """The frozen teacher's forward: final hidden state, and on request knowledge sources, last-layer
+        attention and every layer's hidden states, all captured without editing the model."""
+        with ExitStack() as stack:
+            t_out = stack.enter_context(capture_final_hidden(teacher))
+            if sources is not None:
+                stack.enter_context(sources)
+            attn = stack.enter_context(capture_attentions(unwrap(teacher), detach=True)) if attention else None
+            result = teacher(
                 input_ids=batch["teacher_input_ids"],
                 attention_mask=batch["teacher_attention_mask"],
                 logits_to_keep=1,
                 use_cache=False,
+                output_hidden_states=hidden_states,
             )
-        return t_out["hidden"]
+            return TeacherPass(
+                hidden=t_out["hidden"],
+                sources=sources.sources if sources is not None else None,
+                attention=attn.maps[0] if attn is not None else None,
+                hidden_states=result.hidden_states if hidden_states else None,
+            )
 
     @staticmethod
     def aligned_teacher_rows(
@@ -159,7 +319,7 @@ class DistillObjective:
 
 
 def _same_vocab_kd(
-    vocab: int, name: str, temperature: float, beta: float, s_logits: torch.Tensor, t_logits: torch.Tensor
+    vocab: int, name: str, beta: float, s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Both logit widths may be padded beyond the tokenizer's size: compare over the real vocabulary."""
     t_logprobs = torch.log_softmax(t_logits[:, :vocab].float() / temperature, dim=-1)

@@ -1,0 +1,61 @@
+"""The router, curriculum and auxiliary losses inside real training runs (tiny MoE teacher, cross-vocab)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sakd.ablate import VARIANTS
+from sakd.config import validate
+from sakd.curriculum import CurriculumSpec
+from sakd.train.loop import curriculum_point, train
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_curriculum_phases_losses_and_router_heads(base_config):
+    raw = {
+        **base_config,
+        "train": {**base_config["train"], "max_steps": 10, "save_every": 1, "keep_last": 20, "eval_every": 4},
+    }
+    raw["router"] = {"lr": 5e-3}
+    cfg = validate(raw)
+    train(cfg)
+    run = Path(raw["output_dir"])
+    steps = [r for r in _records(run) if r.get("event") == "train"]
+    assert [r["phase"] for r in steps] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+    for r in steps:
+        point = curriculum_point(cfg, r["step"] - 1)
+        assert r["weight_feature"] == point.weights["feature"] and r["top_k"] == point.top_k
+    phase1, phase3 = steps[0], steps[-1]
+    assert "loss_router" not in phase1 and "loss_feature" not in phase1
+    for part in ("kd", "lm", "feature", "attention", "router", "balance", "layerwise", "contrastive"):
+        value = phase3[f"loss_{part}"]
+        assert value == value and abs(value) < float("inf"), part  # logged and finite
+    # Evaluation at step 8 weighs the losses as training does at step 8 (FAILURE_MODES 5).
+    ev = next(r for r in _records(run) if r.get("event") == "eval" and r["step"] == 8)
+    assert set(ev["parts"]) >= {"kd", "lm", "feature", "router"}
+    # The router and projection heads train (phase 3) and are checkpointed beside the student.
+    ckpts = run / "checkpoints"
+    before, after = (load_file(str(ckpts / f"step-{s:06d}" / "heads.safetensors")) for s in (8, 9))
+    router_keys = [k for k in before if k.startswith("router.")]
+    assert router_keys and any(not torch.equal(before[k], after[k]) for k in router_keys)
+    assert not any(
+        k.startswith("router.") for k in load_file(str(ckpts / "step-000009" / "student.safetensors"))
+    )
+    state = torch.load(ckpts / "step-000009" / "training_state.pt", weights_only=False)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]][-1] != state["optimizer"]["param_groups"][0][
+        "lr"
+    ]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_ablation_variants_are_valid_curricula(name):
+    spec = CurriculumSpec.model_validate(VARIANTS[name])
+    assert spec.weights.kd > 0 and spec.weights.lm > 0
