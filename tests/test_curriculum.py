@@ -4,13 +4,17 @@ import pytest
 from pydantic import ValidationError
 
 from sakd.curriculum import (
+    ALL_LOSSES_ON,
+    ALL_LOSSES_PHASES,
     LOSS_NAMES,
     CurriculumSpec,
     curriculum_at,
     training_progress,
 )
 
-SPEC = CurriculumSpec()
+# The full student-aware curriculum (every loss on); the shipped defaults switch the losses that did not
+# measure better off, which test_defaults_are_the_measured_winner checks.
+SPEC = CurriculumSpec(weights=ALL_LOSSES_ON, phases=ALL_LOSSES_PHASES)
 FULL = SPEC.weights.model_dump()
 PHASE1 = {"kd", "lm"}
 PHASE2 = {"feature", "attention"}
@@ -64,7 +68,7 @@ def test_everything_on_at_the_end():
 
 @pytest.mark.parametrize("ramp", [0.0, 0.02, 0.1, 0.2])
 def test_ramps_are_linear_and_between(ramp):
-    spec = CurriculumSpec(ramp=ramp)
+    spec = CurriculumSpec(weights=ALL_LOSSES_ON, phases=ALL_LOSSES_PHASES, ramp=ramp)
     for name in PHASE2:
         assert _weights(0.3, spec)[name] == 0.0
         assert _weights(0.3 + ramp + 1e-9, spec)[name] == pytest.approx(FULL[name])
@@ -115,7 +119,9 @@ def test_pure():
 
 
 def test_disabled_parts_stay_zero():
-    spec = CurriculumSpec(weights={"attention": 0.0, "contrastive": 0.0})
+    spec = CurriculumSpec(
+        weights={**ALL_LOSSES_ON, "attention": 0.0, "contrastive": 0.0}, phases=ALL_LOSSES_PHASES
+    )
     for progress in (0.0, 0.31, 0.5, 0.7, 1.0):
         weights = _weights(progress, spec)
         assert weights["attention"] == 0.0 and weights["contrastive"] == 0.0
@@ -123,16 +129,24 @@ def test_disabled_parts_stay_zero():
 
 
 def test_curriculum_off_gives_full_weights_from_the_start():
-    spec = CurriculumSpec(enabled=False, temperature_start=3.0, temperature_end=1.5)
+    spec = CurriculumSpec(enabled=False, weights=ALL_LOSSES_ON, temperature_start=3.0, temperature_end=1.5)
     point = curriculum_at(0.0, spec)
     assert point.weights == FULL and point.top_k == 4 and point.temperature == 1.5
 
 
 def test_custom_phases():
     spec = CurriculumSpec(
+        weights=ALL_LOSSES_ON,
         phase_starts=[0.5],
-        phases={"feature": 2, "attention": 2, "router": 2, "balance": 2, "layerwise": 2, "contrastive": 2,
-                "token_weighting": 2},
+        phases={
+            "feature": 2,
+            "attention": 2,
+            "router": 2,
+            "balance": 2,
+            "layerwise": 2,
+            "contrastive": 2,
+            "token_weighting": 2,
+        },
         ramp=0.0,
     )
     assert set(k for k, w in _weights(0.49, spec).items() if w) == PHASE1
@@ -173,3 +187,10 @@ def test_log_values():
     values = curriculum_at(0.7, SPEC).log_values()
     assert values["curriculum/kd"] == 1.0 and values["curriculum/phase"] == 3.0
     assert set(values) >= {f"curriculum/{name}" for name in LOSS_NAMES}
+
+
+def test_defaults_are_the_measured_winner():
+    """KD + LM with student-aware token weights from the first step; the other auxiliary losses off."""
+    point = curriculum_at(0.0, CurriculumSpec())
+    assert {name for name, w in point.weights.items() if w > 0} == {"kd", "lm", "token_weighting"}
+    assert curriculum_at(1.0, CurriculumSpec()).weights == point.weights

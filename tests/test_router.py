@@ -329,7 +329,7 @@ def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):
     s_last = s_hidden[rows, batch["align_student_pos"][align_mask]]  # (N, Hs)
     t_last = t_hidden[rows, batch["align_teacher_pos"][align_mask]]  # (N, Ht)
     objective = DistillObjective(t_tok, s_tok)
-    gap = knowledge_gap(s_last, t_last, lm_head(student).weight, lm_head(teacher).weight, objective.kd_fn)
+    gap = knowledge_gap(s_last, t_last, lm_head(student).weight, lm_head(teacher).weight, objective.kd_fn(1.0))
     states, source_rows = aligned_group_states(
         s_hidden, batch["student_group"], sources.sources, batch["teacher_group"], align_mask
     )
@@ -366,3 +366,19 @@ def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_token_weights_only_path_equals_the_full_router():
+    """The sources-free path gives the same token weights and capacity loss as a full router call."""
+    import torch
+
+    from sakd.router import StudentAwareRouter
+
+    torch.manual_seed(0)
+    router = StudentAwareRouter(student_hidden=12, source_hidden=20, num_sources=3, dim=8)
+    states, sources, gap = torch.randn(9, 12), torch.randn(9, 3, 20), torch.rand(9)
+    valid = torch.tensor([True] * 7 + [False] * 2)
+    full = router(states, sources, gap, top_k=2, temperature=1.0, valid=valid, count=11)
+    weights, capacity_loss = router.token_weights(states, gap, valid, count=11)
+    torch.testing.assert_close(weights, full.token_weights)
+    torch.testing.assert_close(capacity_loss, full.capacity_loss)

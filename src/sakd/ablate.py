@@ -11,22 +11,26 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES
 from sakd.demo import prepare
 
 AUX = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
 
 
-def _without(*keep: str) -> dict[str, Any]:
-    """No phases: the listed auxiliary losses at their default weights from the first step, others off."""
-    return {"enabled": False, "weights": {k: 0.0 for k in AUX if k not in keep}}
+def _only(*keep: str) -> dict[str, Any]:
+    """No phases: the listed auxiliary losses at their full weights from the first step, the others off."""
+    return {
+        "enabled": False,
+        "weights": {k: w if k in keep or k not in AUX else 0.0 for k, w in ALL_LOSSES_ON.items()},
+    }
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "plain KD": _without(),
-    "KD + token weights": _without("token_weighting"),
-    "KD + token weights + router/feature": _without("token_weighting", "router", "balance", "feature"),
-    "KD + all auxiliary losses": _without(*AUX),
-    "full curriculum": {"enabled": True},
+    "plain KD": _only(),
+    "KD + token weights": _only("token_weighting"),
+    "KD + token weights + router/feature": _only("token_weighting", "router", "balance", "feature"),
+    "KD + all auxiliary losses": _only(*AUX),
+    "full curriculum": {"enabled": True, "weights": ALL_LOSSES_ON, "phases": ALL_LOSSES_PHASES},
 }
 
 

@@ -202,6 +202,42 @@ class StudentAwareRouter(nn.Module):
             nn.Linear(student_hidden, capacity_hidden), nn.GELU(), nn.Linear(capacity_hidden, 1)
         )
 
+    def _student_awareness(
+        self, student: torch.Tensor, gap: torch.Tensor, valid: torch.Tensor, rows, divisor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Capacity (N,), the capacity probe's loss, and the KD token weights (N,), from standardised student
+        states and the masked gap."""
+        mean_gap = gap.sum() / rows
+        relative_gap = torch.where(mean_gap > 0, gap / mean_gap.clamp_min(1e-12), 0.0)  # (N,), mean 1
+        capacity_logits = self.capacity_head(student.detach()).squeeze(-1).float()  # (N,)
+        capacity = capacity_logits.sigmoid()
+        agreement = torch.exp(-relative_gap)  # (N,) in (0, 1]
+        capacity_rows = F.binary_cross_entropy_with_logits(capacity_logits, agreement, reduction="none")
+        capacity_loss = torch.where(valid, capacity_rows, 0.0).sum() / divisor
+        token_weights = bounded_unit_mean(
+            (1.0 + relative_gap) * capacity.detach(), valid, self.min_weight, self.max_weight
+        )  # (N,)
+        return capacity, capacity_loss, token_weights
+
+    def token_weights(
+        self,
+        student_states: torch.Tensor,
+        gap: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        count: float | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the student-aware KD token weights (N,) and the capacity probe's loss: what `forward` gives
+        for them, without touching the knowledge sources (when no routed feature loss is wanted)."""
+        n = student_states.shape[0]
+        if valid is None:
+            valid = torch.ones(n, dtype=torch.bool, device=student_states.device)
+        rows = valid.sum().clamp_min(1).float()
+        divisor = rows if count is None else torch.as_tensor(count, dtype=torch.float32, device=rows.device)
+        student = standardise(torch.where(valid[:, None], student_states, 0.0))
+        gap = torch.where(valid, gap.detach().float(), 0.0)
+        _, capacity_loss, weights = self._student_awareness(student, gap, valid, rows, divisor.clamp_min(1.0))
+        return weights, capacity_loss
+
     def forward(
         self,
         student_states: torch.Tensor,
@@ -255,17 +291,7 @@ class StudentAwareRouter(nn.Module):
         routing_weights = scores.masked_fill(~in_top, float("-inf")).softmax(-1)  # (N, E), 0 outside top-k
         routed = torch.einsum("ne,neh->nh", routing_weights, sources)  # (N, Ht)
 
-        mean_gap = gap.sum() / rows
-        relative_gap = torch.where(mean_gap > 0, gap / mean_gap.clamp_min(1e-12), 0.0)  # (N,), mean 1
-        capacity_logits = self.capacity_head(student.detach()).squeeze(-1).float()  # (N,)
-        capacity = capacity_logits.sigmoid()
-        agreement = torch.exp(-relative_gap)  # (N,) in (0, 1]
-        capacity_rows = F.binary_cross_entropy_with_logits(capacity_logits, agreement, reduction="none")
-        capacity_loss = torch.where(valid, capacity_rows, 0.0).sum() / divisor
-
-        token_weights = bounded_unit_mean(
-            (1.0 + relative_gap) * capacity.detach(), valid, self.min_weight, self.max_weight
-        )  # (N,)
+        capacity, capacity_loss, token_weights = self._student_awareness(student, gap, valid, rows, divisor)
 
         predicted = standardise(self.projection(student))  # (N, Ht)
         feature_rows = (predicted - standardise(routed)).pow(2).mean(-1)  # (N,) in [0, 4]

@@ -139,17 +139,17 @@ def test_nonfinite_teacher_skips_steps_and_leaves_weights_finite(base_config, mo
     """FAILURE_MODES 14: a NaN is never hidden (no nan_to_num): the step is skipped and counted."""
     from sakd.train import objective as objective_module
 
-    real = objective_module.DistillObjective.teacher_hidden
+    real = objective_module.DistillObjective.teacher_pass
     calls = {"n": 0}
 
-    def poisoned(teacher, batch):
-        hidden = real(teacher, batch)
+    def poisoned(teacher, batch, *args):
+        result = real(teacher, batch, *args)
         calls["n"] += 1
         if calls["n"] % 2 == 0:
-            hidden[0] = float("nan")
-        return hidden
+            result.hidden[0] = float("nan")
+        return result
 
-    monkeypatch.setattr(objective_module.DistillObjective, "teacher_hidden", staticmethod(poisoned))
+    monkeypatch.setattr(objective_module.DistillObjective, "teacher_pass", staticmethod(poisoned))
     raw = _with(base_config, max_steps=6, nonfinite_max_rate=1.0, eval_every=0)
     raw["data"]["eval"] = []
     summary = train(validate(raw))
@@ -164,12 +164,14 @@ def test_nonfinite_rate_stops_training_with_a_checkpoint(base_config, monkeypatc
     from sakd.train import objective as objective_module
     from sakd.train.loop import TrainingStopped
 
-    real = objective_module.DistillObjective.teacher_hidden
+    real = objective_module.DistillObjective.teacher_pass
 
-    def poisoned(teacher, batch):
-        return real(teacher, batch) * float("inf")
+    def poisoned(teacher, batch, *args):
+        result = real(teacher, batch, *args)
+        result.hidden.mul_(float("inf"))
+        return result
 
-    monkeypatch.setattr(objective_module.DistillObjective, "teacher_hidden", staticmethod(poisoned))
+    monkeypatch.setattr(objective_module.DistillObjective, "teacher_pass", staticmethod(poisoned))
     raw = _with(base_config, max_steps=20, nonfinite_max_rate=0.1, nonfinite_window=10)
     with pytest.raises(TrainingStopped, match="non-finite"):
         train(validate(raw))

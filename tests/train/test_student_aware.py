@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from sakd.ablate import VARIANTS
 from sakd.config import validate
-from sakd.curriculum import CurriculumSpec
+from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, CurriculumSpec
 from sakd.train.loop import curriculum_point, train
 
 
@@ -25,6 +25,7 @@ def test_curriculum_phases_losses_and_router_heads(base_config):
         "train": {**base_config["train"], "max_steps": 10, "save_every": 1, "keep_last": 20, "eval_every": 4},
     }
     raw["router"] = {"lr": 5e-3}
+    raw["curriculum"] = {"weights": ALL_LOSSES_ON, "phases": ALL_LOSSES_PHASES}
     cfg = validate(raw)
     train(cfg)
     run = Path(raw["output_dir"])

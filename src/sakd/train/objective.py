@@ -82,7 +82,12 @@ class DistillHeads(nn.Module):
         super().__init__()
         self.layer_map = [tuple(p) for p in layer_map]
         self.router = StudentAwareRouter(
-            student_hidden, teacher_hidden, num_sources, router_dim, min_weight=min_weight, max_weight=max_weight
+            student_hidden,
+            teacher_hidden,
+            num_sources,
+            router_dim,
+            min_weight=min_weight,
+            max_weight=max_weight,
         )
         self.feature = nn.Linear(student_hidden, teacher_hidden)
         self.layerwise = layer_projections(self.layer_map, student_hidden, teacher_hidden)
@@ -99,8 +104,13 @@ def build_heads(student: nn.Module, teacher: nn.Module, router_cfg, layer_map, l
         pairs = min(layerwise_pairs, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
         layer_map = default_layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, pairs)
     heads = DistillHeads(
-        s_cfg.hidden_size, t_cfg.hidden_size, sources.num_sources, layer_map, router_cfg.dim,
-        router_cfg.min_weight, router_cfg.max_weight,
+        s_cfg.hidden_size,
+        t_cfg.hidden_size,
+        sources.num_sources,
+        layer_map,
+        router_cfg.dim,
+        router_cfg.min_weight,
+        router_cfg.max_weight,
     )
     return heads, sources
 
@@ -164,8 +174,11 @@ class DistillObjective:
         aux = self.heads is not None and teacher is not None
         need_attention = aux and w["attention"] > 0
         need_layers = aux and w["layerwise"] > 0
-        need_router = aux and any(w[k] > 0 for k in ("router", "balance", "token_weighting"))
-        need_groups = need_router or (aux and (w["feature"] > 0 or w["contrastive"] > 0))
+        need_sources = aux and (w["router"] > 0 or w["balance"] > 0)
+        need_token_weights = aux and use_kd and w["token_weighting"] > 0
+        need_groups = (
+            need_sources or need_token_weights or (aux and (w["feature"] > 0 or w["contrastive"] > 0))
+        )
 
         with ExitStack() as stack:
             s_out = stack.enter_context(capture_final_hidden(student))
@@ -183,7 +196,7 @@ class DistillObjective:
         t_pass = None
         if use_kd or need_groups or need_attention or need_layers:
             t_pass = self.teacher_pass(
-                teacher, batch, self.sources if need_router else None, need_attention, need_layers
+                teacher, batch, self.sources if need_sources else None, need_attention, need_layers
             )
         if use_kd:
             kd_rows, t_rows = self.aligned_teacher_rows(batch, t_pass.hidden)
@@ -201,40 +214,64 @@ class DistillObjective:
             num_groups = mask.shape[1]
             s_groups, _ = group_mean(hidden, batch["student_group"], num_groups)  # (B, G, Hs)
             t_groups, _ = group_mean(t_pass.hidden, batch["teacher_group"], num_groups)  # (B, G, Ht)
-            if need_router:
-                routed = self._route(student, teacher, batch, hidden, t_pass, s_groups, point, counts)
-                if w["token_weighting"] > 0 and use_kd:
-                    kd_weight[kd_mask] = blend_token_weights(routed.token_weights, point.fraction["token_weighting"])
+            if need_sources or need_token_weights:
+                gap = self._knowledge_gap(student, teacher, batch, hidden, t_pass, point)
+            if need_sources:
+                routed = self._route(batch, t_pass, s_groups, gap, point, counts)
+                token_weights, parts["capacity"] = routed.token_weights, routed.capacity_loss
                 parts["router"] = routed.feature_loss
-                parts["capacity"] = routed.capacity_loss
                 parts["balance"] = routed.balance_loss / micro_batches
-                extra = extra + scale * (w["router"] * routed.feature_loss + w["token_weighting"] * routed.capacity_loss)
-                extra = extra + w["balance"] * parts["balance"]
+                extra = extra + scale * w["router"] * routed.feature_loss + w["balance"] * parts["balance"]
+            elif need_token_weights:
+                token_weights, parts["capacity"] = self.heads.router.token_weights(
+                    s_groups[mask], gap, count=counts.kd
+                )
+            if need_token_weights:
+                kd_weight[kd_mask] = blend_token_weights(token_weights, point.fraction["token_weighting"])
+                extra = extra + scale * w["token_weighting"] * parts["capacity"]
             if w["feature"] > 0:
-                parts["feature"] = feature_loss(s_groups[mask], t_groups[mask], self.heads.feature, count=counts.kd)
+                parts["feature"] = feature_loss(
+                    s_groups[mask], t_groups[mask], self.heads.feature, count=counts.kd
+                )
                 extra = extra + scale * w["feature"] * parts["feature"]
             if w["contrastive"] > 0:
                 s_pooled, valid = pooled_groups(s_groups, mask)
                 t_pooled, _ = pooled_groups(t_groups, mask)
-                c = contrastive_loss(self.heads.contrastive(s_pooled), t_pooled, self.contrastive_temperature, valid)
+                c = contrastive_loss(
+                    self.heads.contrastive(s_pooled), t_pooled, self.contrastive_temperature, valid
+                )
                 parts["contrastive"] = c / micro_batches
                 extra = extra + w["contrastive"] * parts["contrastive"]
         if need_attention:
             parts["attention"] = attention_transfer_loss(
-                s_attn.maps[0], t_pass.attention, batch["student_group"], batch["teacher_group"],
-                batch["align_mask"].shape[1], batch["align_mask"], self.attention_loss, count=counts.kd,
+                s_attn.maps[0],
+                t_pass.attention,
+                batch["student_group"],
+                batch["teacher_group"],
+                batch["align_mask"].shape[1],
+                batch["align_mask"],
+                self.attention_loss,
+                count=counts.kd,
             )
             extra = extra + scale * w["attention"] * parts["attention"]
         if need_layers:
             parts["layerwise"] = layerwise_loss(
-                s_result.hidden_states, t_pass.hidden_states, self.heads.layer_map, self.heads.layerwise,
-                batch["student_group"], batch["teacher_group"], batch["align_mask"], count=counts.kd,
+                s_result.hidden_states,
+                t_pass.hidden_states,
+                self.heads.layer_map,
+                self.heads.layerwise,
+                batch["student_group"],
+                batch["teacher_group"],
+                batch["align_mask"],
+                count=counts.kd,
             )
             extra = extra + scale * w["layerwise"] * parts["layerwise"]
 
         s_head = lm_head(unwrap(student))
         kd = self.kd_fn(point.temperature) if use_kd else None
-        row_loss = make_distill_row_loss(kd, t_head.weight if use_kd else None, t_head.bias if use_kd else None)
+        row_loss = make_distill_row_loss(
+            kd, t_head.weight if use_kd else None, t_head.bias if use_kd else None
+        )
         part_weights = {"lm": scale * w["lm"] / max(counts.lm, 1)}
         if use_kd:
             part_weights["kd"] = scale * w["kd"] / max(counts.kd, 1)
@@ -252,20 +289,32 @@ class DistillObjective:
             parts["kd"] = sums["kd"] / max(counts.kd, 1)
         return total + extra, {k: v.detach() for k, v in parts.items()}
 
-    def _route(self, student, teacher, batch, hidden, t_pass, s_groups, point, counts):
-        """The router on aligned groups, with the detached per-group knowledge gap as one of its inputs."""
+    def _knowledge_gap(self, student, teacher, batch, hidden, t_pass, point) -> torch.Tensor:
+        """The detached per-group divergence between teacher and student predictions (N,)."""
         mask = batch["align_mask"]
-        src_groups, _ = group_mean(t_pass.sources, batch["teacher_group"], mask.shape[1])  # (B, G, E, Ht)
         bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
         s_head, t_head = lm_head(unwrap(student)), lm_head(unwrap(teacher))
-        gap = knowledge_gap(
+        return knowledge_gap(
             hidden[bi, batch["align_student_pos"][mask]].detach(),
             t_pass.hidden[bi, batch["align_teacher_pos"][mask]],
-            s_head.weight.detach(), t_head.weight, self.kd_fn(point.temperature), self.chunk_size,
-            None if s_head.bias is None else s_head.bias.detach(), t_head.bias,
+            s_head.weight.detach(),
+            t_head.weight,
+            self.kd_fn(point.temperature),
+            self.chunk_size,
+            None if s_head.bias is None else s_head.bias.detach(),
+            t_head.bias,
         )
+
+    def _route(self, batch, t_pass, s_groups, gap, point, counts):
+        """The router on aligned groups: routed-knowledge feature loss, balance, token weights."""
+        mask = batch["align_mask"]
+        src_groups, _ = group_mean(t_pass.sources, batch["teacher_group"], mask.shape[1])  # (B, G, E, Ht)
         return self.heads.router(
-            s_groups[mask], src_groups[mask], gap, top_k=point.top_k, temperature=point.router_temperature,
+            s_groups[mask],
+            src_groups[mask],
+            gap,
+            top_k=point.top_k,
+            temperature=point.router_temperature,
             count=counts.kd,
         )
 
@@ -284,7 +333,9 @@ class DistillObjective:
             t_out = stack.enter_context(capture_final_hidden(teacher))
             if sources is not None:
                 stack.enter_context(sources)
-            attn = stack.enter_context(capture_attentions(unwrap(teacher), detach=True)) if attention else None
+            attn = (
+                stack.enter_context(capture_attentions(unwrap(teacher), detach=True)) if attention else None
+            )
             result = teacher(
                 input_ids=batch["teacher_input_ids"],
                 attention_mask=batch["teacher_attention_mask"],
