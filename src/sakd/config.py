@@ -134,6 +134,10 @@ class TrainConfig(Section):
     """Stop after this many evaluations without a better held-out bits per byte (null: never)."""
     early_stop_min_steps: int = Field(0, ge=0)
     progress: bool = True
+    tensorboard: bool = True
+    """TensorBoard event files in output_dir/tensorboard (metrics.jsonl is always written)."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project too (needs `pip install wandb`)."""
 
 
 class Config(Section):

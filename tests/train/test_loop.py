@@ -86,7 +86,10 @@ def test_periodic_evaluation_at_any_step(base_config):
     for e in evals:
         assert e["raw"]["bits_per_byte"] > 0 and e["ema"]["bits_per_byte"] > 0
         assert math.isfinite(e["distill_loss"]) and e["kd"] > 0
-    train_loss = _records(Path(raw["output_dir"]), "train")[-1]["loss"]
+    run = Path(raw["output_dir"])
+    assert (run / "report.md").is_file() and (run / "report.html").is_file()  # written at the end of training
+    assert any((run / "tensorboard").iterdir())
+    train_loss = _records(run, "train")[-1]["loss"]
     assert 0.5 < summary["eval"]["distill_loss"] / train_loss < 2.0
 
 

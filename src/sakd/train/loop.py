@@ -33,6 +33,8 @@ from sakd.errors import UserError
 from sakd.eval.metrics import lm_metrics
 from sakd.models.attention import attention_implementation
 from sakd.models.load import freeze, load_model, load_tokenizer, resolve_precision, unwrap, weights_dtype
+from sakd.report import build_report
+from sakd.report.trackers import MetricsWriter
 from sakd.train import checkpoint, rundir
 from sakd.train.ema import EMA
 from sakd.train.objective import DistillObjective, TokenCounts, build_heads
@@ -61,6 +63,19 @@ class LoopState:
     evals_without_improvement: int = 0
     recent_skips: list[int] = field(default_factory=list)
     skipped_batches: list[list[int]] = field(default_factory=list)
+
+
+class _NoWriter:
+    """Processes other than the main one log nothing."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class StopFlag:
@@ -187,24 +202,35 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     start_path = checkpoint.resolve_resume(ckpt_root, resume) if resume else None
     if start_path is not None:
         load_checkpoint(start_path, accelerator, student, heads, optimizer, scheduler, ema, loader, state)
+    writer: MetricsWriter | _NoWriter = _NoWriter()
     if main:
-        rundir.write_run_files(
-            out,
-            cfg,
-            rundir.environment_snapshot(str(accelerator.device), precision, accelerator.num_processes),
+        environment = rundir.environment_snapshot(
+            str(accelerator.device), precision, accelerator.num_processes
         )
+        rundir.write_run_files(out, cfg, environment)
+        wandb = (
+            {"project": tc.wandb_project, "config": cfg.model_dump(mode="json")} if tc.wandb_project else None
+        )
+        writer = MetricsWriter(out, tensorboard=tc.tensorboard, wandb=wandb)
         if start_path is not None:
-            _append_jsonl(
-                out / "metrics.jsonl", {"event": "resume", "step": state.step, "from": str(start_path)}
-            )
+            writer.log({"event": "resume", "step": state.step, "from": str(start_path)})
     eval_batches = _eval_batches(eval_windows, tc.batch_size, student_tok, teacher_tok)
 
     def evaluate() -> dict[str, Any]:
         point = curriculum_point(cfg, state.step)
         result = evaluate_student(student, teacher, objective, eval_batches, point, accelerator, ema)
         result["step"] = state.step
+        writer.log({"event": "eval", **result})
         if main:
-            _append_jsonl(out / "metrics.jsonl", {"event": "eval", **result})
+            raw, ema_m = result["raw"], result.get("ema")
+            ema_text = f", EMA {ema_m['bits_per_byte']:.4f}" if ema_m else ""
+            log.info(
+                "step %d: held-out bits per byte %.4f (raw)%s, perplexity %.2f",
+                state.step,
+                raw["bits_per_byte"],
+                ema_text,
+                raw["perplexity"],
+            )
         return result
 
     desc = "distilling" if teacher is not None else "training (LM only)"
@@ -264,8 +290,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                     ids = [int(i) for b in batches for i in b["window_index"]]
                     state.skipped_batches = (state.skipped_batches + [[state.step, *ids]])[-100:]
                     if main:
-                        _append_jsonl(
-                            out / "metrics.jsonl",
+                        writer.log(
                             {
                                 "event": "skip",
                                 "step": state.step,
@@ -279,8 +304,13 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                 if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                     record = interval.flush(state, scheduler.get_last_lr()[0], point)
                     if main:
-                        _append_jsonl(out / "metrics.jsonl", record)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", phase=point.phase)
+                        writer.log(record)
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.3f}",
+                            lr=f"{record['lr']:.2e}",
+                            phase=point.phase,
+                            tok_s=f"{record['tokens_per_s']:.0f}",
+                        )
                 skip_limit = tc.nonfinite_max_rate * tc.nonfinite_window
                 if state.skipped_steps and sum(state.recent_skips) > skip_limit:
                     save(" (non-finite stop)")
@@ -328,6 +358,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             raise
         finally:
             bar.close()
+            writer.flush()
 
     final_eval = evaluate() if eval_batches else None
     save()
@@ -343,9 +374,14 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         "eval": final_eval,
         "last_periodic_eval": last_eval,
     }
+    writer.log({"event": "end", **summary})
+    writer.close()
     if main:
-        _append_jsonl(out / "metrics.jsonl", {"event": "end", **summary})
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        try:
+            build_report(out)
+        except Exception:  # a failed report must not fail a finished run
+            log.warning("the run report could not be built", exc_info=True)
     accelerator.wait_for_everyone()
     return summary
 
@@ -441,11 +477,6 @@ class _Interval:
         }
         self.reset()
         return record
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _early_stop(state: LoopState, result: dict[str, Any], tc) -> bool:

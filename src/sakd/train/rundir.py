@@ -23,6 +23,8 @@ HARMLESS_KEYS = {
     "train.keep_last",
     "train.max_minutes",
     "train.progress",
+    "train.tensorboard",
+    "train.wandb_project",
     "train.early_stop_patience",
     "train.early_stop_min_steps",
     "train.nonfinite_max_rate",
