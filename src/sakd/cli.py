@@ -86,6 +86,28 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from sakd.cache import capture_teacher_cache
+    from sakd.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    result = capture_teacher_cache(
+        cfg,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        shard_windows=args.shard_windows,
+        probs_dtype=args.probs_dtype,
+        device=args.device,
+        progress=cfg.train.progress,
+    )
+    print(
+        f"teacher cache {result['path']}: {result['shards']} of {result['num_shards']} shards, {result['rows']} "
+        f"positions of {result['windows']} windows, top-{result['top_k']} ({result['seconds']:.0f} s); "
+        f"train from it with --set teacher.cache={result['path']}"
+    )
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from sakd.bench import main_from_args
 
@@ -149,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-runs", help="shared with `sakd demo` (the teacher is reused)")
     p.add_argument("--variant", action="append", default=[], help="run only these variants (repeatable)")
     p.set_defaults(func=_ablate)
+    p = sub.add_parser(
+        "cache-teacher", help="run the teacher once over the training data and store its top-k"
+    )
+    p.add_argument(
+        "config", help="YAML config file (the cache goes to teacher.cache or OUTPUT_DIR/teacher-cache)"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--top-k", type=int, default=64, help="teacher tokens stored per position")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="windows per teacher forward (train.batch_size)"
+    )
+    p.add_argument(
+        "--shard-windows", type=int, default=1024, help="windows per shard (the unit of resumption)"
+    )
+    p.add_argument("--probs-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.set_defaults(func=_cache_teacher)
     p = sub.add_parser("bench", help="time and peak memory: chunked KD loss, training step, data loading")
     from sakd.bench import add_arguments as add_bench_arguments
 

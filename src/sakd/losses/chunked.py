@@ -112,6 +112,8 @@ def chunked_head_loss(
             grad_weight += grad_logits.T @ hidden_chunk
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
+        # Free this chunk's (n, V) tensors before the next chunk allocates its own: the peak stays one chunk.
+        del logits, grad_logits, chunk_parts, chunk_total
 
     parts = {
         name: torch.as_tensor(value, dtype=torch.float32, device=hidden.device)

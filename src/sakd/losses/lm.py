@@ -1,19 +1,23 @@
-"""Row losses for `chunked_head_loss`: next-token cross-entropy and the standard distillation row loss.
+"""Row losses for `chunked_head_loss`: next-token cross-entropy, the standard distillation row loss, and the
+distillation row loss against a cached (top-k) teacher.
 
 Every part is a SUM over the chunk's rows; the caller divides by its global count of valid tokens. A chunk
 with nothing valid gives exactly 0, never NaN.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from sakd.losses.chunked import RowLoss
+from sakd.losses.divergence import divergence_from_logprobs, student_logprobs_at
 
 IGNORE_INDEX = -100
 
 KDRowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SparseKDRowFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def lm_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -47,17 +51,119 @@ def make_distill_row_loss(
         parts = lm_row_loss(logits, labels)
         if kd is None:
             return parts
-        rows = kd_mask.nonzero().squeeze(-1)  # (k,)
-        if rows.numel() == 0:
+        every_row = bool(kd_mask.all())
+        rows = None if every_row else kd_mask.nonzero().squeeze(-1)  # (k,)
+        if rows is not None and rows.numel() == 0:
             parts["kd"] = logits.new_zeros((), dtype=torch.float32)
             return parts
+        # When every row is a KD row (same tokenizer), index nothing: a gather copies the (n, V) logits and
+        # its backward is a slow scatter.
+        student_rows = logits if every_row else logits[rows]
         with torch.no_grad():
-            teacher_hidden_rows = teacher_hidden[rows].to(teacher_weight.dtype)
+            teacher_hidden_rows = (teacher_hidden if every_row else teacher_hidden[rows]).to(
+                teacher_weight.dtype
+            )
             if teacher_bias is None:
                 teacher_logits = teacher_hidden_rows @ teacher_weight.T
             else:
                 teacher_logits = torch.addmm(teacher_bias, teacher_hidden_rows, teacher_weight.T)
-        per_row = kd(logits[rows].float(), teacher_logits.float())  # (k,)
+        per_row = kd(student_rows.float(), teacher_logits.float())  # (k,)
+        row_weights = kd_weight if every_row else kd_weight[rows]
+        parts["kd"] = (row_weights.float() * per_row).sum()
+        return parts
+
+    return row_loss
+
+
+def sparse_teacher_divergence(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    teacher_tail: torch.Tensor,
+    temperature: float,
+    *,
+    name: str = "forward_kl",
+    beta: float = 0.5,
+    teacher_vocab_size: int,
+    student_vocab: int | None = None,
+    teacher_to_student: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A divergence against a teacher known only by its top-k: ids (n, k), probs (n, k) at temperature 1, and
+    the mass of the rest, tail (n,). student_logits (n, W) -> (n,) fp32.
+
+    The approximation: both distributions are compared on k + 1 buckets, the teacher's top-k tokens one by one
+    and everything else as one "tail" bucket, e.g. for forward KL
+        sum_{i in top-k} p_i (log p_i - log q_i) + tail * (log tail - log(1 - sum_{i in top-k} q_i)),
+    which is a lower bound of the full KL (merging tokens never increases it) and equals it when k covers the
+    vocabulary (tail = 0). Any divergence of `divergence_from_logprobs` is evaluated on the buckets, with its
+    usual T^2 scaling. At temperature T != 1 the top-k become p_i^(1/T) and the tail is taken as spread evenly
+    over the teacher's other V_t - k tokens, then everything is renormalised (exact at T = 1 and when k = V_t).
+
+    Same vocabulary (`teacher_to_student` None): the student's softmax runs over its first `student_vocab`
+    columns (the tokenizer; padding columns are not tokens), as in the live same-vocabulary loss. Different
+    vocabularies: each top-k token's mass goes to its student id (`teacher_to_student` (V_t,), -1 unmapped: that
+    mass is dropped and the rest renormalised, as `projected_teacher_probs` does), the tail is kept as the
+    teacher's mass on student tokens outside the projected ids, and every student column takes part. A row
+    with no teacher mass at all gives 0.
+    """
+    logp = teacher_probs.float().log()  # (n, k), -inf where a probability is 0
+    log_tail = teacher_tail.float().log()  # (n,)
+    if temperature != 1.0:
+        spread = math.log(max(teacher_vocab_size - teacher_ids.shape[-1], 1))
+        logp = logp / temperature
+        log_tail = spread + (log_tail - spread) / temperature
+    if teacher_to_student is None:
+        student_logits = student_logits[:, :student_vocab]
+        targets = teacher_ids.long()
+    else:
+        targets = teacher_to_student.to(teacher_ids.device)[teacher_ids.long()]
+    n, width = student_logits.shape
+    # Unmapped ids go to one extra column that is then cut off.
+    targets = torch.where(targets >= 0, targets, width)
+    teacher = logp.new_zeros(n, width + 1).scatter_add_(1, targets, logp.exp())[:, :width]  # (n, W)
+    member = torch.zeros((n, width + 1), dtype=torch.bool, device=targets.device)
+    member = member.scatter_(1, targets, True)[:, :width]  # (n, W) the top-k's columns
+    no_rest = member.all(-1)  # (n,) the top-k cover every student column: nothing is left for the tail
+    tail = torch.where(no_rest, 0.0, log_tail.exp())
+    total = teacher.sum(-1) + tail
+    no_mass = total == 0
+    total = torch.where(no_mass, 1.0, total)
+    teacher_buckets = torch.cat([teacher, tail[:, None]], dim=-1) / total[:, None]  # (n, W + 1)
+
+    student = student_logprobs_at(student_logits, temperature)  # (n, W)
+    # All-(-inf) rows would give logsumexp a NaN gradient: those rows have no tail bucket anyway.
+    rest = torch.where(no_rest[:, None], 0.0, student.masked_fill(member, float("-inf")))
+    student_tail = torch.where(no_rest, float("-inf"), torch.logsumexp(rest, dim=-1))  # (n,)
+    student_buckets = torch.cat([student.masked_fill(~member, float("-inf")), student_tail[:, None]], dim=-1)
+    rows = divergence_from_logprobs(name, student_buckets, teacher_buckets.log(), temperature, beta)
+    return torch.where(no_mass, 0.0, rows)
+
+
+def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:
+    """A row loss with row_inputs (labels (N,), teacher_ids (N, k), teacher_probs (N, k), teacher_tail (N,),
+    kd_mask (N,) bool, kd_weight (N,)): the cached-teacher twin of `make_distill_row_loss`.
+
+    Returns {"lm": CE sum, "kd": sum over kd_mask rows of kd_weight * kd(student_logits (r, V_s) fp32, ids,
+    probs, tail)} with kd e.g. a partial of `sparse_teacher_divergence`; with kd None only "lm".
+    """
+
+    def row_loss(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_ids: torch.Tensor,
+        teacher_probs: torch.Tensor,
+        teacher_tail: torch.Tensor,
+        kd_mask: torch.Tensor,
+        kd_weight: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        parts = lm_row_loss(logits, labels)
+        if kd is None:
+            return parts
+        rows = kd_mask.nonzero().squeeze(-1)  # (r,)
+        if rows.numel() == 0:
+            parts["kd"] = logits.new_zeros((), dtype=torch.float32)
+            return parts
+        per_row = kd(logits[rows].float(), teacher_ids[rows], teacher_probs[rows], teacher_tail[rows])
         parts["kd"] = (kd_weight[rows].float() * per_row).sum()
         return parts
 

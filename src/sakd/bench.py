@@ -1,0 +1,440 @@
+"""`sakd bench` (also `python -m sakd.bench`): how fast and how lean sakd's hot paths are, in one run.
+
+(a) the chunked LM-head KD loss against the plain full-logits reference: time and peak memory per vocabulary
+    (`sakd.bench_loss`);
+(b) a sakd distillation step against a minimal hand-written step, for one shared tokenizer and for two
+    different tokenizers: tokens/s (`sakd.bench_step`);
+(c) the data pipeline (dual tokenization, alignment, packing, collation): tokens/s against the training rate.
+The defaults fit a small CPU; the size flags scale it up on a GPU. `--quick` is a smaller run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "tokens": 4096,
+    "hidden": 64,
+    "vocabs": [4096, 32768, 151936],
+    "repeats": 3,
+    "loss_budget_s": 30.0,
+    "batch_size": 8,
+    "max_length": 128,
+    "teacher_hidden": 128,
+    "teacher_layers": 2,
+    "experts": 8,
+    "student_hidden": 64,
+    "student_layers": 2,
+    "teacher_vocab": 4096,
+    "student_vocab": 2048,
+    "warmup_steps": 3,
+    "steps": 10,
+    "data_mb": 1.0,
+}
+QUICK: dict[str, Any] = {
+    "tokens": 512,
+    "hidden": 32,
+    "vocabs": [1024, 8192],
+    "chunk_size": 128,
+    "repeats": 2,
+    "loss_budget_s": 5.0,
+    "batch_size": 2,
+    "max_length": 64,
+    "teacher_hidden": 48,
+    "teacher_layers": 2,
+    "experts": 4,
+    "student_hidden": 32,
+    "student_layers": 2,
+    "teacher_vocab": 512,
+    "student_vocab": 384,
+    "warmup_steps": 2,
+    "steps": 3,
+    "data_mb": 0.1,
+}
+# JSON key: (comparison, bound)
+TARGETS = {
+    "loss_memory_ratio": ("<=", 0.25),
+    "loss_time_ratio": ("<=", 1.2),
+    "step_speed_ratio_same_vocab": (">=", 0.9),
+    "step_speed_ratio_cross_vocab": (">=", 0.8),
+    "data_to_train_ratio": (">=", 10.0),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench flags (shared by `sakd bench` and `python -m sakd.bench`); unset sizes take the defaults,
+    or the --quick sizes."""
+    p.add_argument("--quick", action="store_true", help="a small run (about a minute on 2 CPU cores)")
+    p.add_argument("--output", metavar="FILE.json", help="also write every number to this JSON file")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="training precision of part (b), as train.precision (auto: fp32 on CPU)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default on CPU: 1, so that sakd and reference are compared op for op even "
+        "on a busy shared machine, where each op of several threads can wait for a descheduled one; 0: "
+        "torch's own choice, as training uses)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the sakd run config of part (b), e.g. --set curriculum.weights.attention=0",
+    )
+    g = p.add_argument_group("(a) KD loss")
+    g.add_argument("--tokens", type=int, help="rows of the loss (default 4096)")
+    g.add_argument("--hidden", type=int, help="hidden size of student and teacher (default 64)")
+    g.add_argument(
+        "--vocabs",
+        type=lambda s: [int(v) for v in s.split(",")],
+        help="comma-separated vocabulary sizes (default 4096,32768,151936)",
+    )
+    g.add_argument(
+        "--chunk-size", type=int, help="rows per chunk (default: distill.chunk_size of the config)"
+    )
+    g.add_argument("--repeats", type=int, help="timed passes per variant after a warm-up (default 3)")
+    g.add_argument(
+        "--loss-budget-s",
+        type=float,
+        help="stop repeating a variant once this many seconds are spent (default 30)",
+    )
+    g = p.add_argument_group("(b) training step and (c) data")
+    g.add_argument("--batch-size", type=int, help="windows per batch (default 8)")
+    g.add_argument("--max-length", type=int, help="tokens per window (default 128)")
+    g.add_argument("--teacher-hidden", type=int, help="MoE teacher hidden size (default 128)")
+    g.add_argument("--teacher-layers", type=int, help="(default 2)")
+    g.add_argument("--experts", type=int, help="teacher experts per MoE layer (default 8)")
+    g.add_argument("--student-hidden", type=int, help="dense student hidden size (default 64)")
+    g.add_argument("--student-layers", type=int, help="(default 2)")
+    g.add_argument(
+        "--teacher-vocab", type=int, help="tokenizer A size, teacher (and same-vocab student) (4096)"
+    )
+    g.add_argument("--student-vocab", type=int, help="tokenizer B size, cross-vocab student (2048)")
+    g.add_argument("--warmup-steps", type=int, help="untimed steps per variant (default 3)")
+    g.add_argument("--steps", type=int, help="timed steps per variant, alternating sakd and reference (10)")
+    g.add_argument("--data-mb", type=float, help="MB of standard-library text for tokenizers and data (1.0)")
+    g.add_argument(
+        "--progress",
+        type=float,
+        default=0.0,
+        help="training progress whose curriculum point the sakd step uses (0: phase 1, KD + LM)",
+    )
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """The sizes of this run: the flags given, else the --quick or default sizes; checked."""
+    from sakd.errors import UserError
+
+    preset = {**DEFAULTS, **(QUICK if args.quick else {})}
+    names = [*DEFAULTS, "chunk_size"]
+    sizes = {
+        name: getattr(args, name) if getattr(args, name) is not None else preset.get(name) for name in names
+    }
+    bad = [
+        f"--{name.replace('_', '-')} {value}"
+        for name, value in sizes.items()
+        if value is not None and any(v <= 0 for v in (value if isinstance(value, list) else [value]))
+    ]
+    if not 0.0 <= args.progress <= 1.0:
+        bad.append(f"--progress {args.progress}")
+    if args.threads is not None and args.threads < 0:
+        bad.append(f"--threads {args.threads}")
+    if bad:
+        raise UserError(f"{', '.join(bad)}: sizes must be positive and --progress in [0, 1]")
+    return sizes
+
+
+def _device_info(device) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    else:
+        info["name"] = _cpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    from sakd.bench_loss import loss_ratios, run_loss_bench
+    from sakd.bench_step import StepSizes, bench_config, build_assets, run_data_bench, run_step_bench
+    from sakd.config import apply_overrides
+    from sakd.models.load import resolve_precision
+
+    hf_logging.disable_progress_bar()
+    o = resolve(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        from sakd.errors import UserError
+
+        raise UserError("--device cuda but torch sees no CUDA device: use --device cpu or auto")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    precision = resolve_precision(args.precision, device)
+
+    def overrides(raw: dict[str, Any]) -> dict[str, Any]:
+        return apply_overrides(raw, list(args.set))
+
+    started = time.perf_counter()
+    info = _device_info(device)
+    result: dict[str, Any] = {"device": f"{device.type}: {info['name']}", "device_info": info}
+    result["load_average_start"] = _load()
+    sizes = StepSizes(**{k: o[k] for k in StepSizes.__dataclass_fields__})
+    with tempfile.TemporaryDirectory(prefix="sakd-bench-") as tmp:
+        root = Path(tmp)
+        if o["chunk_size"] is None:  # the run config's (with --set): the same chunking as in part (b)
+            o["chunk_size"] = bench_config(root, root, root, sizes, overrides, root, False).distill.chunk_size
+        result["settings"] = {**o, "precision": precision, "progress": args.progress, "overrides": args.set}
+
+        print(
+            f"(a) KD loss, chunked vs full logits, {o['tokens']} tokens, vocabularies {o['vocabs']} ...",
+            file=sys.stderr,
+        )
+        loss = run_loss_bench(
+            o["tokens"], o["hidden"], o["vocabs"], o["chunk_size"], o["repeats"], o["loss_budget_s"], device
+        )
+        ratios = loss_ratios(loss["results"])
+        loss["ratios"] = {str(v): r for v, r in ratios.items()}
+        result["loss"] = loss
+        part_s = {"loss": round(time.perf_counter() - started, 1)}
+        largest = max(ratios)
+        result["loss_ratio_vocab"] = largest
+        result["loss_memory_ratio"] = ratios[largest]["memory_ratio"]
+        result["loss_time_ratio"] = ratios[largest]["time_ratio"]
+        unmeasured = [r for r in loss["results"] if r["vocab"] == largest and r["status"] != "ok"]
+        if unmeasured:
+            result["loss_note"] = "; ".join(f"{r['variant']} {r['status']}: {r['note']}" for r in unmeasured)
+
+        print("(b) training steps, sakd vs reference ...", file=sys.stderr)
+        assets = build_assets(root, sizes)
+        accelerator = Accelerator(
+            cpu=device.type == "cpu", mixed_precision="no" if precision == "fp32" else precision
+        )
+        step = run_step_bench(assets, sizes, args.progress, overrides, accelerator, precision, root / "runs")
+        result["step"] = step
+        part_s["step"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
+        result["step_speed_ratio_same_vocab"] = step["same_vocab"]["ratio"]
+        result["step_speed_ratio_cross_vocab"] = step["cross_vocab"]["ratio"]
+
+        print("(c) data loading ...", file=sys.stderr)
+        data = run_data_bench(assets, sizes)
+        data["train_tokens_per_s"] = step["cross_vocab"]["sakd"]["tokens_per_s"]
+        result["data"] = data
+        part_s["data"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
+        result["part_s"] = part_s
+        result["data_to_train_ratio"] = data["tokens_per_s"] / data["train_tokens_per_s"]
+    result["cache_speedup"] = None
+    result["cache_note"] = "no teacher cache exists yet: nothing to measure"
+    result["targets"] = {
+        name: {
+            "target": f"{op} {bound}",
+            "met": None if result[name] is None else _meets(result[name], op, bound),
+        }
+        for name, (op, bound) in TARGETS.items()
+    }
+    result["load_average_end"] = _load()
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _meets(value: float, op: str, bound: float) -> bool:
+    return value <= bound if op == "<=" else value >= bound
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def render(result: dict[str, Any]) -> None:
+    """The readable view: one table per part, then the summary against the targets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 110))
+    s = result["settings"]
+    console.print(
+        f"[bold]sakd bench[/bold] on {result['device']} ({result['device_info']['torch_threads']} torch "
+        f"threads; load average {result['load_average_start']} -> {result['load_average_end']}), "
+        f"{result['total_s']} s"
+    )
+    info = result["device_info"]
+    loads = [x[0] for x in (result["load_average_start"], result["load_average_end"]) if x]
+    if info["type"] == "cpu" and loads and max(loads) > info["cpu_count"]:
+        why = (
+            " (with several torch threads every op can wait for a descheduled one; --threads 1 avoids that)"
+            if info["torch_threads"] > 1
+            else ""
+        )
+        console.print(
+            f"  [bold]note:[/bold] other processes kept the {info['cpu_count']} cores busy: timings are "
+            f"inflated and noisy{why}"
+        )
+
+    loss = result["loss"]
+    t = Table(
+        title=f"(a) KD loss forward+backward (lm + forward KL), {s['tokens']} tokens, hidden {s['hidden']}, "
+        f"chunk {s['chunk_size']}"
+    )
+    for col in (
+        "vocab",
+        "variant",
+        "median s",
+        "passes",
+        "peak MiB",
+        "chunked/full time",
+        "chunked/full memory",
+    ):
+        t.add_column(col, justify="right" if col not in ("variant",) else "left")
+    for row in loss["results"]:
+        ratio = loss["ratios"][str(row["vocab"])] if row["variant"] == "chunked" else {}
+        if row["status"] == "ok":
+            cells = [_fmt(row["median_s"], 3), str(len(row["times_s"])), _fmt(row["peak_mb"], 1)]
+        else:
+            cells = [row["status"], "-", f"({row['note']})"]
+        t.add_row(
+            str(row["vocab"]),
+            row["variant"],
+            *cells,
+            _fmt(ratio.get("time_ratio")),
+            _fmt(ratio.get("memory_ratio")),
+        )
+    console.print(t)
+    console.print(f"  memory method: {loss['method']}")
+    if loss["calibration"]:
+        c = loss["calibration"]
+        console.print(
+            f"  method check: a known {c['allocated_mb']} MiB allocation measured as "
+            f"{_fmt(c.get('measured_mb'), 1)} MiB ({c.get('memory_method', c.get('error'))})"
+        )
+
+    step = result["step"]
+    t = Table(
+        title=f"(b) training step, batch {s['batch_size']} x {s['max_length']} tokens, precision "
+        f"{s['precision']}: student tokens/s (median of {s['steps']} steps each, alternating)"
+    )
+    for col in ("tokenizers", "vocab t/s", "sakd", "reference", "sakd/reference", "sakd step"):
+        t.add_column(col, justify="left" if col in ("tokenizers", "sakd step") else "right")
+    for name in ("same_vocab", "cross_vocab"):
+        r = step[name]
+        setup = r["sakd_setup"]
+        desc = (
+            f"{setup['objective']}, phase {setup['phase']} ({'+'.join(setup['active_losses'])}), "
+            f"{setup['attention']} attention{', EMA' if setup['ema'] else ''}"
+        )
+        t.add_row(
+            name.replace("_", " "),
+            f"{r['teacher_vocab']}/{r['student_vocab']}",
+            _fmt(r["sakd"]["tokens_per_s"], 0),
+            _fmt(r["reference"]["tokens_per_s"], 0),
+            _fmt(r["ratio"]),
+            desc,
+        )
+    console.print(t)
+    console.print(f"  cross-vocab reference: {step['cross_vocab']['reference_note']}")
+
+    d = result["data"]
+    t = Table(title="(c) data: dual tokenization + alignment + packing + collation (cross tokenizers)")
+    for col in (
+        "windows",
+        "student tokens",
+        "windows/s",
+        "tokens/s",
+        "collation tokens/s",
+        "train tokens/s",
+        "data/train",
+    ):
+        t.add_column(col, justify="right")
+    t.add_row(
+        str(d["windows"]),
+        str(d["student_tokens"]),
+        _fmt(d["windows_per_s"], 0),
+        _fmt(d["tokens_per_s"], 0),
+        _fmt(d["collate_tokens_per_s"], 0),
+        _fmt(d["train_tokens_per_s"], 0),
+        _fmt(result["data_to_train_ratio"], 1),
+    )
+    console.print(t)
+
+    t = Table(title="summary")
+    for col in ("measure", "value", "target", "met"):
+        t.add_column(col)
+    for name, target in result["targets"].items():
+        met = {True: "yes", False: "NO", None: "not measured"}[target["met"]]
+        if target["met"] is None and name.startswith("loss_") and result.get("loss_note"):
+            met += f" ({result['loss_note']})"
+        t.add_row(name, _fmt(result[name]), target["target"], met)
+    t.add_row("cache_speedup", "null", "-", result["cache_note"])
+    console.print(t)
+    console.print(
+        f"  loss ratios at vocabulary {result['loss_ratio_vocab']}; data_to_train_ratio against the "
+        "cross-tokenizer sakd step"
+    )
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    result = run_bench(args)
+    render(result)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sakd.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="python -m sakd.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return main_from_args(parser.parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

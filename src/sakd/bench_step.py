@@ -1,0 +1,436 @@
+"""`sakd bench` parts (b) and (c): a sakd distillation step against a hand-written reference step, and the
+data pipeline's token rate.
+
+The sakd step is the optimizer step of `sakd.train.loop.train` built from the same pieces (config defaults,
+`DistillObjective`, heads, AdamW groups, scheduler, Accelerate, EMA) and run at one fixed curriculum point.
+The reference step is what a user would write by hand: the teacher's forward under no_grad returning full
+logits, the student's full logits, forward KL over the full vocabulary + cross-entropy, AdamW. Both train the
+same student weights on the same batches, alternating step by step so that load from other processes hits
+both.
+A hand-written cross-tokenizer reference does not exist: for the cross-tokenizer pair the reference is the
+same-tokenizer reference step with the student's tokenizer (a teacher of the same architecture with the
+student's vocabulary), counted in student tokens like the sakd step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoModelForCausalLM
+
+from sakd.config import Config
+from sakd.curriculum import CurriculumPoint, curriculum_at
+from sakd.data.corpus import build_windows
+from sakd.data.loader import WindowLoader
+from sakd.demo import stdlib_files
+from sakd.errors import UserError
+from sakd.models.attention import attention_implementation
+from sakd.models.load import freeze, load_model, load_tokenizer, unwrap, weights_dtype
+from sakd.models.tiny import dense_student_config, moe_teacher_config, train_tokenizer
+from sakd.train.ema import EMA
+from sakd.train.loop import _all_finite, _average_gradients, _global_counts, _param_groups, _to
+from sakd.train.objective import DistillObjective, TokenCounts, build_heads
+from sakd.train.schedule import make_scheduler
+
+MAX_STEP_BATCHES = 16
+AUX_LOSSES = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
+
+
+@dataclass(frozen=True)
+class StepSizes:
+    batch_size: int
+    max_length: int
+    teacher_hidden: int
+    teacher_layers: int
+    experts: int
+    student_hidden: int
+    student_layers: int
+    teacher_vocab: int
+    student_vocab: int
+    warmup_steps: int
+    steps: int
+    data_mb: float
+
+
+def stdlib_texts(megabytes: float) -> list[str]:
+    """The standard library's own sources, in sorted order, up to `megabytes` of text."""
+    texts, size = [], 0
+    for file in stdlib_files():
+        if size >= megabytes * 1e6:
+            break
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            texts.append(text)
+            size += len(text)
+    return texts
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    with path.open("w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def build_assets(root: Path, sizes: StepSizes) -> dict[str, Path]:
+    """Corpus, two tokenizers that split text differently, and four model folders: an MoE teacher and a
+    dense student for each tokenizer (`teacher_a`, `student_a` share tokenizer A; `_b` tokenizer B)."""
+    texts = stdlib_texts(sizes.data_mb)
+    # The timed steps cycle through at most MAX_STEP_BATCHES batches: their windows come from the first
+    # documents only (the loader wraps around if they are too few), so that set-up does not tokenize it all.
+    step_chars = MAX_STEP_BATCHES * sizes.batch_size * sizes.max_length * 8
+    step_texts: list[str] = []
+    for text in texts:
+        step_texts.append(text)
+        if sum(map(len, step_texts)) >= step_chars:
+            break
+    tokenizers = {
+        "a": train_tokenizer(texts, sizes.teacher_vocab, split="gpt2"),
+        "b": train_tokenizer(texts, sizes.student_vocab, split="isolated"),
+    }
+    positions = 2 * sizes.max_length
+    paths = {
+        "corpus": write_jsonl(root / "corpus.jsonl", texts),
+        "step_corpus": write_jsonl(root / "step_corpus.jsonl", step_texts),
+    }
+    for side, tok in tokenizers.items():
+        configs = {
+            "teacher": moe_teacher_config(
+                len(tok),
+                sizes.teacher_hidden,
+                sizes.teacher_layers,
+                experts=sizes.experts,
+                max_length=positions,
+            ),
+            "student": dense_student_config(
+                len(tok), sizes.student_hidden, sizes.student_layers, max_length=positions
+            ),
+        }
+        for role, cfg in configs.items():
+            folder = root / f"{role}_{side}"
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+            tok.save_pretrained(folder)
+            paths[f"{role}_{side}"] = folder
+    return paths
+
+
+def bench_config(
+    teacher: Path,
+    student: Path,
+    corpus: Path,
+    sizes: StepSizes,
+    raw_overrides,
+    out: Path,
+    check_files: bool = True,
+) -> Config:
+    """The run config train() would get for these models and data; `raw_overrides(raw)` applies --set."""
+    from sakd.config import validate
+
+    raw = {
+        "teacher": {"model": str(teacher)},
+        "student": {"model": str(student), "init": "pretrained"},
+        "data": {"train": [str(corpus)], "max_length": sizes.max_length},
+        "train": {"batch_size": sizes.batch_size, "progress": False},
+        "output_dir": str(out),
+    }
+    return validate(raw_overrides(raw), check_files)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SakdStep:
+    """The set-up and the optimizer step of `train()` (without logging, evaluation and checkpoints)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, precision: str, point: CurriculumPoint):
+        tc = self.tc = cfg.train
+        self.accelerator, self.point = accelerator, point
+        set_seed(tc.seed)
+        self.student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
+        self.teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
+        full = cfg.curriculum.weights
+        needs_maps = full.attention > 0
+        teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
+        self.attn = attention_implementation(needs_maps, cfg.teacher.attn_implementation)
+        teacher = load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), self.attn)
+        self.teacher = freeze(teacher).to(accelerator.device)
+        student = load_model(
+            cfg.student.model,
+            "student",
+            torch.float32,
+            attention_implementation(needs_maps, cfg.student.attn_implementation),
+            random_init=cfg.student.init == "random",
+            seed=tc.seed,
+        )
+        student.train()
+        self.heads = sources = None
+        if any(getattr(full, k) > 0 for k in AUX_LOSSES):
+            self.heads, sources = build_heads(
+                student, self.teacher, cfg.router, cfg.distill.layer_map, cfg.distill.layerwise_pairs
+            )
+            self.heads.to(accelerator.device)
+        self.objective = DistillObjective(
+            self.teacher_tok,
+            self.student_tok,
+            cfg.distill.divergence,
+            cfg.distill.jsd_beta,
+            cfg.distill.cross_vocab,
+            cfg.distill.chunk_size,
+            self.heads,
+            sources,
+            cfg.distill.attention_loss,
+            cfg.distill.contrastive_temperature,
+        )
+        groups = _param_groups(student, tc.weight_decay)
+        if self.heads is not None:
+            groups.append(
+                {"params": list(self.heads.parameters()), "weight_decay": 0.0, "lr": cfg.router.lr or tc.lr}
+            )
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False)
+        self.scheduler = make_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        self.ema = EMA(unwrap(self.student), tc.ema_decay) if tc.ema_decay else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "objective": self.objective.kind,
+            "attention": self.attn,
+            "heads": self.heads is not None,
+            "ema": self.ema is not None,
+            "phase": self.point.phase,
+            "active_losses": sorted(k for k, v in self.point.weights.items() if v > 0),
+        }
+
+    def step(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        """One optimizer step over `grad_accum` micro-batches; returns the student tokens it saw."""
+        accelerator, objective, point = self.accelerator, self.objective, self.point
+        counts = _global_counts(TokenCounts.of(batches), accelerator)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for batch in batches:
+            with accelerator.autocast():
+                loss, _parts = objective(
+                    self.student, self.teacher, batch, point, counts, accelerator.num_processes, len(batches)
+                )
+            accelerator.backward(loss)
+            loss_sum += loss.detach()
+        if self.heads is not None:
+            _average_gradients(self.heads, accelerator)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = accelerator.clip_grad_norm_(params, self.tc.max_grad_norm or math.inf)
+        stepped = False
+        if _all_finite(loss_sum, grad_norm, accelerator):
+            self.optimizer.step()
+            stepped = not accelerator.optimizer_step_was_skipped
+        elif accelerator.scaler is not None:
+            self.optimizer.step()  # the GradScaler skips it and lowers its scale
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if stepped and self.ema is not None:
+            self.ema.update(unwrap(self.student))
+        return sum(int(b["student_attention_mask"].sum()) for b in batches)
+
+
+class ReferenceStep:
+    """A minimal hand-written distillation step with full logits (transformers' default attention)."""
+
+    def __init__(
+        self, teacher: Path, student: Path, cfg: Config, teacher_dtype: torch.dtype, accelerator, point
+    ):
+        device = accelerator.device
+        self.autocast = accelerator.autocast
+        self.teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=teacher_dtype).to(device).eval()
+        self.teacher.requires_grad_(False)
+        self.student = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).to(device).train()
+        tc = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
+        )
+        self.temperature = point.temperature
+        self.lm_weight, self.kd_weight = point.weights["lm"], point.weights["kd"]
+
+    def step(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        tokens = 0
+        for batch in batches:
+            labels = batch["student_labels"]  # (B, L)
+            with self.autocast():
+                with torch.no_grad():
+                    t_logits = self.teacher(
+                        input_ids=batch["teacher_input_ids"],
+                        attention_mask=batch["teacher_attention_mask"],
+                        use_cache=False,
+                    ).logits  # (B, L, V)
+                s_logits = self.student(
+                    input_ids=batch["student_input_ids"],
+                    attention_mask=batch["student_attention_mask"],
+                    use_cache=False,
+                ).logits  # (B, L, V)
+            rows = labels != -100
+            s, t, temp = s_logits[rows].float(), t_logits[rows].float(), self.temperature  # (N, V)
+            kd = F.kl_div(
+                F.log_softmax(s / temp, -1),
+                F.log_softmax(t / temp, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            loss = self.lm_weight * F.cross_entropy(s, labels[rows]) + self.kd_weight * temp**2 * kd
+            (loss / len(batches)).backward()
+            tokens += int(batch["student_attention_mask"].sum())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+
+def _batches(corpus: Path, student_tok, teacher_tok, sizes: StepSizes, count: int, device) -> list[dict]:
+    windows = build_windows([corpus], student_tok, teacher_tok, sizes.max_length)
+    if len(windows) < sizes.batch_size:
+        raise UserError(
+            f"the benchmark corpus gives {len(windows)} windows, fewer than one batch of {sizes.batch_size}: "
+            "raise --data-mb or lower --batch-size / --max-length"
+        )
+    loader = WindowLoader(
+        windows,
+        sizes.batch_size,
+        seed=0,
+        student_pad_id=student_tok.pad_token_id,
+        teacher_pad_id=teacher_tok.pad_token_id,
+    )
+    return [_to(loader.next_batch(), device) for _ in range(count)]
+
+
+def _rates(
+    runners: dict[str, tuple[Callable[[list[dict]], int], list[dict]]],
+    sizes: StepSizes,
+    grad_accum: int,
+    device: torch.device,
+) -> dict[str, dict[str, Any]]:
+    """Warm-up steps, then `steps` timed steps per runner, alternating runner by runner (the first runner
+    alternating too), so that a burst of load from other processes falls on both; tokens/s is the median of
+    the per-step rates."""
+    position = dict.fromkeys(runners, 0)
+
+    def step(name: str) -> int:
+        run, batches = runners[name]
+        i = position[name]
+        position[name] += grad_accum
+        return run([batches[(i + k) % len(batches)] for k in range(grad_accum)])
+
+    for name in runners:
+        for _ in range(sizes.warmup_steps):
+            step(name)
+    _sync(device)
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for i in range(sizes.steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            tokens = step(name)
+            _sync(device)
+            rates[name].append(tokens / (time.perf_counter() - start))
+    return {
+        name: {"tokens_per_s": statistics.median(values), "step_tokens_per_s": [round(v, 1) for v in values]}
+        for name, values in rates.items()
+    }
+
+
+def run_step_bench(
+    assets: dict[str, Path],
+    sizes: StepSizes,
+    progress: float,
+    raw_overrides,
+    accelerator: Accelerator,
+    precision: str,
+    out: Path,
+) -> dict[str, Any]:
+    """Tokens/s of the sakd step and of the reference step, for one shared tokenizer and for two."""
+    device = accelerator.device
+    results: dict[str, Any] = {}
+    pairs = {
+        # name: (sakd teacher, sakd student, reference teacher, reference student)
+        "same_vocab": ("teacher_a", "student_a", "teacher_a", "student_a"),
+        "cross_vocab": ("teacher_a", "student_b", "teacher_b", "student_b"),
+    }
+    for name, (t_sakd, s_sakd, t_ref, s_ref) in pairs.items():
+        cfg = bench_config(assets[t_sakd], assets[s_sakd], assets["corpus"], sizes, raw_overrides, out / name)
+        point = curriculum_at(progress, cfg.curriculum)
+        sakd = SakdStep(cfg, accelerator, precision, point)
+        teacher_dtype = next(sakd.teacher.parameters()).dtype
+        reference = ReferenceStep(assets[t_ref], assets[s_ref], cfg, teacher_dtype, accelerator, point)
+        ref_tok = load_tokenizer(str(assets[s_ref]), "student")
+        count = min(MAX_STEP_BATCHES, sizes.warmup_steps + sizes.steps) * cfg.train.grad_accum
+        sakd_batches = _batches(
+            assets["step_corpus"], sakd.student_tok, sakd.teacher_tok, sizes, count, device
+        )
+        ref_batches = _batches(assets["step_corpus"], ref_tok, ref_tok, sizes, count, device)
+        rates = _rates(
+            {"sakd": (sakd.step, sakd_batches), "reference": (reference.step, ref_batches)},
+            sizes,
+            cfg.train.grad_accum,
+            device,
+        )
+        results[name] = {
+            **rates,
+            "ratio": rates["sakd"]["tokens_per_s"] / rates["reference"]["tokens_per_s"],
+            "sakd_setup": sakd.describe(),
+            "teacher_vocab": len(sakd.teacher_tok),
+            "student_vocab": len(sakd.student_tok),
+            "reference_vocab": len(ref_tok),
+            "tokens_per_batch": round(
+                statistics.mean(int(b["student_attention_mask"].sum()) for b in sakd_batches)
+            ),
+        }
+        del sakd, reference
+    results["cross_vocab"]["reference_note"] = (
+        "no hand-written cross-tokenizer reference exists: the reference is the same-tokenizer reference "
+        "step with the student's tokenizer (teacher of the same architecture, student vocabulary), in "
+        "student tokens"
+    )
+    return results
+
+
+def run_data_bench(assets: dict[str, Path], sizes: StepSizes) -> dict[str, Any]:
+    """Windows/s and tokens/s of dual tokenization + alignment + packing (build_windows) and collation (one
+    epoch of WindowLoader) for the cross-tokenizer pair; tokens are student tokens, as in training."""
+    student_tok = load_tokenizer(str(assets["student_b"]), "student")
+    teacher_tok = load_tokenizer(str(assets["teacher_a"]), "teacher")
+    start = time.perf_counter()
+    windows = build_windows([assets["corpus"]], student_tok, teacher_tok, sizes.max_length)
+    packed = time.perf_counter()
+    loader = WindowLoader(
+        windows,
+        sizes.batch_size,
+        seed=0,
+        student_pad_id=student_tok.pad_token_id,
+        teacher_pad_id=teacher_tok.pad_token_id,
+        drop_last=False,
+    )
+    batches = sum(1 for _ in loader)
+    end = time.perf_counter()
+    tokens = sum(len(w.student_ids) for w in windows)
+    return {
+        "windows": len(windows),
+        "batches": batches,
+        "student_tokens": tokens,
+        "teacher_tokens": sum(len(w.teacher_ids) for w in windows),
+        "tokenize_align_pack_s": packed - start,
+        "collate_s": end - packed,
+        "windows_per_s": len(windows) / (end - start),
+        "tokens_per_s": tokens / (end - start),
+        "collate_tokens_per_s": tokens / max(end - packed, 1e-9),
+    }
