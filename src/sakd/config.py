@@ -17,6 +17,7 @@ from sakd.curriculum import CurriculumSpec
 from sakd.errors import UserError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+CACHE_UNAVAILABLE_LOSSES = ("feature", "attention", "router", "balance", "layerwise", "contrastive")
 
 
 class Section(BaseModel):
@@ -48,6 +49,13 @@ class ModelSpec(Section):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
+
+
+class TeacherSpec(ModelSpec):
+    cache: str | None = None
+    """Folder of a teacher cache (`sakd cache-teacher`): train from its stored top-k distributions instead of
+    running the teacher, which is then not loaded (only its tokenizer is). The losses that need the teacher's
+    hidden states or attention (feature, attention, router, balance, layerwise, contrastive) are unavailable."""
 
 
 class StudentSpec(ModelSpec):
@@ -141,7 +149,7 @@ class TrainConfig(Section):
 
 
 class Config(Section):
-    teacher: ModelSpec | None = None
+    teacher: TeacherSpec | None = None
     """The teacher; without it the student trains on the LM loss alone (the baseline)."""
     student: StudentSpec
     data: DataConfig
@@ -153,8 +161,19 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
+        problems = []
         if self.train.warmup_steps > self.train.max_steps:
-            raise ValueError("train.warmup_steps exceeds train.max_steps")
+            problems.append("train.warmup_steps exceeds train.max_steps")
+        if self.teacher is not None and self.teacher.cache:
+            weights = self.curriculum.weights
+            need_teacher = [k for k in CACHE_UNAVAILABLE_LOSSES if getattr(weights, k) > 0]
+            if need_teacher:
+                problems.append(
+                    f"teacher.cache holds no teacher hidden states or attention: set curriculum.weights."
+                    f"{{{','.join(need_teacher)}}} to 0 or drop teacher.cache"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -30,8 +30,11 @@ def test_cross_vocab_training_with_padded_model_vocabularies(assets, base_config
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / name)
         AutoTokenizer.from_pretrained(assets[name]).save_pretrained(tmp_path / name)
-    raw = {**base_config, "teacher": {"model": str(tmp_path / "teacher")},
-           "student": {"model": str(tmp_path / "student")}}
+    raw = {
+        **base_config,
+        "teacher": {"model": str(tmp_path / "teacher")},
+        "student": {"model": str(tmp_path / "student")},
+    }
     summary = train(validate(raw))
     assert summary["objective"] == "cross-vocabulary projection" and summary["skipped_steps"] == 0
     assert summary["eval"]["kd"] > 0

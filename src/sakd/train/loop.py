@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, parse_flag_from_env, set_seed
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from tqdm.auto import tqdm
 
+from sakd.cache.training import open_training_cache, teacher_skeleton
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
 from sakd.data.corpus import build_windows
@@ -108,9 +109,12 @@ def curriculum_point(cfg: Config, step: int) -> CurriculumPoint:
 
 
 def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[str, Any]:
-    out = rundir.prepare(cfg, resume, force)
+    # The first PartialState decides the backend: without ACCELERATE_USE_CPU, torchrun's CPU workers
+    # would each train alone.
+    distributed = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    out = rundir.prepare(cfg, resume, force, distributed.num_processes)
     tc = cfg.train
-    precision = resolve_precision(tc.precision, PartialState().device)
+    precision = resolve_precision(tc.precision, distributed.device)
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
     main = accelerator.is_main_process
     set_seed(tc.seed)
@@ -134,10 +138,20 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             f"batch ({per_step}): add data or lower train.batch_size / data.max_length"
         )
 
-    teacher = None
+    teacher = cached = None
     full = cfg.curriculum.weights
     needs_maps = cfg.teacher is not None and full.attention > 0
-    if cfg.teacher:
+    if cfg.teacher and cfg.teacher.cache:  # the cache replaces the teacher, which is not loaded
+        cached = open_training_cache(
+            cfg.teacher.cache,
+            windows,
+            cfg.data.train,
+            cfg.data.max_length,
+            cfg.teacher.model,
+            student_tok,
+            teacher_tok,
+        )
+    elif cfg.teacher:
         teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
         attn = attention_implementation(needs_maps, cfg.teacher.attn_implementation)
         teacher = freeze(load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), attn))
@@ -154,9 +168,13 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     student.train()
     heads = sources = None
     aux_names = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
-    if teacher is not None and any(getattr(full, k) > 0 for k in aux_names):
+    if (teacher is not None or cached is not None) and any(getattr(full, k) > 0 for k in aux_names):
         heads, sources = build_heads(
-            student, teacher, cfg.router, cfg.distill.layer_map, cfg.distill.layerwise_pairs
+            student,
+            teacher if teacher is not None else teacher_skeleton(cfg.teacher.model),
+            cfg.router,
+            cfg.distill.layer_map,
+            cfg.distill.layerwise_pairs,
         )
         heads.to(accelerator.device)
     objective = DistillObjective(
@@ -170,6 +188,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         sources,
         cfg.distill.attention_loss,
         cfg.distill.contrastive_temperature,
+        cached=cached is not None,
     )
     groups = _param_groups(student, tc.weight_decay)
     if heads is not None:
@@ -188,12 +207,24 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         student_pad_id=student_tok.pad_token_id,
         teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
     )
+    if cached is not None:
+        loader = cached.batches(loader)
     state = LoopState()
     ckpt_root = out / "checkpoints"
 
-    def save(tag: str = "") -> Path:
+    def save(tag: str = "", collective: bool = True) -> Path:
         path = save_checkpoint(
-            ckpt_root, accelerator, student, heads, optimizer, scheduler, ema, loader, state, tc.keep_last
+            ckpt_root,
+            accelerator,
+            student,
+            heads,
+            optimizer,
+            scheduler,
+            ema,
+            loader,
+            state,
+            tc.keep_last,
+            collective,
         )
         if main:
             log.info("checkpoint%s saved: %s", tag, path)
@@ -233,7 +264,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             )
         return result
 
-    desc = "distilling" if teacher is not None else "training (LM only)"
+    desc = "distilling" if teacher is not None or cached is not None else "training (LM only)"
     bar = tqdm(total=tc.max_steps, initial=state.step, desc=desc, disable=not (main and tc.progress))
     last_eval: dict[str, Any] | None = None
     interval = _Interval()
@@ -285,9 +316,10 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                 )
                 state.tokens_seen += tokens
                 state.elapsed_s = elapsed_at_start + time.perf_counter() - t_segment
+                loss_sum, parts_sum = _global_losses(loss_sum, parts_sum, accelerator)
                 if not stepped:
                     state.skipped_steps += 1
-                    ids = [int(i) for b in batches for i in b["window_index"]]
+                    ids = _window_ids(batches, accelerator)
                     state.skipped_batches = (state.skipped_batches + [[state.step, *ids]])[-100:]
                     if main:
                         writer.log(
@@ -327,7 +359,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                     and state.step < tc.max_steps
                 ):
                     last_eval = evaluate()
-                    if _early_stop(state, last_eval, tc):
+                    if _agree_max(int(_early_stop(state, last_eval, tc)), accelerator):
                         stop_reason = "early stop"
                 if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
                     save()
@@ -349,10 +381,11 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                 raise
             if state.step > 0:
                 try:
-                    # Back to the last step boundary, so that the checkpoint matches the weights.
+                    # Back to the last step boundary, so that the checkpoint matches the weights. The other
+                    # processes may be dead or stuck in a collective: the main process saves alone.
                     loader.load_state_dict(boundary[0])
                     checkpoint.set_rng_state(boundary[1])
-                    save(" (emergency)")
+                    save(" (emergency)", collective=False)
                 except Exception:  # the original failure matters more than a failed emergency save
                     log.exception("emergency checkpoint failed")
             raise
@@ -370,6 +403,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         "elapsed_s": round(state.elapsed_s, 2),
         "stop_reason": stop_reason or "max_steps",
         "objective": objective.kind,
+        "teacher_cache": cached.coverage if cached is not None else None,
         "final": export,
         "eval": final_eval,
         "last_periodic_eval": last_eval,
@@ -420,6 +454,31 @@ def _global_sum(value: int, accelerator: Accelerator) -> int:
     if accelerator.num_processes == 1:
         return value
     return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
+
+
+# Batch-level loss parts are per-process means (averaged by DDP); the token-level ones are shares of sums over
+# all processes.
+_BATCH_LEVEL_PARTS = ("balance", "contrastive")
+
+
+def _global_losses(
+    loss: torch.Tensor, parts: dict[str, torch.Tensor], accelerator: Accelerator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's loss and parts over all processes, for the logs: each process's loss is scaled by the number
+    of processes (DDP averages gradients), so the global loss is the mean; token-level parts are summed."""
+    n = accelerator.num_processes
+    if n == 1:
+        return loss, parts
+    names = sorted(parts)
+    total = accelerator.reduce(torch.stack([loss.float(), *(parts[k].float() for k in names)]), "sum")
+    global_parts = {k: total[i + 1] / (n if k in _BATCH_LEVEL_PARTS else 1) for i, k in enumerate(names)}
+    return total[0] / n, global_parts
+
+
+def _window_ids(batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> list[int]:
+    """The windows of a step on every process (in rank order): the identity of a skipped step."""
+    ids = [int(i) for b in batches for i in b["window_index"]]
+    return ids if accelerator.num_processes == 1 else gather_object(ids)
 
 
 def _agree_max(value: int, accelerator: Accelerator) -> int:
@@ -544,14 +603,20 @@ def evaluate_student(student, teacher, objective, batches, point, accelerator, e
 
 
 def save_checkpoint(
-    root, accelerator, student, heads, optimizer, scheduler, ema, loader, state, keep_last
+    root, accelerator, student, heads, optimizer, scheduler, ema, loader, state, keep_last, collective=True
 ) -> Path:
-    """Every process writes its RNG state; the main process writes the rest. Never the teacher."""
-    accelerator.wait_for_everyone()
+    """Every process writes its RNG state; the main process writes the rest. Never the teacher.
+    Without `collective` (an emergency save after an exception) the main process writes it alone, with its
+    own RNG state only; the other processes write nothing."""
+    final = root / checkpoint.step_dir_name(state.step)
+    if not collective and not accelerator.is_main_process:
+        return final
+    sync = accelerator.wait_for_everyone if collective else lambda: None
+    sync()
     tmp = root / f".tmp-{checkpoint.step_dir_name(state.step)}"
     if accelerator.is_main_process:
         tmp = checkpoint.begin(root, state.step)
-    accelerator.wait_for_everyone()
+    sync()
     torch.save(checkpoint.rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_safetensors_model(unwrap(student), str(tmp / "student.safetensors"))
@@ -566,15 +631,15 @@ def save_checkpoint(
                 "loader": loader.state_dict(),
                 "loop": asdict(state),
                 "num_processes": accelerator.num_processes,
+                "global_batch": loader.batch_size * loader.world_size,
             },
             tmp / "training_state.pt",
         )
-    accelerator.wait_for_everyone()
-    final = root / checkpoint.step_dir_name(state.step)
+    sync()
     if accelerator.is_main_process:
         keep = max(keep_last, 1)
         final = checkpoint.commit(root, tmp, state.step, keep, {"num_processes": accelerator.num_processes})
-    accelerator.wait_for_everyone()
+    sync()
     return final
 
 
@@ -592,7 +657,7 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
         load_safetensors_model(heads, str(path / "heads.safetensors"))
     saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     try:
-        loader.load_state_dict(saved["loader"])
+        loader.load_state_dict(saved["loader"], saved.get("global_batch"))
     except ValueError as e:
         raise UserError(
             f"cannot resume from '{path}': {e}: restore them, or start a new run in another output_dir"
@@ -606,6 +671,8 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
     for k, v in saved["loop"].items():
         setattr(state, k, v)
     rng = path / f"rng-rank{accelerator.process_index}.pt"
+    if not rng.exists():  # saved by fewer processes: set_seed gave every process rank 0's generators
+        rng = path / "rng-rank0.pt"
     if rng.exists():
         checkpoint.set_rng_state(torch.load(rng, weights_only=False))
 

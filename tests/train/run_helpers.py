@@ -1,0 +1,174 @@
+"""Helpers for the fault-tolerance tests: the real CLI in a subprocess, metrics records, checkpoint contents
+and bit-for-bit comparisons of two checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sakd.train import loop as loop_module
+
+
+def on_teacher_forward(monkeypatch, action=None) -> dict[str, int]:
+    """Count the teacher's forward passes (through a hook on its decoder, whatever calls it) and call
+    `action(n, output)` after the n-th (1-based); a returned value replaces the decoder's output."""
+    real = loop_module.load_model
+    calls = {"n": 0}
+
+    def hook(_module, _args, output):
+        calls["n"] += 1
+        return action(calls["n"], output) if action is not None else None
+
+    def loading(ref, role, *args, **kwargs):
+        model = real(ref, role, *args, **kwargs)
+        if role == "teacher":
+            model.base_model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(loop_module, "load_model", loading)
+    return calls
+
+
+def capture_models(monkeypatch) -> dict[str, torch.nn.Module]:
+    """The teacher and student models the training loop loads, by role."""
+    real = loop_module.load_model
+    models = {}
+
+    def capturing(ref, role, *args, **kwargs):
+        models[role] = real(ref, role, *args, **kwargs)
+        return models[role]
+
+    monkeypatch.setattr(loop_module, "load_model", capturing)
+    return models
+
+
+def write_yaml(raw: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+class CLIRun:
+    """`sakd train` in a subprocess, its output in files (a pipe could fill up and block it)."""
+
+    def __init__(self, config: Path, *args: str, logs: Path):
+        self.stdout_path = logs.with_suffix(".out")
+        self.stderr_path = logs.with_suffix(".err")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sakd", "train", str(config), *args], stdout=out, stderr=err, env=env
+            )
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def wait_for(self, path: Path, timeout: float = 600) -> None:
+        """Until `path` exists; fails if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"sakd train ended (status {self.proc.returncode}) before {path} existed:\n{self.stderr}"
+                )
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"{path} did not appear within {timeout} s")
+            time.sleep(0.02)
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 600) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+def records(run: Path, event: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == event]
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:06d}"
+
+
+TIED = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def with_tied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Both names of the tied embedding / LM head (a file stores one of them)."""
+    for a, b in (TIED, TIED[::-1]):
+        if a in weights and b not in weights:
+            weights[b] = weights[a]
+    return weights
+
+
+def student_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Copies (load_file may map the file, and a test that damages it must keep the values it read), with
+    both names of the tied embedding."""
+    return with_tied({k: v.clone() for k, v in load_file(str(ckpt / "student.safetensors")).items()})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file (e.g. final/model.safetensors) with both names of the tied embedding."""
+    return with_tied({k: v.clone() for k, v in load_file(str(path)).items()})
+
+
+def training_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+
+
+def assert_tensors_equal(a, b, where: str = "") -> None:
+    """Nested dicts / lists of tensors, arrays and plain values, equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            assert_tensors_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_tensors_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_state(ckpt: Path, ref: Path) -> None:
+    """Two checkpoints of the same step hold the same files, weights (student and heads), optimizer,
+    scheduler, EMA, data position, counters and RNG states, bit for bit (wall-clock time aside)."""
+    assert {p.name for p in ckpt.iterdir()} == {p.name for p in ref.iterdir()}
+    assert_tensors_equal(student_weights(ckpt), student_weights(ref), "student")
+    if (ref / "heads.safetensors").exists():
+        heads = [load_weights(c / "heads.safetensors") for c in (ckpt, ref)]
+        assert_tensors_equal(heads[0], heads[1], "heads")
+    mine, theirs = training_state(ckpt), training_state(ref)
+    for key in ("optimizer", "scheduler", "ema", "loader", "scaler"):
+        assert_tensors_equal(mine[key], theirs[key], key)
+    for key in ("step", "skipped_steps", "tokens_seen"):
+        assert mine["loop"][key] == theirs["loop"][key], key
+    assert_tensors_equal(
+        torch.load(ckpt / "rng-rank0.pt", weights_only=False),
+        torch.load(ref / "rng-rank0.pt", weights_only=False),
+        "rng",
+    )
