@@ -15,6 +15,7 @@ from run_helpers import (
     records,
     student_weights,
     training_state,
+    with_tied,
 )
 from torch import nn
 
@@ -100,7 +101,7 @@ def test_high_decay_ema_is_not_stuck_at_the_init_in_training(make_raw, dropout_s
     moved = [k for k in final if not torch.equal(final[k], init[k])]
     assert moved
     for k in moved:
-        travelled = (state["ema"]["shadow"][k] - init[k]).norm()
+        travelled = (with_tied(state["ema"]["shadow"])[k] - init[k]).norm()
         assert travelled > 0.5 * (final[k] - init[k]).norm(), k
 
 
@@ -133,7 +134,7 @@ def test_final_holds_the_better_weights_and_says_which(make_raw, small_data, mon
     assert info["bits_per_byte"] == min(evals[-1]["raw"]["bits_per_byte"], evals[-1]["ema"]["bits_per_byte"])
 
     ckpt = checkpoint_dir(run, 3)
-    weights = {"raw": student_weights(ckpt), "ema": training_state(ckpt)["ema"]["shadow"]}
+    weights = {"raw": student_weights(ckpt), "ema": with_tied(training_state(ckpt)["ema"]["shadow"])}
     exported = load_weights(run / "final" / "model.safetensors")
     assert exported and all(v.dtype == torch.float32 for v in exported.values())
     for k, v in exported.items():

@@ -14,9 +14,13 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
-        self.shadow = {
-            k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()
-        }
+        self.shadow: dict[str, torch.Tensor] = {}
+        seen = set()
+        for k, v in model.state_dict().items():
+            # A tied embedding appears under two names with one storage: average it once.
+            if v.is_floating_point() and v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                self.shadow[k] = v.detach().float().clone()
 
     def effective_decay(self) -> float:
         """Grows from 0 towards `decay`: (1 + n) / (10 + n) after n updates, capped at `decay`."""
