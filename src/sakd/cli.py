@@ -13,10 +13,14 @@ from sakd.errors import UserError
 
 def _train(args: argparse.Namespace) -> int:
     from sakd.config import load_config
+    from accelerate import PartialState
+
     from sakd.train.loop import train
 
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, force=args.force)
+    if not PartialState().is_main_process:
+        return 0
     final = summary["final"]
     bpb = (
         f", held-out bits per byte {final['bits_per_byte']:.4f}" if final["bits_per_byte"] is not None else ""
@@ -108,6 +112,17 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from sakd.config import apply_overrides, read_yaml, validate
+    from sakd.plan import estimate, format_plan, parse_size
+
+    memory = parse_size(args.device_memory) if args.device_memory else None
+    cfg = validate(apply_overrides(read_yaml(args.config), args.set), check_files=False)
+    plan = estimate(cfg, args.precision, memory)
+    print(json.dumps(plan.as_dict(), indent=1) if args.format == "json" else format_plan(plan, args.config))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from sakd.bench import main_from_args
 
@@ -188,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probs-dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.set_defaults(func=_cache_teacher)
+    p = sub.add_parser("plan", help="estimate per-device memory and a batch size that fits a device")
+    p.add_argument("config", help="YAML config file (its data files need not exist)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--device-memory", metavar="SIZE", help="e.g. 16GB: suggest batch size and accumulation")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the config's")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=_plan)
     p = sub.add_parser("bench", help="time and peak memory: chunked KD loss, training step, data loading")
     from sakd.bench import add_arguments as add_bench_arguments
 

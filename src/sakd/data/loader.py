@@ -111,7 +111,13 @@ class WindowLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Jump to a saved position (no batches are built for the skipped ones); the saved seed wins."""
+        """Jump to a saved position (no batches are built for the skipped ones); the saved seed wins.
+
+        The position counts global batches, so it carries over between process counts that keep
+        batch_size x world_size. A state with a `global_batch` entry (the global batch it was counted in, as
+        training checkpoints store it) that differs from this loader's is converted through the windows
+        consumed, rounded up so that none is read twice.
+        """
         if state["num_windows"] != len(self.windows):
             raise ValueError(
                 f"the saved data position is for {state['num_windows']} windows, this data gives "
@@ -119,6 +125,9 @@ class WindowLoader:
             )
         self.seed = int(state["seed"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        saved, mine = state.get("global_batch"), self.batch_size * self.world_size
+        if saved is not None and saved != mine:
+            self.batch_in_epoch = -(-self.batch_in_epoch * saved // mine)
         if 0 < self.batches_per_epoch <= self.batch_in_epoch:  # a larger batch size than when saved
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self._order_epoch = None

@@ -628,10 +628,10 @@ def save_checkpoint(
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None,
-                "loader": loader.state_dict(),
+                # the position counts global batches: their size makes it portable
+                "loader": {**loader.state_dict(), "global_batch": loader.batch_size * loader.world_size},
                 "loop": asdict(state),
                 "num_processes": accelerator.num_processes,
-                "global_batch": loader.batch_size * loader.world_size,
             },
             tmp / "training_state.pt",
         )
@@ -657,7 +657,7 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
         load_safetensors_model(heads, str(path / "heads.safetensors"))
     saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     try:
-        loader.load_state_dict(saved["loader"], saved.get("global_batch"))
+        loader.load_state_dict(saved["loader"])
     except ValueError as e:
         raise UserError(
             f"cannot resume from '{path}': {e}: restore them, or start a new run in another output_dir"

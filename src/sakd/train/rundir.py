@@ -46,12 +46,37 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def changed_keys(
+    old: dict[str, Any], new: dict[str, Any], old_processes: int = 1, new_processes: int = 1
+) -> list[str]:
+    """Keys whose change alters the run. What defines it is the global batch, batch_size x processes (the
+    loader's position counts global batches): the per-process batch_size may change with the number of
+    processes as long as their product stays."""
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in HARMLESS_KEYS)
+    key = "train.batch_size"
+    old_batch, new_batch = a.pop(key, None), b.pop(key, None)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in HARMLESS_KEYS)
+    if old_batch is None or new_batch is None or old_batch * old_processes != new_batch * new_processes:
+        if old_processes == new_processes:
+            diff.append(key)
+        else:
+            diff.append(
+                f"{key} x processes (the global batch: was {old_batch} x {old_processes}, "
+                f"now {new_batch} x {new_processes})"
+            )
+        diff.sort()
+    return diff
 
 
-def prepare(cfg: Config, resume: str | None, force: bool) -> Path:
+def saved_processes(out: Path) -> int:
+    """The number of processes of the run segment that last wrote the folder (1 when unknown)."""
+    try:
+        return int(json.loads((out / "environment.json").read_text()).get("num_processes", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
+def prepare(cfg: Config, resume: str | None, force: bool, num_processes: int = 1) -> Path:
     """Check the folder may be used (never write over an existing run unless resuming), then write the
     resolved config. On resume, a config that changes the run is refused unless `force`."""
     out = Path(cfg.output_dir)
@@ -62,7 +87,7 @@ def prepare(cfg: Config, resume: str | None, force: bool) -> Path:
         )
     if saved.exists() and not force:
         old = yaml.safe_load(saved.read_text())
-        if diff := changed_keys(old, cfg.model_dump(mode="json")):
+        if diff := changed_keys(old, cfg.model_dump(mode="json"), saved_processes(out), num_processes):
             raise UserError(
                 f"the config differs from the run being resumed in {', '.join(diff)}: "
                 "restore those values, or pass --force to resume anyway"

@@ -1,0 +1,278 @@
+"""`sakd plan`: the device memory a run needs, per device, and a batch size that fits a given device.
+
+Data parallelism replicates everything, so the estimate is per device whatever the number of processes:
+
+- teacher weights: P_t x bytes of the teacher's dtype (frozen: no gradients, no optimizer state);
+- student: P_s x 16 B (fp32 master weights 4, fp32 gradients 4, AdamW's two moments 8), + 4 B per parameter
+  for the EMA copy when `train.ema_decay` is set, + 2 B per parameter for the 16-bit copies autocast keeps
+  during a forward (mixed precision only); the router and projection heads at 16 B per parameter;
+- student activations kept for backward, per micro-batch of b windows of s tokens:
+  b x s x (L x (A x (10 h + 4 f) + [eager attention] 6 x heads x s) + 8 h) bytes, with A the activation
+  width (2 B in 16-bit autocast, 4 B in fp32). Per layer and token a Llama-style block keeps about ten
+  h-wide tensors (the two norms' inputs and outputs, q/k/v, the attention output, the residual) and four
+  f-wide ones of the gated MLP (gate, up, act(gate), their product); eager attention also keeps the
+  (heads x s) scores and probabilities (6 B: fp32 softmax and its 16-bit copy); sdpa keeps none. 8 h: the
+  embedding output and the final hidden state in fp32;
+- teacher forward (no grad): its final hidden state and the aligned teacher rows, + the knowledge sources
+  (E experts per token) when the router's feature or balance loss is on: b x s x (E + 3) x h_t x bytes;
+- the loss: the chunked loss never holds the (tokens x vocabulary) logits, only one chunk of rows at a time:
+  rows x (4 V_s + 3 V_t) x 4 B (student logits, log-probabilities, their gradient and the teacher's
+  distribution on the student vocabulary; teacher logits, log-probabilities, probabilities), + V_s x h_s x 4
+  for the head gradient accumulated in fp32.
+
+Not counted: the CUDA context and allocator fragmentation (a headroom of 15% of the device is kept free),
+and cuDNN / matmul workspaces. Parameter counts are exact (the models are built on the meta device from
+their configs, no weights are read); the activation formula is an estimate (see tests/distributed/test_plan.py
+for how it compares with a measurement).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sakd.config import Config
+from sakd.errors import UserError
+
+GIB = 1024**3
+HEADROOM = 0.15
+_UNITS = {"": GIB, "b": 1, "k": 1024, "m": 1024**2, "g": GIB, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'16GB', '16 GiB', '12000MB', '16' (GiB) -> bytes. Units are binary (GB = GiB), as GPUs are sold."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if m is None or (m.group(2) == "" and m.group(3) not in (None, "b")):
+        raise UserError(f"device memory '{text}' is not a size: write e.g. 16GB, 16GiB or 12000MB")
+    unit = m.group(2) if m.group(2) or m.group(3) is None else "b"
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class ModelShape:
+    """What the memory estimate needs to know of a model, read from its config."""
+
+    ref: str
+    params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    experts: int = 0
+
+    @staticmethod
+    def read(ref: str, role: str) -> tuple[ModelShape, nn.Module]:
+        """The shape and a meta-device instance (no weights read or allocated) of the model at `ref`."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(ref)
+        except (OSError, ValueError) as e:
+            reason = str(e).splitlines()[0][:160]
+            raise UserError(
+                f"cannot read the {role} config from '{ref}' ({type(e).__name__}: {reason}): give a local "
+                f"folder with a config.json, or run where the hub is reachable"
+            ) from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        text = config.get_text_config()
+        shape = ModelShape(
+            ref=ref,
+            params=sum(p.numel() for p in model.parameters()),
+            hidden=text.hidden_size,
+            intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+            layers=text.num_hidden_layers,
+            heads=text.num_attention_heads,
+            vocab=model.get_output_embeddings().weight.shape[0],
+            experts=getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0,
+        )
+        return shape, model
+
+
+@dataclass
+class Plan:
+    """Bytes per device, by part, for micro-batches of `batch_size` windows of `seq_len` tokens."""
+
+    precision: str
+    batch_size: int
+    seq_len: int
+    parts: dict[str, int]
+    formulas: dict[str, str]
+    per_window: int
+    """Bytes each extra window of a micro-batch adds (activations, teacher forward)."""
+    teacher: ModelShape | None
+    student: ModelShape
+    device_memory: int | None = None
+    suggestion: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+
+def _bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def estimate(cfg: Config, precision: str | None = None, device_memory: int | None = None) -> Plan:
+    """The per-device memory of `cfg` (train.precision unless `precision`; 'auto' counts as 16-bit, what it
+    gives on a GPU), and with `device_memory` the largest micro-batch that fits and the accumulation that
+    keeps the config's windows per optimizer step."""
+    from sakd.models.attention import attention_implementation
+    from sakd.train.objective import build_heads
+
+    precision = precision or cfg.train.precision
+    act = _bytes(precision)
+    full = cfg.curriculum.weights
+    needs_maps = cfg.teacher is not None and full.attention > 0
+    eager = attention_implementation(needs_maps, cfg.student.attn_implementation) == "eager"
+    student, student_model = ModelShape.read(cfg.student.model, "student")
+    teacher = teacher_model = None
+    if cfg.teacher is not None:
+        teacher, teacher_model = ModelShape.read(cfg.teacher.model, "teacher")
+    # With a teacher cache the teacher is not loaded: its top-k distributions are read from disk.
+    runs_teacher = teacher is not None and not getattr(cfg.teacher, "cache", None)
+    s = cfg.data.max_length
+    parts: dict[str, int] = {}
+    formulas: dict[str, str] = {}
+
+    t_bytes = _bytes(cfg.teacher.dtype if cfg.teacher and cfg.teacher.dtype != "auto" else precision)
+    if runs_teacher:
+        parts["teacher weights"] = teacher.params * t_bytes
+        formulas["teacher weights"] = f"{teacher.params:,} params x {t_bytes} B"
+    parts["student weights, grads, AdamW"] = student.params * 16
+    formulas["student weights, grads, AdamW"] = f"{student.params:,} params x 16 B (fp32 4 + 4 + 8)"
+    if cfg.train.ema_decay:
+        parts["student EMA"] = student.params * 4
+        formulas["student EMA"] = f"{student.params:,} params x 4 B"
+    if act == 2:
+        parts["autocast 16-bit weights"] = student.params * 2
+        formulas["autocast 16-bit weights"] = f"{student.params:,} params x 2 B"
+    aux = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
+    if teacher is not None and any(getattr(full, k) > 0 for k in aux):
+        with torch.device("meta"):
+            heads, _ = build_heads(
+                student_model, teacher_model, cfg.router, cfg.distill.layer_map, cfg.distill.layerwise_pairs
+            )
+        head_params = sum(p.numel() for p in heads.parameters())
+        parts["router and projection heads"] = head_params * 16
+        formulas["router and projection heads"] = f"{head_params:,} params x 16 B"
+
+    h, f, layers = student.hidden, student.intermediate, student.layers
+    per_token_layer = act * (10 * h + 4 * f) + (6 * student.heads * s if eager else 0)
+    student_window = s * (layers * per_token_layer + 8 * h)
+    formulas["student activations"] = (
+        f"b x s x (L x ({act} x (10 h + 4 f){' + 6 x heads x s' if eager else ''}) + 8 h) with s={s}, "
+        f"L={layers}, h={h}, f={f}{f', heads={student.heads}' if eager else ''}"
+    )
+    teacher_window = 0
+    if runs_teacher:
+        sources = 0
+        if full.router > 0 or full.balance > 0:
+            sources = teacher.experts or cfg.router.num_sources
+        teacher_window = s * (sources + 3) * teacher.hidden * t_bytes
+        formulas["teacher forward"] = f"b x s x ({sources} sources + 3) x {teacher.hidden} x {t_bytes} B"
+    per_window = student_window + teacher_window
+
+    def batch_parts(batch: int) -> dict[str, int]:
+        rows = min(cfg.distill.chunk_size, batch * s)
+        t_vocab = teacher.vocab if teacher is not None else 0
+        out = {"student activations": batch * student_window}
+        if runs_teacher:
+            out["teacher forward"] = batch * teacher_window
+        out["loss (one chunk)"] = rows * (4 * student.vocab + 3 * t_vocab) * 4 + student.vocab * h * 4
+        return out
+
+    formulas["loss (one chunk)"] = (
+        f"min(chunk_size, b x s) x (4 x {student.vocab} + 3 x {teacher.vocab if teacher else 0}) x 4 B "
+        f"+ {student.vocab} x {h} x 4 B, chunk_size={cfg.distill.chunk_size}"
+    )
+    batch = cfg.train.batch_size
+    plan = Plan(precision, batch, s, {**parts, **batch_parts(batch)}, formulas, per_window, teacher, student)
+    if device_memory is None:
+        return plan
+    plan.device_memory = device_memory
+    usable = int(device_memory * (1 - HEADROOM))
+    fixed = sum(parts.values())
+    fits = [b for b in range(1, 1025) if fixed + sum(batch_parts(b).values()) <= usable]
+    windows_per_step = cfg.train.batch_size * cfg.train.grad_accum
+    if not fits:
+        plan.suggestion = {"fits": False, "advice": _advice(plan, fixed, usable)}
+        return plan
+    best = min(max(fits), windows_per_step)
+    best = 1 << (best.bit_length() - 1)  # a power of two divides the usual batch sizes
+    accum = math.ceil(windows_per_step / best)
+    plan.suggestion = {
+        "fits": True,
+        "batch_size": best,
+        "grad_accum": accum,
+        "windows_per_step": best * accum,
+        "largest_batch_that_fits": max(fits),
+        "total_at_suggestion": fixed + sum(batch_parts(best).values()),
+        "teacher_placement": "replicate" if runs_teacher else None,
+    }
+    return plan
+
+
+def _advice(plan: Plan, fixed: int, usable: int) -> str:
+    tips = []
+    if plan.parts.get("teacher weights", 0) >= 0.5 * usable:
+        tips.append(
+            "the teacher's weights alone take half the device: use teacher.dtype fp16/bf16 if it is fp32, "
+            "or shard it across devices with FSDP / DeepSpeed ZeRO-3 through `accelerate launch "
+            "--config_file` (untested with sakd)"
+        )
+    if "student EMA" in plan.parts:
+        tips.append("train.ema_decay: null saves the EMA copy")
+    tips.append("lower data.max_length or distill.chunk_size")
+    return (
+        f"even one window does not fit: {_size(fixed).strip()} before activations, "
+        f"{_size(usable).strip()} usable; " + "; ".join(tips)
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:8.2f} MiB"
+
+
+def format_plan(plan: Plan, config_path: str) -> str:
+    precision = "auto, counted as 16-bit as on a GPU" if plan.precision == "auto" else plan.precision
+    lines = [
+        f"memory per device for {config_path} ({precision}, micro-batch {plan.batch_size} x "
+        f"{plan.seq_len} tokens; data parallelism holds all of it on every device):"
+    ]
+    width = max(len(k) for k in plan.parts)
+    for name, size in plan.parts.items():
+        lines.append(f"  {name:<{width}}  {_size(size)}   {plan.formulas.get(name, '')}")
+    lines.append(f"  {'total':<{width}}  {_size(plan.total)}")
+    lines.append(f"  each window of a micro-batch adds {_size(plan.per_window).strip()} (activations)")
+    if plan.device_memory is None:
+        lines.append("pass --device-memory (e.g. 16GB) for a batch size that fits")
+        return "\n".join(lines)
+    sug = plan.suggestion
+    head = f"device memory {_size(plan.device_memory).strip()} ({int(HEADROOM * 100)}% kept free): "
+    if not sug["fits"]:
+        lines.append(head + sug["advice"])
+        return "\n".join(lines)
+    placement = (
+        f"; teacher placement: replicate ({_size(plan.parts['teacher weights']).strip()} on every device, "
+        "the only placement sakd implements)"
+        if sug["teacher_placement"]
+        else ""
+    )
+    lines.append(
+        head + f"train.batch_size {sug['batch_size']}, train.grad_accum {sug['grad_accum']} "
+        f"({sug['windows_per_step']} windows per process per optimizer step; the largest micro-batch that "
+        f"fits is {sug['largest_batch_that_fits']}; estimated {_size(sug['total_at_suggestion']).strip()})"
+        + placement
+    )
+    return "\n".join(lines)
