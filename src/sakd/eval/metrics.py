@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from sakd.losses import chunked_head_loss
 from sakd.models.load import capture_final_hidden, lm_head, unwrap
@@ -36,14 +37,16 @@ def lm_metrics(
     side: str = "student",
     device: torch.device | None = None,
     chunk_size: int = 1024,
+    progress: str | None = None,
 ) -> dict[str, float]:
-    """Perplexity and bits per byte of `model` on the `side` ("student"/"teacher") tokens of `batches`."""
+    """Perplexity and bits per byte of `model` on the `side` ("student"/"teacher") tokens of `batches`;
+    `progress`: the description of a progress bar (none when None)."""
     was_training = model.training
     model.eval()
     head = lm_head(unwrap(model))
     nll = nll_text = 0.0
     tokens = nbytes = 0
-    for batch in batches:
+    for batch in tqdm(batches, desc=progress, leave=False, disable=progress is None):
         ids = batch[f"{side}_input_ids"].to(device) if device else batch[f"{side}_input_ids"]
         attn = batch[f"{side}_attention_mask"].to(ids.device)
         labels = batch[f"{side}_labels"].to(ids.device)

@@ -116,7 +116,24 @@ def sparse_teacher_divergence(
         student_logits = student_logits[:, :student_vocab]
         targets = teacher_ids.long()
     else:
-        targets = teacher_to_student.to(teacher_ids.device)[teacher_ids.long()]
+        targets = teacher_to_student.to(teacher_ids.device)[teacher_ids.long()]  # (n, k), -1 unmapped
+    if name == "forward_kl":
+        return _sparse_forward_kl(student_logits, targets, logp, log_tail, temperature)
+    return _bucket_divergence(student_logits, targets, logp, log_tail, temperature, name, beta)
+
+
+def _bucket_divergence(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    temperature: float,
+    name: str,
+    beta: float,
+) -> torch.Tensor:
+    """Any divergence on the k + 1 buckets, laid out densely: (n, W + 1) teacher and student log-probabilities
+    (the student's columns, -inf outside the top-k's, then the tail bucket). targets (n, k) student columns
+    (-1: unmapped), logp (n, k) and log_tail (n,) the teacher's (tempered, unnormalised) buckets."""
     n, width = student_logits.shape
     # Unmapped ids go to one extra column that is then cut off.
     targets = torch.where(targets >= 0, targets, width)
@@ -137,6 +154,50 @@ def sparse_teacher_divergence(
     student_buckets = torch.cat([student.masked_fill(~member, float("-inf")), student_tail[:, None]], dim=-1)
     rows = divergence_from_logprobs(name, student_buckets, teacher_buckets.log(), temperature, beta)
     return torch.where(no_mass, 0.0, rows)
+
+
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x * x.clamp_min(1e-30).log(), 0.0)
+
+
+def _sparse_forward_kl(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """`_bucket_divergence` for forward KL without any (n, W) tensor besides the student's log-softmax:
+    sum_j P_j log P_j + tail log tail - sum_i P_i log q_(t_i) - tail log(1 - sum_(j in S) q_j), with P the
+    projected teacher (duplicate targets add up), S the distinct targets, 1 - sum q in float64 (clamped at
+    1e-12: the tail's log is only that exact when the student leaves more than ~1e-7 outside S)."""
+    n, width = student_logits.shape
+    mapped = targets >= 0
+    mass = torch.where(mapped, logp.exp(), 0.0)  # (n, k) unnormalised teacher mass per top-k entry
+    column = targets.clamp_min(0)
+    sorted_columns, order = targets.masked_fill(~mapped, width).sort(dim=-1)  # unmapped last
+    first = torch.ones_like(mapped)
+    first[:, 1:] = sorted_columns[:, 1:] != sorted_columns[:, :-1]
+    distinct = first & (sorted_columns < width)  # (n, k) the first entry of each distinct student column
+    no_rest = distinct.sum(-1) == width
+    tail = torch.where(no_rest, 0.0, log_tail.exp())
+    total = mass.sum(-1) + tail
+    no_mass = total == 0
+    total = torch.where(no_mass, 1.0, total)
+    segment = (distinct.cumsum(-1) - 1).clamp_min(0)  # unmapped entries (mass 0) join the last segment
+    merged = torch.zeros_like(mass).scatter_add_(1, segment, mass.gather(1, order)) / total[:, None]  # (n, k)
+    tail_p = tail / total
+    entropy_part = _xlogx(merged).sum(-1) + _xlogx(tail_p)  # sum P log P over the buckets
+
+    # log_softmax, not logsumexp: one fused pass each way on CPU (logsumexp is composite there)
+    scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature
+    logq = F.log_softmax(scaled, dim=-1).gather(1, column)  # (n, k)
+    cross = (mass / total[:, None] * logq).sum(-1)
+    logq_sorted = logq.gather(1, order)
+    inside = torch.where(distinct, logq_sorted.exp(), 0.0).double().sum(-1)  # student mass on S
+    log_rest = (1.0 - inside).clamp_min(1e-12).log().float()
+    rows = entropy_part - cross - torch.where(tail_p > 0, tail_p * log_rest, 0.0)
+    return torch.where(no_mass, 0.0, rows * temperature**2)
 
 
 def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:

@@ -249,7 +249,9 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
 
     def evaluate() -> dict[str, Any]:
         point = curriculum_point(cfg, state.step)
-        result = evaluate_student(student, teacher, objective, eval_batches, point, accelerator, ema)
+        result = evaluate_student(
+            student, teacher, objective, eval_batches, point, accelerator, ema, main and tc.progress
+        )
         result["step"] = state.step
         writer.log({"event": "eval", **result})
         if main:
@@ -568,15 +570,22 @@ def _eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[di
 
 
 @torch.no_grad()
-def evaluate_student(student, teacher, objective, batches, point, accelerator, ema) -> dict[str, Any]:
+def evaluate_student(
+    student, teacher, objective, batches, point, accelerator, ema, progress: bool = False
+) -> dict[str, Any]:
     """Held-out bits per byte and perplexity of the raw (and EMA) student, and the distillation loss with the
     same weights as training."""
     model = unwrap(student)
     device = accelerator.device
-    result: dict[str, Any] = {"raw": lm_metrics(model, batches, "student", device, objective.chunk_size)}
+    chunk = objective.chunk_size
+    result: dict[str, Any] = {
+        "raw": lm_metrics(model, batches, "student", device, chunk, "evaluating (raw)" if progress else None)
+    }
     if ema is not None:
         with ema.applied(model):
-            result["ema"] = lm_metrics(model, batches, "student", device, objective.chunk_size)
+            result["ema"] = lm_metrics(
+                model, batches, "student", device, chunk, "evaluating (EMA)" if progress else None
+            )
     if teacher is not None and point.weights["kd"] > 0:
         model.eval()
         moved = [_to(b, device) for b in batches]

@@ -4,6 +4,10 @@ Both models' final hidden states are captured by hooks; the LM heads are applied
 `chunked_head_loss`, so no (tokens x vocabulary) logits of either model exist in full. The auxiliary losses
 (feature, attention, layer-wise, contrastive, router) compare aligned groups; which ones run, and with which
 weights, temperature and top-k, comes from the curriculum point of the current optimizer step.
+
+With a teacher cache (`cached=True`) no teacher runs: batches carry the cached top-k distributions of their
+aligned groups (`sakd.cache`), KD uses `sparse_teacher_divergence`, and of the auxiliary parts only the KD token
+weights remain (their knowledge gap is the same sparse divergence).
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sakd.curriculum import CurriculumPoint
+from sakd.errors import UserError
 from sakd.losses import (
     CROSS_VOCAB_LOSSES,
     build_vocab_mapping,
@@ -34,6 +40,7 @@ from sakd.losses.auxiliary import (
     layerwise_loss,
     pooled_groups,
 )
+from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
 from sakd.models.attention import capture_attentions
 from sakd.models.experts import knowledge_sources
 from sakd.models.load import capture_final_hidden, lm_head, unwrap
@@ -130,8 +137,10 @@ class DistillObjective:
         sources=None,
         attention_loss: str = "kl",
         contrastive_temperature: float = 0.1,
+        cached: bool = False,
     ):
         self.chunk_size = chunk_size
+        self.cached = cached
         self.heads = heads
         self.sources = sources
         self.attention_loss = attention_loss
@@ -139,7 +148,11 @@ class DistillObjective:
         self._kd = None
         self.mapping = None
         self.kind = "LM only"
-        if teacher_tokenizer is not None:
+        if teacher_tokenizer is not None and cached:
+            self._kd = self._cached_kd(
+                teacher_tokenizer, student_tokenizer, divergence_name, jsd_beta, cross_vocab
+            )
+        elif teacher_tokenizer is not None:
             if same_vocabulary(teacher_tokenizer, student_tokenizer):
                 self._kd = partial(_same_vocab_kd, len(student_tokenizer), divergence_name, jsd_beta)
                 self.kind = f"same-vocabulary {divergence_name}"
@@ -151,8 +164,32 @@ class DistillObjective:
                 self._kd = partial(CROSS_VOCAB_LOSSES[cross_vocab], **kwargs)
                 self.kind = f"cross-vocabulary {cross_vocab}"
 
+    def _cached_kd(self, teacher_tokenizer, student_tokenizer, divergence_name, jsd_beta, cross_vocab):
+        sparse = partial(
+            sparse_teacher_divergence,
+            name=divergence_name,
+            beta=jsd_beta,
+            teacher_vocab_size=len(teacher_tokenizer),
+        )
+        if same_vocabulary(teacher_tokenizer, student_tokenizer):
+            self.kind = f"same-vocabulary {divergence_name} (cached top-k teacher)"
+            return partial(sparse, student_vocab=len(student_tokenizer))
+        if cross_vocab != "projection":
+            raise UserError(
+                f"a cached teacher supports the cross-vocabulary projection only (its top-k cannot be sorted "
+                f"for {cross_vocab}): set distill.cross_vocab=projection, or drop teacher.cache"
+            )
+        if divergence_name == "reverse_kl" or (divergence_name == "jsd" and jsd_beta == 1.0):
+            raise UserError(
+                "reverse KL against a projected teacher is infinite: use forward_kl, jsd with beta < 1, or tvd"
+            )
+        self.mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
+        self.kind = f"cross-vocabulary projection {divergence_name} (cached top-k teacher)"
+        return partial(sparse, teacher_to_student=self.mapping.teacher_to_student)
+
     def kd_fn(self, temperature: float):
-        """Per-row KD at `temperature`: (student logits (n, V_s), teacher logits (n, V_t)) -> (n,)."""
+        """Per-row KD at `temperature`: (student logits (n, V_s), teacher logits (n, V_t)) -> (n,); with a
+        cache (student logits, teacher ids (n, k), probs (n, k), tail (n,)) -> (n,)."""
         return None if self._kd is None else partial(self._kd, temperature=temperature)
 
     def __call__(
@@ -170,8 +207,9 @@ class DistillObjective:
         (balance, contrastive) are means divided by `micro_batches`. Returns (loss, unweighted parts)."""
         w = point.weights
         labels = batch["student_labels"]  # (B, Ls)
-        use_kd = teacher is not None and self._kd is not None and w["kd"] > 0
-        aux = self.heads is not None and teacher is not None
+        has_teacher = teacher is not None or self.cached
+        use_kd = has_teacher and self._kd is not None and w["kd"] > 0
+        aux = self.heads is not None and has_teacher
         need_attention = aux and w["attention"] > 0
         need_layers = aux and w["layerwise"] > 0
         need_sources = aux and (w["router"] > 0 or w["balance"] > 0)
@@ -194,16 +232,19 @@ class DistillObjective:
         rows = labels != -100  # (B, Ls)
 
         t_pass = None
-        if use_kd or need_groups or need_attention or need_layers:
+        if not self.cached and (use_kd or need_groups or need_attention or need_layers):
             t_pass = self.teacher_pass(
                 teacher, batch, self.sources if need_sources else None, need_attention, need_layers
             )
-        if use_kd:
+        if use_kd and self.cached:
+            kd_rows, teacher_rows = self.aligned_cached_rows(batch, rows)
+        elif use_kd:
             kd_rows, t_rows = self.aligned_teacher_rows(batch, t_pass.hidden)
+            teacher_rows = [t_rows[rows]]
             t_head = lm_head(unwrap(teacher))
         else:
             kd_rows = torch.zeros_like(rows)
-            t_rows = hidden.new_zeros((*rows.shape, 1))
+            teacher_rows = [hidden.new_zeros((*rows.shape, 1))[rows]]
         kd_mask = kd_rows[rows]  # (N,) in (b, position) order == the (b, group) order of align_mask
         kd_weight = torch.ones(kd_mask.shape, device=hidden.device)
 
@@ -213,8 +254,11 @@ class DistillObjective:
             mask = batch["align_mask"]  # (B, G)
             num_groups = mask.shape[1]
             s_groups, _ = group_mean(hidden, batch["student_group"], num_groups)  # (B, G, Hs)
-            t_groups, _ = group_mean(t_pass.hidden, batch["teacher_group"], num_groups)  # (B, G, Ht)
-            if need_sources or need_token_weights:
+            if w["feature"] > 0 or w["contrastive"] > 0:
+                t_groups, _ = group_mean(t_pass.hidden, batch["teacher_group"], num_groups)  # (B, G, Ht)
+            if (need_sources or need_token_weights) and self.cached:
+                gap = self._cached_knowledge_gap(student, batch, hidden, point)
+            elif need_sources or need_token_weights:
                 gap = self._knowledge_gap(student, teacher, batch, hidden, t_pass, point)
             if need_sources:
                 routed = self._route(batch, t_pass, s_groups, gap, point, counts)
@@ -269,9 +313,12 @@ class DistillObjective:
 
         s_head = lm_head(unwrap(student))
         kd = self.kd_fn(point.temperature) if use_kd else None
-        row_loss = make_distill_row_loss(
-            kd, t_head.weight if use_kd else None, t_head.bias if use_kd else None
-        )
+        if self.cached and use_kd:
+            row_loss = make_cached_distill_row_loss(kd)
+        else:
+            row_loss = make_distill_row_loss(
+                kd, t_head.weight if use_kd else None, t_head.bias if use_kd else None
+            )
         part_weights = {"lm": scale * w["lm"] / max(counts.lm, 1)}
         if use_kd:
             part_weights["kd"] = scale * w["kd"] / max(counts.kd, 1)
@@ -279,7 +326,7 @@ class DistillObjective:
             hidden[rows],
             s_head.weight,
             row_loss,
-            [labels[rows], t_rows[rows], kd_mask, kd_weight],
+            [labels[rows], *teacher_rows, kd_mask, kd_weight],
             part_weights,
             chunk_size=self.chunk_size,
             bias=s_head.bias,
@@ -304,6 +351,21 @@ class DistillObjective:
             None if s_head.bias is None else s_head.bias.detach(),
             t_head.bias,
         )
+
+    @torch.no_grad()
+    def _cached_knowledge_gap(self, student, batch, hidden, point) -> torch.Tensor:
+        """`_knowledge_gap` against the cached teacher: the sparse KD per aligned group (N,), detached."""
+        mask = batch["align_mask"]
+        bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+        s_rows = hidden[bi, batch["align_student_pos"][mask]].detach()  # (N, Hs)
+        teacher = [batch[k][mask] for k in ("cache_ids", "cache_probs", "cache_tail")]
+        head, kd = lm_head(unwrap(student)), self.kd_fn(point.temperature)
+        gaps = []
+        for start in range(0, s_rows.shape[0], self.chunk_size):
+            stop = start + self.chunk_size
+            logits = F.linear(s_rows[start:stop].to(head.weight.dtype), head.weight, head.bias).float()
+            gaps.append(kd(logits, *(t[start:stop] for t in teacher)).float())
+        return torch.cat(gaps) if gaps else hidden.new_zeros(0, dtype=torch.float32)
 
     def _route(self, batch, t_pass, s_groups, gap, point, counts):
         """The router on aligned groups: routed-knowledge feature loss, balance, token weights."""
@@ -349,6 +411,35 @@ class DistillObjective:
                 attention=attn.maps[0] if attn is not None else None,
                 hidden_states=result.hidden_states if hidden_states else None,
             )
+
+    @staticmethod
+    def aligned_cached_rows(
+        batch: dict[str, torch.Tensor], rows: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each aligned group's cached teacher distribution at its student position, for the loss rows.
+
+        rows (B, Ls) bool: the student positions that carry a loss. Returns kd_rows (B, Ls) bool and
+        [ids (N, k), probs (N, k), tail (N,)] for the N loss rows (zeros where no group ends)."""
+        b, ls = batch["student_labels"].shape
+        mask = batch["align_mask"]  # (B, G)
+        bi = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]
+        s_pos = batch["align_student_pos"][mask]
+        # slot of each aligned group in the masked (b, g) order, at its student position; -1 elsewhere
+        slot = torch.full((b, ls), -1, dtype=torch.long, device=mask.device)
+        slot[bi, s_pos] = torch.arange(bi.shape[0], device=mask.device)
+        kd_rows = slot >= 0
+        row_slot = slot[rows]  # (N,)
+        found = row_slot >= 0
+        placed = []
+        for key in ("cache_ids", "cache_probs", "cache_tail"):
+            grouped = batch[key][mask]  # (M, ...)
+            if grouped.shape[0] == 0:
+                placed.append(grouped.new_zeros((row_slot.shape[0], *grouped.shape[1:])))
+                continue
+            values = grouped.index_select(0, row_slot.clamp_min(0))  # (N, ...)
+            shape = (-1,) + (1,) * (values.dim() - 1)
+            placed.append(torch.where(found.view(shape), values, torch.zeros((), dtype=values.dtype)))
+        return kd_rows, placed
 
     @staticmethod
     def aligned_teacher_rows(

@@ -1,0 +1,178 @@
+"""`sakd cache-teacher`: run the teacher once over the training windows and store its top-k distributions.
+
+Every teacher position of every training window is stored (not only the aligned positions of the config's
+student): any student tokenizer's aligned positions are teacher positions, so one cache serves them all.
+The windows (hence the teacher's contexts) are the ones training builds for the config's student.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sakd.cache.keys import keyed_windows
+from sakd.cache.store import CacheWriter, capture_settings, vocab_hash
+from sakd.config import Config
+from sakd.data.packing import collate_windows
+from sakd.errors import UserError
+from sakd.models.attention import attention_implementation
+from sakd.models.load import (
+    freeze,
+    lm_head,
+    load_model,
+    load_tokenizer,
+    resolve_precision,
+    unwrap,
+    weights_dtype,
+)
+from sakd.train.objective import DistillObjective
+
+log = logging.getLogger("sakd")
+PROBS_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def cache_path(cfg: Config) -> Path:
+    """Where the teacher cache of a config lives: `teacher.cache`, else `<output_dir>/teacher-cache`."""
+    if cfg.teacher is not None and cfg.teacher.cache:
+        return Path(cfg.teacher.cache).expanduser()
+    return Path(cfg.output_dir) / "teacher-cache"
+
+
+def data_sources(cfg: Config) -> list:
+    return [s if isinstance(s, str) else s.model_dump(mode="json") for s in cfg.data.train]
+
+
+def top_k_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    vocab_size: int,
+    top_k: int,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's next-token distribution at temperature 1 over its tokenizer's ids, top-k only.
+
+    hidden (n, H) final hidden states; weight (V_model, H), bias: the LM head. Returns ids (n, k) int64 and
+    probs (n, k) fp32 (descending), tail (n,) fp32 = 1 - sum of the top-k (0 when k covers the vocabulary).
+    Logits are computed the way the live objective computes them (in the head's dtype, then fp32).
+    """
+    ids, probs, tails = [], [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = hidden[start : start + chunk_size].to(weight.dtype)
+        logits = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
+        p = torch.softmax(logits[:, :vocab_size].float(), dim=-1)  # (n, V)
+        top = p.topk(top_k, dim=-1)
+        tail = (1.0 - top.values.sum(-1)).clamp_min(0.0)
+        if top_k >= vocab_size:
+            tail = torch.zeros_like(tail)
+        ids.append(top.indices)
+        probs.append(top.values)
+        tails.append(tail)
+    if not ids:
+        empty = hidden.new_zeros((0, top_k))
+        return empty.long(), empty.float(), hidden.new_zeros(0).float()
+    return torch.cat(ids), torch.cat(probs), torch.cat(tails)
+
+
+def capture_teacher_cache(
+    cfg: Config,
+    top_k: int = 64,
+    path: str | Path | None = None,
+    batch_size: int | None = None,
+    shard_windows: int = 1024,
+    probs_dtype: str = "float16",
+    device: str | None = None,
+    max_shards: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write (or continue) the teacher cache of `cfg`; returns a summary. `max_shards` stops after writing
+    that many shards (an interrupted capture, for tests); re-running continues with the missing ones."""
+    if cfg.teacher is None:
+        raise UserError("cache-teacher needs a teacher: set teacher.model in the config")
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    if shard_windows < 1:
+        raise UserError(f"--shard-windows must be at least 1, got {shard_windows}")
+    if probs_dtype not in PROBS_DTYPES:
+        raise UserError(f"unknown probability dtype {probs_dtype!r}: choose one of {sorted(PROBS_DTYPES)}")
+    t0 = time.perf_counter()
+    root = Path(path).expanduser() if path else cache_path(cfg)
+    student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
+    teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
+    vocab_size = len(teacher_tok)
+    top_k = min(top_k, vocab_size)
+    keyed = keyed_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
+    windows = keyed.windows
+    settings = capture_settings(cfg.teacher.model, teacher_tok, data_sources(cfg), cfg.data.max_length)
+    layout = {
+        "top_k": top_k,
+        "probs_dtype": probs_dtype,
+        "shard_windows": shard_windows,
+        "num_windows": len(windows),
+        "num_documents": keyed.num_documents,
+        "capture_student_vocab": vocab_hash(student_tok),
+    }
+    num_shards = math.ceil(len(windows) / shard_windows)
+    writer = CacheWriter(root, settings, layout, num_shards)
+    todo = [i for i in range(num_shards) if not writer.done(i)]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+
+    if todo:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = resolve_precision(cfg.train.precision, dev)
+        teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
+        attn = attention_implementation(False, cfg.teacher.attn_implementation)
+        teacher = freeze(load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), attn)).to(dev)
+        head = lm_head(unwrap(teacher))
+        autocast = (
+            torch.autocast(dev.type, dtype=weights_dtype(precision)) if precision != "fp32" else nullcontext()
+        )
+        batch = batch_size or cfg.train.batch_size
+        student_pad, teacher_pad = student_tok.pad_token_id, teacher_tok.pad_token_id
+        total = sum(min(shard_windows, len(windows) - i * shard_windows) for i in todo)
+        bar = tqdm(total=total, desc="caching the teacher", unit="window", disable=not progress)
+        for index in todo:
+            first, end = index * shard_windows, min((index + 1) * shard_windows, len(windows))
+            parts: dict[str, list[torch.Tensor]] = {"ids": [], "probs": [], "tail": []}
+            for start in range(first, end, batch):
+                stop = min(start + batch, end)
+                collated = collate_windows(windows[start:stop], student_pad, teacher_pad)
+                collated = {k: v.to(dev) for k, v in collated.items()}
+                with torch.no_grad(), autocast:
+                    hidden = DistillObjective.teacher_pass(teacher, collated).hidden  # (B, Lt, H)
+                    rows = hidden[collated["teacher_attention_mask"].bool()]  # (n, H), window by window
+                    ids, probs, tail = top_k_rows(
+                        rows, head.weight, head.bias, vocab_size, top_k, cfg.distill.chunk_size
+                    )
+                parts["ids"].append(ids.to(torch.int32).cpu())
+                parts["probs"].append(probs.to(PROBS_DTYPES[probs_dtype]).cpu())
+                parts["tail"].append(tail.float().cpu())
+                bar.update(stop - start)
+            tensors = {k: torch.cat(v) for k, v in parts.items()}
+            keys = np.concatenate([keyed.window_keys(w) for w in range(first, end)])
+            tensors["keys"] = torch.from_numpy(keys)
+            if len(keys) != tensors["ids"].shape[0]:
+                raise RuntimeError(f"shard {index}: {len(keys)} keys for {tensors['ids'].shape[0]} rows")
+            writer.write(index, tensors, (first, end))
+        bar.close()
+    manifest = writer.manifest
+    return {
+        "path": str(root),
+        "complete": manifest["complete"],
+        "shards": len(manifest["shards"]),
+        "num_shards": num_shards,
+        "written_now": len(todo),
+        "rows": sum(s["rows"] for s in manifest["shards"].values()),
+        "windows": len(windows),
+        "top_k": top_k,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

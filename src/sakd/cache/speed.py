@@ -1,0 +1,84 @@
+"""What the teacher cache buys: live vs cached training of one config, same steps, same data order."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from sakd.cache.capture import capture_teacher_cache
+from sakd.config import validate
+
+
+def _bits_per_byte(summary: dict[str, Any]) -> float | None:
+    evaluation = summary.get("eval")
+    return evaluation["raw"]["bits_per_byte"] if evaluation else None
+
+
+def measure_cache_speedup(
+    raw_config: dict[str, Any],
+    workdir: str | Path,
+    top_k: int = 64,
+    steps: int | None = None,
+    repeats: int = 1,
+    probs_dtype: str = "float16",
+) -> dict[str, Any]:
+    """Train `raw_config` (a raw config mapping with a teacher and held-out data) live and from its teacher
+    cache, `repeats` times each (alternating, so that machine noise hits both), for `steps` optimizer steps
+    (default: one epoch of the training windows). Everything is written under `workdir`.
+
+    Returns {"steps", "windows", "top_k", "capture_s" (the one-time teacher pass), "live_s", "cached_s" (loop
+    seconds per run: the training steps only, not loading, tokenization, evaluation or export), "speedup"
+    (median live / median cached), "speedup_range" (slowest and fastest pairing), "live_bpb", "cached_bpb"
+    (held-out bits per byte of the raw weights after the steps, first run of each), "bpb_relative_difference"
+    ((cached - live) / live), "coverage" (the cache's coverage of the student's aligned positions)}.
+    """
+    work = Path(workdir)
+    base = copy.deepcopy(raw_config)
+    base.setdefault("train", {}).update(progress=False, tensorboard=False, eval_every=0, save_every=0)
+    base["teacher"].pop("cache", None)
+    cache_dir = work / "teacher-cache"
+    base["output_dir"] = str(work / "capture")
+    capture = capture_teacher_cache(
+        validate(base), top_k=top_k, path=cache_dir, probs_dtype=probs_dtype, progress=False
+    )
+    if steps is None:
+        per_step = base["train"].get("batch_size", 8) * base["train"].get("grad_accum", 1)
+        steps = max(capture["windows"] // per_step, 1)
+    base["train"]["max_steps"] = steps
+    base["train"]["warmup_steps"] = min(base["train"].get("warmup_steps", 0), steps)
+
+    from sakd.train.loop import train  # the loop imports this package
+
+    runs: dict[str, list[dict[str, Any]]] = {"live": [], "cached": []}
+    for r in range(repeats):
+        for mode in ("live", "cached"):
+            raw = copy.deepcopy(base)
+            raw["output_dir"] = str(work / f"{mode}-{r}")
+            if mode == "cached":
+                raw["teacher"]["cache"] = str(cache_dir)
+            t0 = time.perf_counter()
+            summary = train(validate(raw))
+            summary["wall_s"] = time.perf_counter() - t0
+            runs[mode].append(summary)
+    live = [s["elapsed_s"] for s in runs["live"]]
+    cached = [s["elapsed_s"] for s in runs["cached"]]
+    live_bpb, cached_bpb = _bits_per_byte(runs["live"][0]), _bits_per_byte(runs["cached"][0])
+    return {
+        "steps": steps,
+        "windows": capture["windows"],
+        "top_k": capture["top_k"],
+        "capture_s": capture["seconds"],
+        "live_s": live,
+        "cached_s": cached,
+        "live_wall_s": [round(s["wall_s"], 2) for s in runs["live"]],
+        "cached_wall_s": [round(s["wall_s"], 2) for s in runs["cached"]],
+        "speedup": statistics.median(live) / statistics.median(cached),
+        "speedup_range": [min(live) / max(cached), max(live) / min(cached)],
+        "live_bpb": live_bpb,
+        "cached_bpb": cached_bpb,
+        "bpb_relative_difference": (cached_bpb - live_bpb) / live_bpb if live_bpb and cached_bpb else None,
+        "coverage": runs["cached"][0]["teacher_cache"]["coverage"],
+    }
