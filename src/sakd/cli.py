@@ -12,9 +12,9 @@ from sakd.errors import UserError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sakd.config import load_config
     from accelerate import PartialState
 
+    from sakd.config import load_config
     from sakd.train.loop import train
 
     cfg = load_config(args.config, args.set)
