@@ -53,3 +53,14 @@ def test_bench_quick_writes_every_number(tmp_path, capsys) -> None:
 def test_bench_rejects_bad_sizes(capsys) -> None:
     assert main(["bench", "--quick", "--tokens", "0"]) == 2
     assert "--tokens 0" in capsys.readouterr().err
+
+
+def test_bench_leaves_the_thread_count_as_it_found_it(tmp_path):
+    """Training in the same process after a bench must run as before (bit-exact resume depends on it)."""
+    import torch
+
+    from sakd.cli import main
+
+    before = torch.get_num_threads()
+    assert main(["bench", "--quick", "--output", str(tmp_path / "b.json")]) == 0
+    assert torch.get_num_threads() == before

@@ -417,7 +417,13 @@ def render(result: dict[str, Any]) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    result = run_bench(args)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        result = run_bench(args)
+    finally:  # the bench may pin torch to one thread: leave the caller's setting as it was
+        torch.set_num_threads(threads)
     render(result)
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
