@@ -37,7 +37,7 @@ class DemoSize:
     eval_windows: int
 
 
-FULL = DemoSize(6.0, 0.5, 128, 800, 800, 16, 192, 4, 128, 4, 200)
+FULL = DemoSize(6.0, 0.5, 128, 600, 600, 16, 192, 4, 128, 4, 200)
 QUICK = DemoSize(1.5, 0.25, 128, 200, 200, 8, 128, 2, 64, 2, 64)
 
 
