@@ -230,13 +230,32 @@ def test_sparse_forward_kl_equals_the_bucket_layout(temperature):
     tail = torch.full((n,), 0.2)
     tail[2] = 0.0
     logp, log_tail = probs.log() / temperature, tail.log()
-    fast = _sparse_forward_kl(logits, targets, logp, log_tail, temperature)
+    fast = _sparse_forward_kl(
+        torch.log_softmax(logits / temperature, -1), targets, logp, log_tail, temperature
+    )
     (grad_fast,) = torch.autograd.grad(fast.sum(), logits)
     dense = _bucket_divergence(logits, targets, logp, log_tail, temperature, "forward_kl", 0.5)
     (grad_dense,) = torch.autograd.grad(dense.sum(), logits)
     torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_fast, grad_dense, rtol=1e-4, atol=1e-6)
     assert fast[2] == 0 and (fast[[0, 1, 3, 4]] > 0).all()
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_rows_without_teacher_are_zero_with_finite_gradients(name):
+    """The cached row loss evaluates every row: rows without a teacher (all zeros) must give 0 and finite
+    gradients, and a top-k probability stored as 0 must not make any divergence infinite."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 12, requires_grad=True)
+    ids = torch.tensor([[3, 5, 7], [0, 0, 0], [1, 2, 4], [0, 0, 0]])
+    probs = torch.tensor([[0.5, 0.2, 0.0], [0.0, 0.0, 0.0], [0.3, 0.3, 0.1], [0.0, 0.0, 0.0]])
+    tail = torch.tensor([0.3, 0.0, 0.3, 0.0])
+    rows = sparse_teacher_divergence(
+        logits, ids, probs, tail, 1.0, name=name, teacher_vocab_size=12, student_vocab=12
+    )
+    (grad,) = torch.autograd.grad(rows.sum(), logits)
+    assert rows[1] == 0 and rows[3] == 0 and torch.isfinite(rows).all() and (rows[[0, 2]] > 0).all()
+    assert torch.isfinite(grad).all() and (grad[[1, 3]] == 0).all()
 
 
 def _kd_losses(run: Path) -> list[float]:

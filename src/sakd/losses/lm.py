@@ -17,7 +17,7 @@ from sakd.losses.divergence import divergence_from_logprobs, student_logprobs_at
 IGNORE_INDEX = -100
 
 KDRowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SparseKDRowFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+SparseKDRowFn = Callable[..., torch.Tensor]  # (logits, ids, probs, tail, *, student_logprobs=None) -> (n,)
 
 
 def lm_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -87,6 +87,7 @@ def sparse_teacher_divergence(
     teacher_vocab_size: int,
     student_vocab: int | None = None,
     teacher_to_student: torch.Tensor | None = None,
+    student_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A divergence against a teacher known only by its top-k: ids (n, k), probs (n, k) at temperature 1, and
     the mass of the rest, tail (n,). student_logits (n, W) -> (n,) fp32.
@@ -104,7 +105,8 @@ def sparse_teacher_divergence(
     vocabularies: each top-k token's mass goes to its student id (`teacher_to_student` (V_t,), -1 unmapped: that
     mass is dropped and the rest renormalised, as `projected_teacher_probs` does), the tail is kept as the
     teacher's mass on student tokens outside the projected ids, and every student column takes part. A row
-    with no teacher mass at all gives 0.
+    with no teacher mass at all gives 0. `student_logprobs` (n, W'): log_softmax of all of `student_logits`,
+    when the caller has it (the LM loss does); forward KL at temperature 1 reuses it when W' = W.
     """
     logp = teacher_probs.float().log()  # (n, k), -inf where a probability is 0
     log_tail = teacher_tail.float().log()  # (n,)
@@ -118,7 +120,11 @@ def sparse_teacher_divergence(
     else:
         targets = teacher_to_student.to(teacher_ids.device)[teacher_ids.long()]  # (n, k), -1 unmapped
     if name == "forward_kl":
-        return _sparse_forward_kl(student_logits, targets, logp, log_tail, temperature)
+        width = student_logits.shape[-1]
+        if student_logprobs is None or temperature != 1.0 or student_logprobs.shape[-1] != width:
+            scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature
+            student_logprobs = F.log_softmax(scaled, dim=-1)
+        return _sparse_forward_kl(student_logprobs, targets, logp, log_tail, temperature)
     return _bucket_divergence(student_logits, targets, logp, log_tail, temperature, name, beta)
 
 
@@ -142,9 +148,10 @@ def _bucket_divergence(
     member = member.scatter_(1, targets, True)[:, :width]  # (n, W) the top-k's columns
     no_rest = member.all(-1)  # (n,) the top-k cover every student column: nothing is left for the tail
     tail = torch.where(no_rest, 0.0, log_tail.exp())
-    total = teacher.sum(-1) + tail
-    no_mass = total == 0
-    total = torch.where(no_mass, 1.0, total)
+    no_mass = teacher.sum(-1) + tail == 0
+    # A top-k probability stored as 0 (float16 underflow) would make reverse KL infinite: floor it.
+    teacher = torch.where(member & ~no_mass[:, None], teacher.clamp_min(1e-12), teacher)
+    total = torch.where(no_mass, 1.0, teacher.sum(-1) + tail)
     teacher_buckets = torch.cat([teacher, tail[:, None]], dim=-1) / total[:, None]  # (n, W + 1)
 
     student = student_logprobs_at(student_logits, temperature)  # (n, W)
@@ -152,7 +159,9 @@ def _bucket_divergence(
     rest = torch.where(no_rest[:, None], 0.0, student.masked_fill(member, float("-inf")))
     student_tail = torch.where(no_rest, float("-inf"), torch.logsumexp(rest, dim=-1))  # (n,)
     student_buckets = torch.cat([student.masked_fill(~member, float("-inf")), student_tail[:, None]], dim=-1)
-    rows = divergence_from_logprobs(name, student_buckets, teacher_buckets.log(), temperature, beta)
+    # Rows without a teacher compare the student with itself: 0, with finite gradients for every divergence.
+    teacher_log = torch.where(no_mass[:, None], student_buckets.detach(), teacher_buckets.log())
+    rows = divergence_from_logprobs(name, student_buckets, teacher_log, temperature, beta)
     return torch.where(no_mass, 0.0, rows)
 
 
@@ -161,7 +170,7 @@ def _xlogx(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sparse_forward_kl(
-    student_logits: torch.Tensor,
+    student_logprobs: torch.Tensor,
     targets: torch.Tensor,
     logp: torch.Tensor,
     log_tail: torch.Tensor,
@@ -171,7 +180,7 @@ def _sparse_forward_kl(
     sum_j P_j log P_j + tail log tail - sum_i P_i log q_(t_i) - tail log(1 - sum_(j in S) q_j), with P the
     projected teacher (duplicate targets add up), S the distinct targets, 1 - sum q in float64 (clamped at
     1e-12: the tail's log is only that exact when the student leaves more than ~1e-7 outside S)."""
-    n, width = student_logits.shape
+    width = student_logprobs.shape[-1]
     mapped = targets >= 0
     mass = torch.where(mapped, logp.exp(), 0.0)  # (n, k) unnormalised teacher mass per top-k entry
     column = targets.clamp_min(0)
@@ -189,9 +198,7 @@ def _sparse_forward_kl(
     tail_p = tail / total
     entropy_part = _xlogx(merged).sum(-1) + _xlogx(tail_p)  # sum P log P over the buckets
 
-    # log_softmax, not logsumexp: one fused pass each way on CPU (logsumexp is composite there)
-    scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature
-    logq = F.log_softmax(scaled, dim=-1).gather(1, column)  # (n, k)
+    logq = student_logprobs.gather(1, column)  # (n, k)
     cross = (mass / total[:, None] * logq).sum(-1)
     logq_sorted = logq.gather(1, order)
     inside = torch.where(distinct, logq_sorted.exp(), 0.0).double().sum(-1)  # student mass on S
@@ -204,8 +211,9 @@ def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:
     """A row loss with row_inputs (labels (N,), teacher_ids (N, k), teacher_probs (N, k), teacher_tail (N,),
     kd_mask (N,) bool, kd_weight (N,)): the cached-teacher twin of `make_distill_row_loss`.
 
-    Returns {"lm": CE sum, "kd": sum over kd_mask rows of kd_weight * kd(student_logits (r, V_s) fp32, ids,
-    probs, tail)} with kd e.g. a partial of `sparse_teacher_divergence`; with kd None only "lm".
+    Returns {"lm": CE sum, "kd": sum over kd_mask rows of kd_weight * kd(student_logits (n, V_s) fp32, ids,
+    probs, tail)} with kd e.g. a partial of `sparse_teacher_divergence`, which must give a finite 0 (and
+    finite gradients) on rows without teacher mass (ids, probs, tail all 0); with kd None only "lm".
     """
 
     def row_loss(
@@ -217,15 +225,15 @@ def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:
         kd_mask: torch.Tensor,
         kd_weight: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        parts = lm_row_loss(logits, labels)
         if kd is None:
-            return parts
-        rows = kd_mask.nonzero().squeeze(-1)  # (r,)
-        if rows.numel() == 0:
-            parts["kd"] = logits.new_zeros((), dtype=torch.float32)
-            return parts
-        per_row = kd(logits[rows].float(), teacher_ids[rows], teacher_probs[rows], teacher_tail[rows])
-        parts["kd"] = (kd_weight[rows].float() * per_row).sum()
+            return lm_row_loss(logits, labels)
+        # one log-softmax for both parts (cross_entropy is nll_loss of log_softmax)
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (n, V)
+        parts = {"lm": F.nll_loss(logprobs, labels, ignore_index=IGNORE_INDEX, reduction="sum")}
+        # Every row is evaluated (rows without a teacher, all zeros, give 0): selecting the kd rows would cost
+        # an index copy of the logits and a slow index_put in its backward.
+        per_row = kd(logits, teacher_ids, teacher_probs, teacher_tail, student_logprobs=logprobs)  # (n,)
+        parts["kd"] = torch.where(kd_mask, kd_weight.float() * per_row, 0.0).sum()
         return parts
 
     return row_loss
