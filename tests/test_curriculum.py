@@ -194,3 +194,16 @@ def test_defaults_are_the_measured_winner():
     point = curriculum_at(0.0, CurriculumSpec())
     assert {name for name, w in point.weights.items() if w > 0} == {"kd", "lm"}
     assert curriculum_at(1.0, CurriculumSpec()).weights == point.weights
+
+
+def test_progress_bar_shows_the_phase_only_when_phases_train_differently():
+    from types import SimpleNamespace
+
+    from sakd.train.loop import _phases_differ
+
+    def cfg(spec):
+        return SimpleNamespace(curriculum=spec)
+
+    assert not _phases_differ(cfg(CurriculumSpec()))  # plain KD: the phase changes nothing
+    assert _phases_differ(cfg(SPEC))
+    assert _phases_differ(cfg(CurriculumSpec(temperature_start=3.0, temperature_end=1.0)))

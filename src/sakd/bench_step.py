@@ -15,7 +15,6 @@ student's vocabulary), counted in student tokens like the sakd step.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -35,16 +34,11 @@ from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.demo import stdlib_files
 from sakd.errors import UserError
-from sakd.models.attention import attention_implementation
-from sakd.models.load import freeze, load_model, load_tokenizer, unwrap, weights_dtype
+from sakd.models.load import load_tokenizer
 from sakd.models.tiny import dense_student_config, moe_teacher_config, train_tokenizer
-from sakd.train.ema import EMA
-from sakd.train.loop import _all_finite, _average_gradients, _global_counts, _param_groups, _to
-from sakd.train.objective import DistillObjective, TokenCounts, build_heads
-from sakd.train.schedule import make_scheduler
+from sakd.train.step import build_training, to_device, train_step
 
 MAX_STEP_BATCHES = 16
-AUX_LOSSES = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
 
 
 @dataclass(frozen=True)
@@ -157,94 +151,31 @@ def _sync(device: torch.device) -> None:
 
 
 class SakdStep:
-    """The set-up and the optimizer step of `train()` (without logging, evaluation and checkpoints)."""
+    """The set-up and the optimizer step of `train()` (`build_training` / `train_step`), without logging,
+    evaluation and checkpoints, at one fixed curriculum point."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, precision: str, point: CurriculumPoint):
-        tc = self.tc = cfg.train
-        self.accelerator, self.point = accelerator, point
-        set_seed(tc.seed)
+        self.point = point
+        set_seed(cfg.train.seed)
         self.student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
         self.teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
-        full = cfg.curriculum.weights
-        needs_maps = full.attention > 0
-        teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
-        self.attn = attention_implementation(needs_maps, cfg.teacher.attn_implementation)
-        teacher = load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), self.attn)
-        self.teacher = freeze(teacher).to(accelerator.device)
-        student = load_model(
-            cfg.student.model,
-            "student",
-            torch.float32,
-            attention_implementation(needs_maps, cfg.student.attn_implementation),
-            random_init=cfg.student.init == "random",
-            seed=tc.seed,
-        )
-        student.train()
-        self.heads = sources = None
-        if any(getattr(full, k) > 0 for k in AUX_LOSSES):
-            self.heads, sources = build_heads(
-                student, self.teacher, cfg.router, cfg.distill.layer_map, cfg.distill.layerwise_pairs
-            )
-            self.heads.to(accelerator.device)
-        self.objective = DistillObjective(
-            self.teacher_tok,
-            self.student_tok,
-            cfg.distill.divergence,
-            cfg.distill.jsd_beta,
-            cfg.distill.cross_vocab,
-            cfg.distill.chunk_size,
-            self.heads,
-            sources,
-            cfg.distill.attention_loss,
-            cfg.distill.contrastive_temperature,
-        )
-        groups = _param_groups(student, tc.weight_decay)
-        if self.heads is not None:
-            groups.append(
-                {"params": list(self.heads.parameters()), "weight_decay": 0.0, "lr": cfg.router.lr or tc.lr}
-            )
-        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False)
-        self.scheduler = make_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-        self.student, self.optimizer = accelerator.prepare(student, optimizer)
-        self.ema = EMA(unwrap(self.student), tc.ema_decay) if tc.ema_decay else None
+        self.training = build_training(cfg, accelerator, precision, self.student_tok, self.teacher_tok)
+        self.teacher = self.training.teacher
 
     def describe(self) -> dict[str, Any]:
+        t = self.training
         return {
-            "objective": self.objective.kind,
-            "attention": self.attn,
-            "heads": self.heads is not None,
-            "ema": self.ema is not None,
+            "objective": t.objective.kind,
+            "attention": t.attention,
+            "heads": t.heads is not None,
+            "ema": t.ema is not None,
             "phase": self.point.phase,
             "active_losses": sorted(k for k, v in self.point.weights.items() if v > 0),
         }
 
     def step(self, batches: list[dict[str, torch.Tensor]]) -> int:
         """One optimizer step over `grad_accum` micro-batches; returns the student tokens it saw."""
-        accelerator, objective, point = self.accelerator, self.objective, self.point
-        counts = _global_counts(TokenCounts.of(batches), accelerator)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for batch in batches:
-            with accelerator.autocast():
-                loss, _parts = objective(
-                    self.student, self.teacher, batch, point, counts, accelerator.num_processes, len(batches)
-                )
-            accelerator.backward(loss)
-            loss_sum += loss.detach()
-        if self.heads is not None:
-            _average_gradients(self.heads, accelerator)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = accelerator.clip_grad_norm_(params, self.tc.max_grad_norm or math.inf)
-        stepped = False
-        if _all_finite(loss_sum, grad_norm, accelerator):
-            self.optimizer.step()
-            stepped = not accelerator.optimizer_step_was_skipped
-        elif accelerator.scaler is not None:
-            self.optimizer.step()  # the GradScaler skips it and lowers its scale
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if stepped and self.ema is not None:
-            self.ema.update(unwrap(self.student))
-        return sum(int(b["student_attention_mask"].sum()) for b in batches)
+        return train_step(self.training, batches, self.point).tokens
 
 
 class ReferenceStep:
@@ -311,7 +242,7 @@ def _batches(corpus: Path, student_tok, teacher_tok, sizes: StepSizes, count: in
         student_pad_id=student_tok.pad_token_id,
         teacher_pad_id=teacher_tok.pad_token_id,
     )
-    return [_to(loader.next_batch(), device) for _ in range(count)]
+    return [to_device(loader.next_batch(), device) for _ in range(count)]
 
 
 def _rates(

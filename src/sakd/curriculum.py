@@ -18,7 +18,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LOSS_NAMES = (
-    "kd", "lm", "feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting"
+    "kd",
+    "lm",
+    "feature",
+    "attention",
+    "router",
+    "balance",
+    "layerwise",
+    "contrastive",
+    "token_weighting",
 )
 
 
@@ -30,8 +38,15 @@ class _Section(BaseModel):
 # auxiliary losses are O(1) by construction (rows in [0, 4]); the balance loss is >= 1 with its minimum at
 # uniform routing, hence its small weight (as in Switch).
 ALL_LOSSES_ON = {
-    "kd": 1.0, "lm": 1.0, "feature": 0.5, "attention": 0.5, "router": 0.5, "balance": 0.01,
-    "layerwise": 0.5, "contrastive": 0.1, "token_weighting": 1.0,
+    "kd": 1.0,
+    "lm": 1.0,
+    "feature": 0.5,
+    "attention": 0.5,
+    "router": 0.5,
+    "balance": 0.01,
+    "layerwise": 0.5,
+    "contrastive": 0.1,
+    "token_weighting": 1.0,
 }
 ALL_LOSSES_PHASES = {"token_weighting": 3}
 

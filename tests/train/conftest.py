@@ -16,7 +16,7 @@ from run_helpers import CLIRun
 
 from sakd.config import validate
 from sakd.models import load as load_module
-from sakd.train import loop as loop_module
+from sakd.train import step as step_module
 from sakd.train.loop import train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -86,7 +86,7 @@ def reference_run(tmp_path_factory) -> Callable[[dict], Path]:
     def run(raw: dict) -> Path:
         key = json.dumps({k: v for k, v in raw.items() if k != "output_dir"}, sort_keys=True)
         if key not in cache:
-            assert loop_module.load_model is load_module.load_model, "a reference run under a test's patches"
+            assert step_module.load_model is load_module.load_model, "a reference run under a test's patches"
             ref = copy.deepcopy(raw)
             ref["output_dir"] = str(tmp_path_factory.mktemp("reference") / "run")
             summary = train(validate(ref))

@@ -16,13 +16,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sakd.train import loop as loop_module
+from sakd.train import step as step_module
 
 
 def on_teacher_forward(monkeypatch, action=None) -> dict[str, int]:
     """Count the teacher's forward passes (through a hook on its decoder, whatever calls it) and call
     `action(n, output)` after the n-th (1-based); a returned value replaces the decoder's output."""
-    real = loop_module.load_model
+    real = step_module.load_model
     calls = {"n": 0}
 
     def hook(_module, _args, output):
@@ -35,20 +35,20 @@ def on_teacher_forward(monkeypatch, action=None) -> dict[str, int]:
             model.base_model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(loop_module, "load_model", loading)
+    monkeypatch.setattr(step_module, "load_model", loading)
     return calls
 
 
 def capture_models(monkeypatch) -> dict[str, torch.nn.Module]:
     """The teacher and student models the training loop loads, by role."""
-    real = loop_module.load_model
+    real = step_module.load_model
     models = {}
 
     def capturing(ref, role, *args, **kwargs):
         models[role] = real(ref, role, *args, **kwargs)
         return models[role]
 
-    monkeypatch.setattr(loop_module, "load_model", capturing)
+    monkeypatch.setattr(step_module, "load_model", capturing)
     return models
 
 

@@ -20,7 +20,7 @@ from run_helpers import (
 from torch import nn
 
 from sakd.config import validate
-from sakd.train import loop as loop_module
+from sakd.train import evaluate as evaluate_module
 from sakd.train.ema import EMA
 from sakd.train.loop import train
 
@@ -109,7 +109,7 @@ def test_high_decay_ema_is_not_stuck_at_the_init_in_training(make_raw, dropout_s
 def test_final_holds_the_better_weights_and_says_which(make_raw, small_data, monkeypatch, handicapped):
     """Held-out bits per byte of one of the two is raised (after the real evaluation), so each choice
     happens; final/model.safetensors must then equal the chosen weights, not the other ones."""
-    real = loop_module.lm_metrics
+    real = evaluate_module.lm_metrics
     calls = {"n": 0}
 
     def handicap(model, batches, *args, **kwargs):
@@ -120,7 +120,7 @@ def test_final_holds_the_better_weights_and_says_which(make_raw, small_data, mon
             result["bits_per_byte"] += 10.0
         return result
 
-    monkeypatch.setattr(loop_module, "lm_metrics", handicap)
+    monkeypatch.setattr(evaluate_module, "lm_metrics", handicap)
     raw = make_raw(max_steps=3, grad_accum=1, save_every=0, eval_every=1)
     raw["data"]["eval"] = [str(small_data["tiny"])]
     summary = train(validate(raw))

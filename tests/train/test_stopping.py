@@ -21,7 +21,7 @@ from run_helpers import (
 
 from sakd.cli import main
 from sakd.config import validate
-from sakd.train import loop as loop_module
+from sakd.train import evaluate as evaluate_module
 from sakd.train.loop import train
 
 
@@ -99,7 +99,7 @@ def _constant_eval(monkeypatch, bits_per_byte) -> None:
         bpb = bits_per_byte()
         return {"loss": bpb, "perplexity": 2.0**bpb, "bits_per_byte": bpb, "tokens": 1, "bytes": 1}
 
-    monkeypatch.setattr(loop_module, "lm_metrics", fake_lm_metrics)
+    monkeypatch.setattr(evaluate_module, "lm_metrics", fake_lm_metrics)
 
 
 @pytest.mark.parametrize(("min_steps", "stop_step"), [(0, 3), (5, 5)])

@@ -1,0 +1,69 @@
+"""Decisions and sums shared by every process of a run (no-ops on one process)."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from sakd.train.objective import TokenCounts
+
+# Batch-level loss parts are per-process means (averaged by DDP); the token-level ones are shares of sums over
+# all processes.
+BATCH_LEVEL_PARTS = ("balance", "contrastive")
+
+
+def average_gradients(module: torch.nn.Module, accelerator: Accelerator) -> None:
+    """The heads are not wrapped in DDP: average their gradients over processes by hand."""
+    if accelerator.num_processes == 1:
+        return
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
+
+
+def global_counts(counts: TokenCounts, accelerator: Accelerator) -> TokenCounts:
+    if accelerator.num_processes == 1:
+        return counts
+    t = accelerator.reduce(torch.tensor([counts.lm, counts.kd], device=accelerator.device), reduction="sum")
+    return TokenCounts(int(t[0]), int(t[1]))
+
+
+def global_sum(value: int, accelerator: Accelerator) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
+
+
+def global_losses(
+    loss: torch.Tensor, parts: dict[str, torch.Tensor], accelerator: Accelerator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's loss and parts over all processes, for the logs: each process's loss is scaled by the number
+    of processes (DDP averages gradients), so the global loss is the mean; token-level parts are summed."""
+    n = accelerator.num_processes
+    if n == 1:
+        return loss, parts
+    names = sorted(parts)
+    total = accelerator.reduce(torch.stack([loss.float(), *(parts[k].float() for k in names)]), "sum")
+    global_parts = {k: total[i + 1] / (n if k in BATCH_LEVEL_PARTS else 1) for i, k in enumerate(names)}
+    return total[0] / n, global_parts
+
+
+def window_ids(batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> list[int]:
+    """The windows of a step on every process (in rank order): the identity of a skipped step."""
+    ids = [int(i) for b in batches for i in b["window_index"]]
+    return ids if accelerator.num_processes == 1 else gather_object(ids)
+
+
+def agree_max(value: int, accelerator: Accelerator) -> int:
+    """All processes take the same decision (stop, skip): the largest of their values."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="max"))
+
+
+def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, accelerator: Accelerator) -> bool:
+    """Gradients are already all-reduced (same norm everywhere); losses differ per process, so agree on them."""
+    bad = int(not (torch.isfinite(loss) and torch.isfinite(torch.as_tensor(grad_norm))))
+    return not agree_max(bad, accelerator)

@@ -1,0 +1,162 @@
+"""What one optimizer step needs, and the step itself; `train()` and `sakd bench` share both, so the bench
+measures the step that training runs."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from sakd.cache.training import CachedTeacher, teacher_skeleton
+from sakd.config import Config
+from sakd.curriculum import CurriculumPoint
+from sakd.models.attention import attention_implementation
+from sakd.models.load import freeze, load_model, unwrap, weights_dtype
+from sakd.train.collective import all_finite, average_gradients, global_counts
+from sakd.train.ema import EMA
+from sakd.train.objective import DistillHeads, DistillObjective, TokenCounts, build_heads
+from sakd.train.schedule import make_scheduler
+
+AUX_LOSSES = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
+
+
+@dataclass
+class Training:
+    """The models, objective and optimizer state of a run; `student` and `optimizer` are Accelerate-prepared."""
+
+    cfg: Config
+    accelerator: Accelerator
+    teacher: torch.nn.Module | None
+    student: torch.nn.Module
+    heads: DistillHeads | None
+    objective: DistillObjective
+    optimizer: Any
+    scheduler: Any
+    ema: EMA | None
+    attention: str
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # summed over micro-batches, this process
+    parts: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor
+    stepped: bool  # False when the step was skipped (non-finite, or the GradScaler's overflow)
+    tokens: int  # student tokens of this process
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and embeddings' 1-d parameters."""
+    decay, no_decay = [], []
+    for _name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_training(
+    cfg: Config,
+    accelerator: Accelerator,
+    precision: str,
+    student_tok,
+    teacher_tok,
+    cached: CachedTeacher | None = None,
+) -> Training:
+    """Load the teacher (unless a cache replaces it) and the student, and build heads, objective, AdamW,
+    scheduler and EMA as `sakd train` does."""
+    tc = cfg.train
+    full = cfg.curriculum.weights
+    needs_maps = cfg.teacher is not None and full.attention > 0
+    teacher = None
+    attn = attention_implementation(needs_maps, cfg.student.attn_implementation)
+    if cfg.teacher is not None and cached is None:
+        teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
+        teacher_attn = attention_implementation(needs_maps, cfg.teacher.attn_implementation)
+        teacher = freeze(load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), teacher_attn))
+        teacher.to(accelerator.device)
+    # Trainable weights stay fp32 (master weights); mixed precision comes from autocast and a GradScaler.
+    student = load_model(
+        cfg.student.model,
+        "student",
+        torch.float32,
+        attn,
+        random_init=cfg.student.init == "random",
+        seed=tc.seed,
+    )
+    student.train()
+    heads = sources = None
+    if cfg.teacher is not None and any(getattr(full, k) > 0 for k in AUX_LOSSES):
+        heads, sources = build_heads(
+            student,
+            teacher if teacher is not None else teacher_skeleton(cfg.teacher.model),
+            cfg.router,
+            cfg.distill.layer_map,
+            cfg.distill.layerwise_pairs,
+        )
+        heads.to(accelerator.device)
+    objective = DistillObjective(
+        teacher_tok,
+        student_tok,
+        cfg.distill.divergence,
+        cfg.distill.jsd_beta,
+        cfg.distill.cross_vocab,
+        cfg.distill.chunk_size,
+        heads,
+        sources,
+        cfg.distill.attention_loss,
+        cfg.distill.contrastive_temperature,
+        cached=cached is not None,
+    )
+    groups = param_groups(student, tc.weight_decay)
+    if heads is not None:
+        groups.append({"params": list(heads.parameters()), "weight_decay": 0.0, "lr": cfg.router.lr or tc.lr})
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False)
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper steps it once per process).
+    scheduler = make_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    ema = EMA(unwrap(student), tc.ema_decay) if tc.ema_decay else None
+    return Training(cfg, accelerator, teacher, student, heads, objective, optimizer, scheduler, ema, attn)
+
+
+def train_step(t: Training, batches: list[dict[str, torch.Tensor]], point: CurriculumPoint) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches (already on the device). Loss sums are normalised by
+    the token counts of the whole step over all processes; a step whose loss or gradient norm is not finite on
+    any process is skipped on every process."""
+    accelerator, student = t.accelerator, t.student
+    counts = global_counts(TokenCounts.of(batches), accelerator)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    parts_sum: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with accelerator.no_sync(student) if not last else nullcontext(), accelerator.autocast():
+            loss, parts = t.objective(
+                student, t.teacher, batch, point, counts, accelerator.num_processes, len(batches)
+            )
+        accelerator.backward(loss)
+        loss_sum += loss.detach()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + v.detach()
+    if t.heads is not None:
+        average_gradients(t.heads, accelerator)
+    params = [p for g in t.optimizer.param_groups for p in g["params"]]
+    grad_norm = accelerator.clip_grad_norm_(params, t.cfg.train.max_grad_norm or math.inf)
+    stepped = False
+    if all_finite(loss_sum, grad_norm, accelerator):
+        t.optimizer.step()
+        stepped = not accelerator.optimizer_step_was_skipped
+    elif accelerator.scaler is not None:
+        t.optimizer.step()  # the GradScaler skips it and lowers its scale
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scheduler.step()
+    if stepped and t.ema is not None:
+        t.ema.update(unwrap(student))
+    tokens = sum(int(b["student_attention_mask"].sum()) for b in batches)
+    return StepResult(loss_sum, parts_sum, grad_norm, stepped, tokens)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
