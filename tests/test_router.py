@@ -329,7 +329,9 @@ def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):
     s_last = s_hidden[rows, batch["align_student_pos"][align_mask]]  # (N, Hs)
     t_last = t_hidden[rows, batch["align_teacher_pos"][align_mask]]  # (N, Ht)
     objective = DistillObjective(t_tok, s_tok)
-    gap = knowledge_gap(s_last, t_last, lm_head(student).weight, lm_head(teacher).weight, objective.kd_fn(1.0))
+    gap = knowledge_gap(
+        s_last, t_last, lm_head(student).weight, lm_head(teacher).weight, objective.kd_fn(1.0)
+    )
     states, source_rows = aligned_group_states(
         s_hidden, batch["student_group"], sources.sources, batch["teacher_group"], align_mask
     )

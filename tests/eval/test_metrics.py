@@ -21,8 +21,14 @@ def test_metrics_match_direct_computation_and_ignore_padding(assets):
     windows = windows[:5]
     # Shorten some windows so that batches carry padding.
     for w in windows[::2]:
-        w.student_ids, w.student_bytes, w.student_group = w.student_ids[:20], w.student_bytes[:20], w.student_group[:20]
-    batches = list(WindowLoader(windows, 3, seed=0, shuffle=False, drop_last=False, student_pad_id=tok.pad_token_id))
+        w.student_ids, w.student_bytes, w.student_group = (
+            w.student_ids[:20],
+            w.student_bytes[:20],
+            w.student_group[:20],
+        )
+    batches = list(
+        WindowLoader(windows, 3, seed=0, shuffle=False, drop_last=False, student_pad_id=tok.pad_token_id)
+    )
     assert any((b["student_attention_mask"] == 0).any() for b in batches)
     got = lm_metrics(model, batches, "student", chunk_size=7)
 
