@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_steps": 3,
     "steps": 10,
     "data_mb": 1.0,
+    "cache_top_k": 64,
 }
 QUICK: dict[str, Any] = {
     "tokens": 512,
@@ -59,6 +60,7 @@ QUICK: dict[str, Any] = {
     "warmup_steps": 2,
     "steps": 3,
     "data_mb": 0.1,
+    "cache_top_k": 16,
 }
 # JSON key: (comparison, bound)
 TARGETS = {
@@ -67,6 +69,7 @@ TARGETS = {
     "step_speed_ratio_same_vocab": (">=", 0.9),
     "step_speed_ratio_cross_vocab": (">=", 0.8),
     "data_to_train_ratio": (">=", 10.0),
+    "cache_speedup": (">=", 2.0),
 }
 
 
@@ -107,6 +110,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--chunk-size", type=int, help="rows per chunk (default: distill.chunk_size of the config)"
     )
+    g.add_argument(
+        "--chunk-logits",
+        type=int,
+        help="at most rows x vocabulary logits per chunk (default: distill.chunk_logits of the config)",
+    )
     g.add_argument("--repeats", type=int, help="timed passes per variant after a warm-up (default 3)")
     g.add_argument(
         "--loss-budget-s",
@@ -129,6 +137,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="timed steps per variant, alternating sakd and reference (10)")
     g.add_argument("--data-mb", type=float, help="MB of standard-library text for tokenizers and data (1.0)")
     g.add_argument(
+        "--cache-top-k", type=int, help="teacher distributions kept per position by the cached step (64)"
+    )
+    g.add_argument(
         "--progress",
         type=float,
         default=0.0,
@@ -141,7 +152,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     from sakd.errors import UserError
 
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
-    names = [*DEFAULTS, "chunk_size"]
+    names = [*DEFAULTS, "chunk_size", "chunk_logits"]
     sizes = {
         name: getattr(args, name) if getattr(args, name) is not None else preset.get(name) for name in names
     }
@@ -227,8 +238,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     sizes = StepSizes(**{k: o[k] for k in StepSizes.__dataclass_fields__})
     with tempfile.TemporaryDirectory(prefix="sakd-bench-") as tmp:
         root = Path(tmp)
-        if o["chunk_size"] is None:  # the run config's (with --set): the same chunking as in part (b)
-            o["chunk_size"] = bench_config(root, root, root, sizes, overrides, root, False).distill.chunk_size
+        # The run config's chunking (with --set) unless given: the same chunking as in part (b).
+        distill = bench_config(root, root, root, sizes, overrides, root, False).distill
+        for key in ("chunk_size", "chunk_logits"):
+            if o[key] is None:
+                o[key] = getattr(distill, key)
         result["settings"] = {**o, "precision": precision, "progress": args.progress, "overrides": args.set}
 
         print(
@@ -236,7 +250,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             file=sys.stderr,
         )
         loss = run_loss_bench(
-            o["tokens"], o["hidden"], o["vocabs"], o["chunk_size"], o["repeats"], o["loss_budget_s"], device
+            o["tokens"],
+            o["hidden"],
+            o["vocabs"],
+            o["chunk_size"],
+            o["repeats"],
+            o["loss_budget_s"],
+            device,
+            o["chunk_logits"],
         )
         ratios = loss_ratios(loss["results"])
         loss["ratios"] = {str(v): r for v, r in ratios.items()}
@@ -255,11 +276,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         accelerator = Accelerator(
             cpu=device.type == "cpu", mixed_precision="no" if precision == "fp32" else precision
         )
-        step = run_step_bench(assets, sizes, args.progress, overrides, accelerator, precision, root / "runs")
+        step = run_step_bench(
+            assets, sizes, args.progress, overrides, accelerator, precision, root / "runs", o["cache_top_k"]
+        )
         result["step"] = step
         part_s["step"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
         result["step_speed_ratio_same_vocab"] = step["same_vocab"]["ratio"]
         result["step_speed_ratio_cross_vocab"] = step["cross_vocab"]["ratio"]
+        result["cache_speedup"] = step["cross_vocab"]["cache_speedup"]
 
         print("(c) data loading ...", file=sys.stderr)
         data = run_data_bench(assets, sizes)
@@ -268,8 +292,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         part_s["data"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
         result["part_s"] = part_s
         result["data_to_train_ratio"] = data["tokens_per_s"] / data["train_tokens_per_s"]
-    result["cache_speedup"] = None
-    result["cache_note"] = "no teacher cache exists yet: nothing to measure"
     result["targets"] = {
         name: {
             "target": f"{op} {bound}",
@@ -318,7 +340,7 @@ def render(result: dict[str, Any]) -> None:
     loss = result["loss"]
     t = Table(
         title=f"(a) KD loss forward+backward (lm + forward KL), {s['tokens']} tokens, hidden {s['hidden']}, "
-        f"chunk {s['chunk_size']}"
+        f"chunks of <= {s['chunk_size']} rows and <= {s['chunk_logits']} logits"
     )
     for col in (
         "vocab",
@@ -336,9 +358,10 @@ def render(result: dict[str, Any]) -> None:
             cells = [_fmt(row["median_s"], 3), str(len(row["times_s"])), _fmt(row["peak_mb"], 1)]
         else:
             cells = [row["status"], "-", f"({row['note']})"]
+        variant = row["variant"] + (f" ({row['chunk_size']} rows)" if row["chunk_size"] else "")
         t.add_row(
             str(row["vocab"]),
-            row["variant"],
+            variant,
             *cells,
             _fmt(ratio.get("time_ratio")),
             _fmt(ratio.get("memory_ratio")),
@@ -357,7 +380,16 @@ def render(result: dict[str, Any]) -> None:
         title=f"(b) training step, batch {s['batch_size']} x {s['max_length']} tokens, precision "
         f"{s['precision']}: student tokens/s (median of {s['steps']} steps each, alternating)"
     )
-    for col in ("tokenizers", "vocab t/s", "sakd", "reference", "sakd/reference", "sakd step"):
+    for col in (
+        "tokenizers",
+        "vocab t/s",
+        "sakd",
+        "reference",
+        "sakd/reference",
+        "sakd cached",
+        "cached/sakd",
+        "sakd step",
+    ):
         t.add_column(col, justify="left" if col in ("tokenizers", "sakd step") else "right")
     for name in ("same_vocab", "cross_vocab"):
         r = step[name]
@@ -372,10 +404,18 @@ def render(result: dict[str, Any]) -> None:
             _fmt(r["sakd"]["tokens_per_s"], 0),
             _fmt(r["reference"]["tokens_per_s"], 0),
             _fmt(r["ratio"]),
+            _fmt(r["sakd_cached"]["tokens_per_s"], 0),
+            _fmt(r["cache_speedup"]),
             desc,
         )
     console.print(t)
     console.print(f"  cross-vocab reference: {step['cross_vocab']['reference_note']}")
+    c = step["cross_vocab"]
+    console.print(
+        f"  cached: top-{c['cache']['top_k']} teacher rows read from the cache (captured once in "
+        f"{c['cache']['capture_s']} s, not timed), no teacher loaded; teacher/student parameters "
+        f"{c['teacher_to_student_parameters']:.1f}"
+    )
 
     d = result["data"]
     t = Table(title="(c) data: dual tokenization + alignment + packing + collation (cross tokenizers)")
@@ -408,11 +448,10 @@ def render(result: dict[str, Any]) -> None:
         if target["met"] is None and name.startswith("loss_") and result.get("loss_note"):
             met += f" ({result['loss_note']})"
         t.add_row(name, _fmt(result[name]), target["target"], met)
-    t.add_row("cache_speedup", "null", "-", result["cache_note"])
     console.print(t)
     console.print(
-        f"  loss ratios at vocabulary {result['loss_ratio_vocab']}; data_to_train_ratio against the "
-        "cross-tokenizer sakd step"
+        f"  loss ratios at vocabulary {result['loss_ratio_vocab']}; data_to_train_ratio and cache_speedup "
+        "(cached / live sakd step tokens/s) on the cross-tokenizer pair"
     )
 
 

@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from sakd.losses import chunked_head_loss, forward_kl, full_head_loss, make_distill_row_loss
+from sakd.losses import chunk_rows, chunked_head_loss, forward_kl, full_head_loss, make_distill_row_loss
 
 VARIANTS = ("chunked", "full")
 # Bytes per (row x vocabulary) fp32 logit that a variant keeps alive at its peak, used to predict whether a
 # size fits before any measurement of this run exists (measured on this code: about 9.3 x 4 for the full
 # variant per token, 11.3 x 4 for the chunked one per chunk row); measured values replace them.
 DEFAULT_BYTES_PER_LOGIT = {"full": 12 * 4, "chunked": 14 * 4}
-FIT_FRACTION = 0.7  # a variant runs only if its predicted peak is below this share of the available memory
+FIT_FRACTION = 0.95  # a variant runs only if its predicted peak is below this share of the available memory
 WARMUP_ROWS = 256
 MIB = 2**20
 
@@ -224,6 +224,7 @@ def run_loss_bench(
     repeats: int,
     budget_s: float,
     device: torch.device,
+    chunk_logits: int | None = None,
 ) -> dict[str, Any]:
     """Both variants at every vocabulary (ascending). Returns {method, calibration, results: [row per
     (vocab, variant)]}; a row has status "ok" (times_s, median_s, peak_mb), "skipped" or "failed" (note)."""
@@ -237,8 +238,9 @@ def run_loss_bench(
         calibration = {"allocated_mb": calibration_mb, "measured_mb": check.get("peak_mb"), **check}
     results = []
     for vocab in sorted(vocabs):
+        rows = chunk_rows(chunk_size, chunk_logits, vocab)  # as training chunks this vocabulary
         for variant in VARIANTS:
-            rows_alive = tokens if variant == "full" else min(chunk_size, tokens)
+            rows_alive = tokens if variant == "full" else min(rows, tokens)
             predicted = bytes_per_logit[variant] * rows_alive * vocab
             available = available_memory(device)
             row: dict[str, Any] = {
@@ -246,7 +248,7 @@ def run_loss_bench(
                 "variant": variant,
                 "tokens": tokens,
                 "hidden": hidden,
-                "chunk_size": chunk_size if variant == "chunked" else None,
+                "chunk_size": rows if variant == "chunked" else None,
                 "predicted_peak_mb": round(predicted / MIB, 1),
             }
             if predicted > FIT_FRACTION * available:
@@ -262,12 +264,12 @@ def run_loss_bench(
                 "vocab": vocab,
                 "tokens": tokens,
                 "hidden": hidden,
-                "chunk_size": chunk_size,
+                "chunk_size": rows,
                 "repeats": repeats,
                 "budget_s": budget_s,
                 "device": str(device),
                 "threads": threads,
-                "address_space_limit": int(0.85 * available),
+                "address_space_limit": int(0.97 * available),
             }
             if cuda:
                 try:

@@ -28,6 +28,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM
 
+from sakd.cache.capture import capture_teacher_cache
+from sakd.cache.training import open_training_cache
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at
 from sakd.data.corpus import build_windows
@@ -228,7 +230,8 @@ class ReferenceStep:
         return tokens
 
 
-def _batches(corpus: Path, student_tok, teacher_tok, sizes: StepSizes, count: int, device) -> list[dict]:
+def _batches(corpus: Path, student_tok, teacher_tok, sizes: StepSizes, count: int) -> tuple[list, list[dict]]:
+    """The windows of `corpus` and `count` batches of them (on the CPU; the loader wraps around)."""
     windows = build_windows([corpus], student_tok, teacher_tok, sizes.max_length)
     if len(windows) < sizes.batch_size:
         raise UserError(
@@ -242,7 +245,33 @@ def _batches(corpus: Path, student_tok, teacher_tok, sizes: StepSizes, count: in
         student_pad_id=student_tok.pad_token_id,
         teacher_pad_id=teacher_tok.pad_token_id,
     )
-    return [to_device(loader.next_batch(), device) for _ in range(count)]
+    return windows, [loader.next_batch() for _ in range(count)]
+
+
+class CachedStep:
+    """The sakd step with the teacher cache: the teacher is run once over the step corpus by
+    `capture_teacher_cache` (not timed), then training reads its top-k rows and loads no teacher."""
+
+    def __init__(
+        self, cfg: Config, accelerator, precision, point, corpus: Path, windows, batches, top_k, root
+    ):
+        self.point = point
+        set_seed(cfg.train.seed)
+        student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
+        teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
+        capture_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [str(corpus)]})})
+        self.capture = capture_teacher_cache(
+            capture_cfg, top_k=top_k, path=root, device=str(accelerator.device), progress=False
+        )
+        cached = open_training_cache(
+            root, windows, [str(corpus)], cfg.data.max_length, cfg.teacher.model, student_tok, teacher_tok
+        )
+        self.coverage = cached.coverage["coverage"]
+        self.training = build_training(cfg, accelerator, precision, student_tok, teacher_tok, cached)
+        self.batches = [to_device(cached.attach(b), accelerator.device) for b in batches]
+
+    def step(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        return train_step(self.training, batches, self.point).tokens
 
 
 def _rates(
@@ -280,6 +309,10 @@ def _rates(
     }
 
 
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def run_step_bench(
     assets: dict[str, Path],
     sizes: StepSizes,
@@ -288,8 +321,10 @@ def run_step_bench(
     accelerator: Accelerator,
     precision: str,
     out: Path,
+    cache_top_k: int = 64,
 ) -> dict[str, Any]:
-    """Tokens/s of the sakd step and of the reference step, for one shared tokenizer and for two."""
+    """Tokens/s of the sakd step, of the reference step and of the sakd step reading the teacher cache, for
+    one shared tokenizer and for two."""
     device = accelerator.device
     results: dict[str, Any] = {}
     pairs = {
@@ -305,12 +340,30 @@ def run_step_bench(
         reference = ReferenceStep(assets[t_ref], assets[s_ref], cfg, teacher_dtype, accelerator, point)
         ref_tok = load_tokenizer(str(assets[s_ref]), "student")
         count = min(MAX_STEP_BATCHES, sizes.warmup_steps + sizes.steps) * cfg.train.grad_accum
-        sakd_batches = _batches(
-            assets["step_corpus"], sakd.student_tok, sakd.teacher_tok, sizes, count, device
+        windows, cpu_batches = _batches(
+            assets["step_corpus"], sakd.student_tok, sakd.teacher_tok, sizes, count
         )
-        ref_batches = _batches(assets["step_corpus"], ref_tok, ref_tok, sizes, count, device)
+        sakd_batches = [to_device(b, device) for b in cpu_batches]
+        ref_batches = [
+            to_device(b, device) for b in _batches(assets["step_corpus"], ref_tok, ref_tok, sizes, count)[1]
+        ]
+        cached = CachedStep(
+            cfg,
+            accelerator,
+            precision,
+            point,
+            assets["step_corpus"],
+            windows,
+            cpu_batches,
+            cache_top_k,
+            out / f"{name}-teacher-cache",
+        )
         rates = _rates(
-            {"sakd": (sakd.step, sakd_batches), "reference": (reference.step, ref_batches)},
+            {
+                "sakd": (sakd.step, sakd_batches),
+                "reference": (reference.step, ref_batches),
+                "sakd_cached": (cached.step, cached.batches),
+            },
             sizes,
             cfg.train.grad_accum,
             device,
@@ -318,6 +371,13 @@ def run_step_bench(
         results[name] = {
             **rates,
             "ratio": rates["sakd"]["tokens_per_s"] / rates["reference"]["tokens_per_s"],
+            "cache_speedup": rates["sakd_cached"]["tokens_per_s"] / rates["sakd"]["tokens_per_s"],
+            "cache": {
+                "top_k": cached.capture["top_k"],
+                "coverage": cached.coverage,
+                "capture_s": round(cached.capture["seconds"], 2),
+            },
+            "teacher_to_student_parameters": _parameters(sakd.teacher) / _parameters(sakd.training.student),
             "sakd_setup": sakd.describe(),
             "teacher_vocab": len(sakd.teacher_tok),
             "student_vocab": len(sakd.student_tok),
@@ -326,7 +386,7 @@ def run_step_bench(
                 statistics.mean(int(b["student_attention_mask"].sum()) for b in sakd_batches)
             ),
         }
-        del sakd, reference
+        del sakd, reference, cached
     results["cross_vocab"]["reference_note"] = (
         "no hand-written cross-tokenizer reference exists: the reference is the same-tokenizer reference "
         "step with the student's tokenizer (teacher of the same architecture, student vocabulary), in "

@@ -84,6 +84,10 @@ class DistillConfig(Section):
     """How the teacher's distribution is compared when the vocabularies differ."""
     chunk_size: int = Field(1024, ge=1)
     """Rows per chunk when projecting hidden states through the LM heads."""
+    chunk_logits: int = Field(2**26, ge=1)
+    """At most this many rows x vocabulary logits per chunk: with a large vocabulary a chunk holds fewer than
+    `chunk_size` rows, so the loss's peak memory does not grow with the vocabulary (2**26: 256 MiB per fp32
+    (rows x vocabulary) tensor; 441 rows at 151,936)."""
     layer_map: list[tuple[int, int]] | None = None
     """(student, teacher) indices into the models' hidden_states (0 = embeddings) for the layer-wise loss;
     null: `layerwise_pairs` evenly spaced pairs."""

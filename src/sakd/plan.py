@@ -38,6 +38,7 @@ from torch import nn
 
 from sakd.config import Config
 from sakd.errors import UserError
+from sakd.losses.chunked import chunk_rows
 
 GIB = 1024**3
 HEADROOM = 0.15
@@ -184,8 +185,11 @@ def estimate(cfg: Config, precision: str | None = None, device_memory: int | Non
     per_window = student_window + teacher_window
 
     def batch_parts(batch: int) -> dict[str, int]:
-        rows = min(cfg.distill.chunk_size, batch * s)
         t_vocab = teacher.vocab if teacher is not None else 0
+        rows = min(
+            chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, max(student.vocab, t_vocab)),
+            batch * s,
+        )
         out = {"student activations": batch * student_window}
         if runs_teacher:
             out["teacher forward"] = batch * teacher_window
@@ -193,8 +197,9 @@ def estimate(cfg: Config, precision: str | None = None, device_memory: int | Non
         return out
 
     formulas["loss (one chunk)"] = (
-        f"min(chunk_size, b x s) x (4 x {student.vocab} + 3 x {teacher.vocab if teacher else 0}) x 4 B "
-        f"+ {student.vocab} x {h} x 4 B, chunk_size={cfg.distill.chunk_size}"
+        f"min(chunk rows, b x s) x (4 x {student.vocab} + 3 x {teacher.vocab if teacher else 0}) x 4 B "
+        f"+ {student.vocab} x {h} x 4 B, chunk rows = min(chunk_size {cfg.distill.chunk_size}, chunk_logits "
+        f"{cfg.distill.chunk_logits} / widest vocabulary)"
     )
     batch = cfg.train.batch_size
     plan = Plan(precision, batch, s, {**parts, **batch_parts(batch)}, formulas, per_window, teacher, student)
@@ -233,7 +238,7 @@ def _advice(plan: Plan, fixed: int, usable: int) -> str:
         )
     if "student EMA" in plan.parts:
         tips.append("train.ema_decay: null saves the EMA copy")
-    tips.append("lower data.max_length or distill.chunk_size")
+    tips.append("lower data.max_length or distill.chunk_logits")
     return (
         f"even one window does not fit: {_size(fixed).strip()} before activations, "
         f"{_size(usable).strip()} usable; " + "; ".join(tips)

@@ -23,6 +23,7 @@ from sakd.cache.store import CacheWriter, capture_settings, vocab_hash
 from sakd.config import Config
 from sakd.data.packing import collate_windows
 from sakd.errors import UserError
+from sakd.losses.chunked import chunk_rows
 from sakd.models.attention import attention_implementation
 from sakd.models.load import (
     freeze,
@@ -138,6 +139,7 @@ def capture_teacher_cache(
         )
         batch = batch_size or cfg.train.batch_size
         student_pad, teacher_pad = student_tok.pad_token_id, teacher_tok.pad_token_id
+        chunk = chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, head.weight.shape[0])
         total = sum(min(shard_windows, len(windows) - i * shard_windows) for i in todo)
         bar = tqdm(total=total, desc="caching the teacher", unit="window", disable=not progress)
         for index in todo:
@@ -150,9 +152,7 @@ def capture_teacher_cache(
                 with torch.no_grad(), autocast:
                     hidden = DistillObjective.teacher_pass(teacher, collated).hidden  # (B, Lt, H)
                     rows = hidden[collated["teacher_attention_mask"].bool()]  # (n, H), window by window
-                    ids, probs, tail = top_k_rows(
-                        rows, head.weight, head.bias, vocab_size, top_k, cfg.distill.chunk_size
-                    )
+                    ids, probs, tail = top_k_rows(rows, head.weight, head.bias, vocab_size, top_k, chunk)
                 parts["ids"].append(ids.to(torch.int32).cpu())
                 parts["probs"].append(probs.to(PROBS_DTYPES[probs_dtype]).cpu())
                 parts["tail"].append(tail.float().cpu())

@@ -54,6 +54,14 @@ class _AttachGrads(torch.autograd.Function):
         return None, *grads, None, None, None
 
 
+def chunk_rows(chunk_size: int, chunk_logits: int | None, vocab: int) -> int:
+    """Rows per chunk: `chunk_size`, lowered so that a chunk's (rows x vocab) logits stay within
+    `chunk_logits` (None: no bound); at least 1."""
+    if chunk_logits is None:
+        return max(1, chunk_size)
+    return max(1, min(chunk_size, chunk_logits // max(vocab, 1)))
+
+
 def chunked_head_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -8,7 +8,7 @@ import torch
 
 from sakd.data.loader import WindowLoader
 from sakd.eval.metrics import lm_metrics
-from sakd.models.load import unwrap
+from sakd.models.load import lm_head, unwrap
 from sakd.train.objective import TokenCounts
 from sakd.train.step import to_device
 
@@ -36,7 +36,7 @@ def evaluate_student(
     same weights as training."""
     model = unwrap(student)
     device = accelerator.device
-    chunk = objective.chunk_size
+    chunk = objective.rows_per_chunk(lm_head(model))
     result: dict[str, Any] = {
         "raw": lm_metrics(model, batches, "student", device, chunk, "evaluating (raw)" if progress else None)
     }

@@ -26,6 +26,7 @@ from sakd.errors import UserError
 from sakd.losses import (
     CROSS_VOCAB_LOSSES,
     build_vocab_mapping,
+    chunk_rows,
     chunked_head_loss,
     divergence,
     make_distill_row_loss,
@@ -138,8 +139,10 @@ class DistillObjective:
         attention_loss: str = "kl",
         contrastive_temperature: float = 0.1,
         cached: bool = False,
+        chunk_logits: int | None = None,
     ):
         self.chunk_size = chunk_size
+        self.chunk_logits = chunk_logits
         self.cached = cached
         self.heads = heads
         self.sources = sources
@@ -186,6 +189,11 @@ class DistillObjective:
         self.mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
         self.kind = f"cross-vocabulary projection {divergence_name} (cached top-k teacher)"
         return partial(sparse, teacher_to_student=self.mapping.teacher_to_student)
+
+    def rows_per_chunk(self, *heads: nn.Module | None) -> int:
+        """Rows per chunk for the LM heads a chunk applies (the widest vocabulary sets the bound)."""
+        vocab = max(h.weight.shape[0] for h in heads if h is not None)
+        return chunk_rows(self.chunk_size, self.chunk_logits, vocab)
 
     def kd_fn(self, temperature: float):
         """Per-row KD at `temperature`: (student logits (n, V_s), teacher logits (n, V_t)) -> (n,); with a
@@ -328,7 +336,7 @@ class DistillObjective:
             row_loss,
             [labels[rows], *teacher_rows, kd_mask, kd_weight],
             part_weights,
-            chunk_size=self.chunk_size,
+            chunk_size=self.rows_per_chunk(s_head, t_head if use_kd and not self.cached else None),
             bias=s_head.bias,
         )
         parts["lm"] = sums["lm"] / max(counts.lm, 1)
@@ -347,7 +355,7 @@ class DistillObjective:
             s_head.weight.detach(),
             t_head.weight,
             self.kd_fn(point.temperature),
-            self.chunk_size,
+            self.rows_per_chunk(s_head, t_head),
             None if s_head.bias is None else s_head.bias.detach(),
             t_head.bias,
         )
@@ -361,8 +369,9 @@ class DistillObjective:
         teacher = [batch[k][mask] for k in ("cache_ids", "cache_probs", "cache_tail")]
         head, kd = lm_head(unwrap(student)), self.kd_fn(point.temperature)
         gaps = []
-        for start in range(0, s_rows.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
+        step = self.rows_per_chunk(head)
+        for start in range(0, s_rows.shape[0], step):
+            stop = start + step
             logits = F.linear(s_rows[start:stop].to(head.weight.dtype), head.weight, head.bias).float()
             gaps.append(kd(logits, *(t[start:stop] for t in teacher)).float())
         return torch.cat(gaps) if gaps else hidden.new_zeros(0, dtype=torch.float32)

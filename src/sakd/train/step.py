@@ -110,6 +110,7 @@ def build_training(
         cfg.distill.attention_loss,
         cfg.distill.contrastive_temperature,
         cached=cached is not None,
+        chunk_logits=cfg.distill.chunk_logits,
     )
     groups = param_groups(student, tc.weight_decay)
     if heads is not None:

@@ -1,0 +1,24 @@
+"""Rows per chunk: a chunk's logits stay within `distill.chunk_logits` whatever the vocabulary."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sakd.losses import chunk_rows
+from sakd.train.objective import DistillObjective
+
+
+def test_chunk_rows_bounds_the_logits_of_a_chunk():
+    assert chunk_rows(1024, 2**26, 4096) == 1024  # small vocabulary: chunk_size decides
+    assert chunk_rows(1024, 2**26, 151_936) == 441  # 441 x 151,936 <= 2**26 < 442 x 151,936
+    assert 441 * 151_936 <= 2**26 < 442 * 151_936
+    assert chunk_rows(1024, 10, 151_936) == 1  # never zero rows
+    assert chunk_rows(1024, None, 151_936) == 1024
+
+
+def test_the_widest_head_sets_the_rows():
+    objective = DistillObjective(chunk_size=1024, chunk_logits=2**20)
+    student, teacher = nn.Linear(8, 2048, bias=False), nn.Linear(8, 8192, bias=False)
+    assert objective.rows_per_chunk(student) == 512
+    assert objective.rows_per_chunk(student, teacher) == 128
+    assert objective.rows_per_chunk(student, None) == 512
