@@ -103,7 +103,9 @@ TOKEN_LEVEL_AUX = {
 }
 
 
-@pytest.mark.parametrize("curriculum,atol", [(PLAIN_KD, 1e-6), (TOKEN_LEVEL_AUX, 1e-5)], ids=["kd", "aux"])
+# Adam divides by the root of the squared gradient: where a gradient is nearly 0 (an embedding row of a rare
+# token), float rounding of a different batch split moves the update by a few 1e-6.
+@pytest.mark.parametrize("curriculum,atol", [(PLAIN_KD, 5e-6), (TOKEN_LEVEL_AUX, 1e-5)], ids=["kd", "aux"])
 def test_batch4_equals_batch2_times_accumulation2(base_config, tmp_path, curriculum, atol):
     """Loss sums are normalised by the token count of the whole optimizer step, for KD + LM and for the
     token-level auxiliary losses (feature, attention, layer-wise). Eager attention over differently

@@ -77,6 +77,8 @@ def chunked_head_loss(
     the input embedding); bias (V,) or None; row_inputs: tensors with first dim N passed chunked to row_loss
     (no grad). Returns (total fp32 scalar, {part: detached fp32 sum}); total = sum part_weights[k] * parts[k].
     Gradient work is skipped when nothing requires grad (evaluation). N == 0 gives zeros, never NaN.
+    A row loss with a `with_grad(logits, part_weights, *row_inputs) -> (parts, grad_logits)` method (e.g.
+    `sakd.losses.fused.FusedForwardKL`) supplies the chunk's logit gradient itself; autograd is not used.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -102,17 +104,24 @@ def chunked_head_loss(
         hidden_chunk = hidden_[start:stop]
         with torch.no_grad():
             logits = _head_logits(hidden_chunk, weight_, bias_).requires_grad_(train)  # (n, V)
-        with torch.enable_grad() if train else torch.no_grad():
-            chunk_parts = row_loss(logits, *(t[start:stop] for t in row_inputs))
+        chunk_inputs = [t[start:stop] for t in row_inputs]
+        fused = train and hasattr(row_loss, "with_grad")  # closed-form gradients (`sakd.losses.fused`)
+        if fused:
+            chunk_parts, grad_logits = row_loss.with_grad(logits.detach(), part_weights, *chunk_inputs)
             chunk_total = _weighted_total(chunk_parts, part_weights)
+        else:
+            with torch.enable_grad() if train else torch.no_grad():
+                chunk_parts = row_loss(logits, *chunk_inputs)
+                chunk_total = _weighted_total(chunk_parts, part_weights)
         for name, value in chunk_parts.items():
             parts[name] = parts.get(name, 0.0) + value.detach().float()
         if chunk_total is None:
             continue
         total = total + chunk_total.detach().float()
-        if not (train and chunk_total.requires_grad):
-            continue
-        (grad_logits,) = torch.autograd.grad(chunk_total, logits)
+        if not fused:
+            if not (train and chunk_total.requires_grad):
+                continue
+            (grad_logits,) = torch.autograd.grad(chunk_total, logits)
         grad_logits = grad_logits.to(weight_.dtype)  # (n, V)
         if grad_hidden is not None:
             grad_hidden[start:stop] = grad_logits @ weight_

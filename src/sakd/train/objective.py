@@ -12,6 +12,7 @@ weights remain (their knowledge gap is the same sparse divergence).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +42,7 @@ from sakd.losses.auxiliary import (
     layerwise_loss,
     pooled_groups,
 )
+from sakd.losses.fused import FusedForwardKL, TargetFn, projected_target, same_vocab_target
 from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
 from sakd.models.attention import capture_attentions
 from sakd.models.experts import knowledge_sources
@@ -140,9 +142,13 @@ class DistillObjective:
         contrastive_temperature: float = 0.1,
         cached: bool = False,
         chunk_logits: int | None = None,
+        fused_loss: bool = False,
     ):
         self.chunk_size = chunk_size
         self.chunk_logits = chunk_logits
+        # (student logit width) -> the teacher target of the fused forward-KL path, and the student columns
+        self._fused_target: Callable[[int], TargetFn] | None = None
+        self._fused_columns: int | None = None
         self.cached = cached
         self.heads = heads
         self.sources = sources
@@ -159,6 +165,10 @@ class DistillObjective:
             if same_vocabulary(teacher_tokenizer, student_tokenizer):
                 self._kd = partial(_same_vocab_kd, len(student_tokenizer), divergence_name, jsd_beta)
                 self.kind = f"same-vocabulary {divergence_name}"
+                if fused_loss and divergence_name == "forward_kl":
+                    vocab = len(student_tokenizer)
+                    self._fused_target = lambda _width: same_vocab_target(vocab)
+                    self._fused_columns = vocab
             else:
                 self.mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
                 kwargs: dict[str, Any] = {"mapping": self.mapping}
@@ -166,6 +176,9 @@ class DistillObjective:
                     kwargs.update(divergence=divergence_name, beta=jsd_beta)
                 self._kd = partial(CROSS_VOCAB_LOSSES[cross_vocab], **kwargs)
                 self.kind = f"cross-vocabulary {cross_vocab}"
+                if fused_loss and divergence_name == "forward_kl" and cross_vocab == "projection":
+                    mapping = self.mapping
+                    self._fused_target = lambda width: projected_target(mapping, width)
 
     def _cached_kd(self, teacher_tokenizer, student_tokenizer, divergence_name, jsd_beta, cross_vocab):
         sparse = partial(
@@ -327,6 +340,15 @@ class DistillObjective:
             row_loss = make_distill_row_loss(
                 kd, t_head.weight if use_kd else None, t_head.bias if use_kd else None
             )
+            if use_kd and self._fused_target is not None:
+                row_loss = FusedForwardKL(
+                    row_loss,
+                    self._fused_target(s_head.weight.shape[0]),
+                    t_head.weight,
+                    t_head.bias,
+                    point.temperature,
+                    self._fused_columns,
+                )
         part_weights = {"lm": scale * w["lm"] / max(counts.lm, 1)}
         if use_kd:
             part_weights["kd"] = scale * w["kd"] / max(counts.kd, 1)

@@ -111,6 +111,7 @@ def build_training(
         cfg.distill.contrastive_temperature,
         cached=cached is not None,
         chunk_logits=cfg.distill.chunk_logits,
+        fused_loss=cfg.distill.fused_loss,
     )
     groups = param_groups(student, tc.weight_decay)
     if heads is not None:

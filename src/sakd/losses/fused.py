@@ -1,0 +1,116 @@
+"""Forward KL + cross-entropy with closed-form logit gradients: the default objective's fast path.
+
+`chunked_head_loss` normally differentiates a chunk's row loss with autograd, which keeps every
+intermediate (n, V) tensor of the softmaxes, the KL terms and their backward alive. For forward KL the
+gradients have a closed form:
+
+    d CE / d s            = softmax(s) - onehot(label)
+    d T^2 KL(p || q) / d s = T * (mass(p) * softmax(s / T) - p)      (q = softmax(s / T), mass(p) = sum p)
+
+so `FusedForwardKL.with_grad` computes parts and the chunk's logit gradient directly, with a few (n, V)
+tensors and no autograd graph. Called plainly, it is the reference row loss it replaces (tests compare the
+two).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sakd.losses.chunked import RowLoss
+from sakd.losses.lm import IGNORE_INDEX
+
+# (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C))
+TargetFn = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def same_vocab_target(vocab: int) -> TargetFn:
+    """The teacher's distribution at T over the shared tokenizer's ids (padding columns dropped)."""
+
+    def target(teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(teacher_logits[:, :vocab] / temperature, dim=-1)
+        return logp.exp(), logp
+
+    return target
+
+
+def projected_target(mapping, student_width: int) -> TargetFn:
+    """The teacher's distribution at T summed onto student ids (`projected_teacher_probs`)."""
+    from sakd.losses.cross_vocab import projected_teacher_probs
+
+    def target(teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        p = projected_teacher_probs(teacher_logits, mapping, temperature, student_width)
+        return p, p.log()
+
+    return target
+
+
+class FusedForwardKL:
+    """A distillation row loss (row inputs: labels, teacher_hidden, kd_mask, kd_weight) for forward KL.
+
+    `reference` is the plain row loss with the same meaning (`make_distill_row_loss` of the same KD);
+    `target` gives the teacher's distribution over the first `student_columns` student logits (None: all of
+    them), which is where the student's softmax at T is taken too.
+    """
+
+    def __init__(
+        self,
+        reference: RowLoss,
+        target: TargetFn,
+        teacher_weight: torch.Tensor,
+        teacher_bias: torch.Tensor | None,
+        temperature: float,
+        student_columns: int | None = None,
+    ):
+        self.reference = reference
+        self.target = target
+        self.teacher_weight = teacher_weight
+        self.teacher_bias = teacher_bias
+        self.temperature = temperature
+        self.student_columns = student_columns
+
+    def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.reference(logits, *row_inputs)
+
+    @torch.no_grad()
+    def with_grad(
+        self,
+        logits: torch.Tensor,
+        part_weights: dict[str, float],
+        labels: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        kd_mask: torch.Tensor,
+        kd_weight: torch.Tensor,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits."""
+        s = logits.float()  # (n, W)
+        lm_w, kd_w = part_weights.get("lm", 0.0), part_weights.get("kd", 0.0)
+
+        valid = labels != IGNORE_INDEX
+        column = labels.clamp_min(0)[:, None]
+        lse = torch.logsumexp(s, dim=-1)  # (n,)
+        ce = torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0)
+        grad = torch.exp(s - lse[:, None])  # softmax(s), (n, W)
+        grad.mul_(torch.where(valid, lm_w, 0.0)[:, None])
+        grad.scatter_add_(1, column, torch.where(valid, -lm_w, 0.0)[:, None])
+        parts = {"lm": ce.sum()}
+
+        t = self.temperature
+        hidden = teacher_hidden.to(self.teacher_weight.dtype)
+        if self.teacher_bias is None:
+            teacher_logits = hidden @ self.teacher_weight.T
+        else:
+            teacher_logits = torch.addmm(self.teacher_bias, hidden, self.teacher_weight.T)
+        p, logp = self.target(teacher_logits.float(), t)  # (n, C)
+        del teacher_logits
+        cols = p.shape[-1]
+        student = s if self.student_columns is None else s[:, : self.student_columns]
+        logq = torch.log_softmax(student / t, dim=-1)  # (n, C)
+        # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
+        kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (n,)
+        parts["kd"] = torch.where(kd_mask, kd_weight.float() * kl, 0.0).sum()
+        coef = torch.where(kd_mask, kd_w * kd_weight.float(), 0.0)  # (n,)
+        kd_grad = logq.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p).mul_(t * coef[:, None])  # (n, C)
+        grad[:, :cols] += torch.where(kd_mask[:, None], kd_grad, 0.0)
+        return parts, grad
