@@ -75,6 +75,14 @@ def test_projection_matches_autograd(temperature):
     _check(kd, projected_target(mapping, STUDENT_WIDTH), None, temperature, 9, {"lm": 1.0, "kd": 0.4})
 
 
+def test_same_vocabulary_unpadded_student_shares_the_softmax():
+    """T = 1 over every student column: the KD softmax is the cross-entropy's (the shared branch)."""
+    kd = functools.partial(_same_vocab_kd, STUDENT_WIDTH, "forward_kl", 0.5, temperature=1.0)
+    target = same_vocab_target(STUDENT_WIDTH)
+    _check(kd, target, STUDENT_WIDTH, 1.0, 10, {"lm": 0.7, "kd": 1.3})
+    _check(kd, target, None, 1.0, 10, {"lm": 0.7, "kd": 1.3})
+
+
 def test_zero_weights_and_lm_only():
     kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
     _check(kd, same_vocab_target(VOCAB), VOCAB, 1.0, 8, {"lm": 1.0, "kd": 0.0})
@@ -92,3 +100,20 @@ def test_a_nan_teacher_is_not_zeroed():
     total, parts, grads = _run(fused, params, row_inputs, {"lm": 1.0, "kd": 1.0}, 8)
     assert torch.isnan(parts["kd"]) and torch.isnan(total)
     assert torch.isnan(grads[1]).any()
+
+
+def test_rows_outside_the_kd_mask_ignore_their_teacher_rows():
+    """A non-finite teacher row that is not distilled must not reach the gradient (the reference never
+    computes it)."""
+    params, row_inputs, t_weight, t_bias = _inputs(4, TEACHER_WIDTH)
+    row_inputs[2][:3] = False
+    row_inputs[1][:3] = float("inf")
+    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
+    reference = make_distill_row_loss(kd, t_weight, t_bias)
+    fused = FusedForwardKL(reference, same_vocab_target(VOCAB), t_weight, t_bias, 1.0, VOCAB)
+    weights = {"lm": 1.0, "kd": 1.0}
+    total, _, grads = _run(fused, params, row_inputs, weights, 8)
+    ref_total, _, ref_grads = _run(reference, params, row_inputs, weights, 8)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -29,7 +29,8 @@ def same_vocab_target(vocab: int) -> TargetFn:
     """The teacher's distribution at T over the shared tokenizer's ids (padding columns dropped)."""
 
     def target(teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = torch.log_softmax(teacher_logits[:, :vocab] / temperature, dim=-1)
+        logits = teacher_logits[:, :vocab]
+        logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
         return logp.exp(), logp
 
     return target
@@ -86,17 +87,12 @@ class FusedForwardKL:
         """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits."""
         s = logits.float()  # (n, W)
         lm_w, kd_w = part_weights.get("lm", 0.0), part_weights.get("kd", 0.0)
-
+        t = self.temperature
         valid = labels != IGNORE_INDEX
         column = labels.clamp_min(0)[:, None]
         lse = torch.logsumexp(s, dim=-1)  # (n,)
-        ce = torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0)
-        grad = torch.exp(s - lse[:, None])  # softmax(s), (n, W)
-        grad.mul_(torch.where(valid, lm_w, 0.0)[:, None])
-        grad.scatter_add_(1, column, torch.where(valid, -lm_w, 0.0)[:, None])
-        parts = {"lm": ce.sum()}
+        parts = {"lm": torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0).sum()}
 
-        t = self.temperature
         hidden = teacher_hidden.to(self.teacher_weight.dtype)
         if self.teacher_bias is None:
             teacher_logits = hidden @ self.teacher_weight.T
@@ -105,12 +101,28 @@ class FusedForwardKL:
         p, logp = self.target(teacher_logits.float(), t)  # (n, C)
         del teacher_logits
         cols = p.shape[-1]
-        student = s if self.student_columns is None else s[:, : self.student_columns]
-        logq = torch.log_softmax(student / t, dim=-1)  # (n, C)
+        # At T = 1 over every column the KD softmax is the cross-entropy's: computed once.
+        shared = t == 1.0 and cols == s.shape[-1]
+        if shared:
+            logq = s - lse[:, None]
+        else:
+            student = s[:, :cols]
+            logq = torch.log_softmax(student if t == 1.0 else student / t, dim=-1)  # (n, C)
         # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
         kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (n,)
         parts["kd"] = torch.where(kd_mask, kd_weight.float() * kl, 0.0).sum()
-        coef = torch.where(kd_mask, kd_w * kd_weight.float(), 0.0)  # (n,)
-        kd_grad = logq.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p).mul_(t * coef[:, None])  # (n, C)
-        grad[:, :cols] += torch.where(kd_mask[:, None], kd_grad, 0.0)
+        del logp
+
+        lm_coef = torch.where(valid, lm_w, 0.0)  # (n,)
+        kd_coef = torch.where(kd_mask, kd_w * t * kd_weight.float(), 0.0)  # (n,)
+        # (n,) mass 1, or 0 for a projected row whose mass is all unmapped. Rows outside kd_mask get exactly
+        # the cross-entropy's gradient, whatever their teacher rows hold (where, not a product with 0).
+        kd_mass = torch.where(kd_mask, kd_coef * p.sum(-1), 0.0)
+        p = torch.where(kd_mask[:, None], p.mul_(kd_coef[:, None]), 0.0)
+        if shared:
+            grad = logq.exp_().mul_((lm_coef + kd_mass)[:, None]).sub_(p)  # (n, W)
+        else:
+            grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
+            grad[:, :cols] += logq.exp_().mul_(kd_mass[:, None]).sub_(p)
+        grad.scatter_add_(1, column, -lm_coef[:, None])
         return parts, grad
