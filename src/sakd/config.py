@@ -56,6 +56,10 @@ class TeacherSpec(ModelSpec):
     """Folder of a teacher cache (`sakd cache-teacher`): train from its stored top-k distributions instead of
     running the teacher, which is then not loaded (only its tokenizer is). The losses that need the teacher's
     hidden states or attention (feature, attention, router, balance, layerwise, contrastive) are unavailable."""
+    placement: Literal["replicate", "shard", "offload"] = "replicate"
+    """replicate: a full copy on every device. shard: split over the processes with FSDP2 (each layer's
+    weights are gathered for its forward only). offload: weights stay in host memory and each layer is moved
+    to the device for its forward (slow, but the teacher needs no device memory)."""
 
 
 class StudentSpec(ModelSpec):
@@ -131,6 +135,9 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     seed: int = 0
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every process holds the whole student. fsdp: the student's weights, gradients and optimizer
+    state are split over the processes (PyTorch FSDP2); checkpoints hold the full weights either way."""
     precision: Precision = "auto"
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)

@@ -48,6 +48,7 @@ def _max_diff(a: Path, b: Path) -> float:
     assert wa.keys() == wb.keys()
     diffs = [float((wa[k] - wb[k]).abs().max()) for k in wa]
     ea, eb = _state(a)["ema"]["shadow"], _state(b)["ema"]["shadow"]
+    assert ea.keys() == eb.keys()
     diffs += [float((ea[k] - eb[k]).abs().max()) for k in ea]
     return max(diffs)
 

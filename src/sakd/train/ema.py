@@ -18,8 +18,10 @@ class EMA:
         seen = set()
         for k, v in model.state_dict().items():
             # A tied embedding appears under two names with one storage: average it once.
-            if v.is_floating_point() and v.data_ptr() not in seen:
-                seen.add(v.data_ptr())
+            # (A shard of a sharded student has no storage of its own: its local part's is the one to compare.)
+            ptr = (v.to_local() if hasattr(v, "to_local") else v).data_ptr()
+            if v.is_floating_point() and ptr not in seen:
+                seen.add(ptr)
                 self.shadow[k] = v.detach().float().clone()
 
     def effective_decay(self) -> float:
@@ -55,10 +57,17 @@ class EMA:
             params[k].copy_(s.to(params[k].dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+        """With a sharded student the shadow weights are gathered in full (every process must call it)."""
+        shadow = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.shadow.items()}
+        return {"decay": self.decay, "updates": self.updates, "shadow": shadow}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
         self.updates = state["updates"]
         for k, v in state["shadow"].items():
-            self.shadow[k].copy_(v)
+            s = self.shadow[k]
+            if hasattr(s, "device_mesh"):  # a shard of a sharded student: take this process's part
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(s.dtype), s.device_mesh, s.placements)
+            s.copy_(v)

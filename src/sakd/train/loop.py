@@ -26,7 +26,7 @@ from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.errors import UserError
-from sakd.models.load import load_tokenizer, resolve_precision
+from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
 from sakd.report.trackers import MetricsWriter
 from sakd.train import checkpoint, rundir
@@ -34,6 +34,7 @@ from sakd.train.collective import agree_max, global_losses, global_sum, window_i
 from sakd.train.evaluate import eval_batches as make_eval_batches
 from sakd.train.evaluate import evaluate_student
 from sakd.train.persist import export_final, load_checkpoint, save_checkpoint
+from sakd.train.sharding import is_sharded
 from sakd.train.step import build_training, to_device, train_step
 
 log = logging.getLogger("sakd")
@@ -322,6 +323,10 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         "elapsed_s": round(state.elapsed_s, 2),
         "stop_reason": stop_reason or "max_steps",
         "objective": t.objective.kind,
+        "sharded": {
+            "student": is_sharded(unwrap(t.student)),
+            "teacher": t.teacher is not None and is_sharded(t.teacher),
+        },
         "teacher_cache": cached.coverage if cached is not None else None,
         "final": export,
         "eval": final_eval,

@@ -10,12 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from sakd.errors import UserError
 from sakd.models.load import unwrap
 from sakd.train import checkpoint
+from sakd.train.sharding import (
+    gather_full_state,
+    gather_full_weights,
+    is_sharded,
+    scatter_full_state,
+    without_tied_copies,
+)
 
 
 def save_checkpoint(
@@ -25,6 +33,12 @@ def save_checkpoint(
     Without `collective` (an emergency save after an exception) the main process writes it alone, with its
     own RNG state only; the other processes write nothing."""
     final = root / checkpoint.step_dir_name(state.step)
+    sharded = is_sharded(unwrap(student))
+    if sharded and not collective:
+        raise RuntimeError(
+            "a sharded (FSDP) student cannot be saved by one process alone: the newest periodic checkpoint "
+            "is the one to resume from"
+        )
     if not collective and not accelerator.is_main_process:
         return final
     sync = accelerator.wait_for_everyone if collective else lambda: None
@@ -34,16 +48,24 @@ def save_checkpoint(
         tmp = checkpoint.begin(root, state.step)
     sync()
     torch.save(checkpoint.rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    # Collectives first (every process): the full weights of a sharded student, and the EMA's.
+    if sharded:
+        weights, optimizer_state = gather_full_state(unwrap(student), optimizer)
+    ema_state = ema.state_dict() if ema is not None else None
     if accelerator.is_main_process:
-        save_safetensors_model(unwrap(student), str(tmp / "student.safetensors"))
+        if sharded:
+            save_file(without_tied_copies(weights, unwrap(student)), str(tmp / "student.safetensors"))
+        else:
+            save_safetensors_model(unwrap(student), str(tmp / "student.safetensors"))
+            optimizer_state = optimizer.state_dict()
         if heads is not None:
             save_safetensors_model(heads, str(tmp / "heads.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
+                "ema": ema_state,
                 # the position counts global batches: their size makes it portable
                 "loader": {**loader.state_dict(), "global_batch": loader.batch_size * loader.world_size},
                 "loop": asdict(state),
@@ -61,9 +83,14 @@ def save_checkpoint(
 
 def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema, loader, state) -> None:
     # A config changed under --force may no longer fit the checkpoint: the user's to fix, not a traceback.
+    sharded = is_sharded(unwrap(student))
     try:
-        load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
-    except RuntimeError as e:
+        if sharded:  # every process reads the full weights and keeps its shards
+            weights = load_file(str(path / "student.safetensors"))
+            scatter_full_state(unwrap(student), optimizer, weights, None)
+        else:
+            load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
+    except (RuntimeError, KeyError) as e:
         detail = " ".join(str(e).split())[:300]
         raise UserError(
             f"checkpoint '{path}' does not fit this student ({detail}): resume with the student it was trained "
@@ -78,7 +105,10 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
         raise UserError(
             f"cannot resume from '{path}': {e}: restore them, or start a new run in another output_dir"
         ) from None
-    optimizer.load_state_dict(saved["optimizer"])
+    if sharded:
+        scatter_full_state(unwrap(student), optimizer, weights, saved["optimizer"])
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler is not None and saved["scaler"] is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
@@ -98,12 +128,15 @@ def export_final(out: Path, student, ema, tokenizer, final_eval, accelerator) ->
     per byte (raw when there is no held-out data), and `sakd.json` saying which."""
     choice = final_eval["best"] if final_eval else "raw"
     info = {"weights": choice, "bits_per_byte": final_eval["best_bits_per_byte"] if final_eval else None}
+    model = unwrap(student)
+    sharded = is_sharded(model)
+    context = ema.applied(model) if choice == "ema" and ema is not None else nullcontext()
+    with context:
+        weights = gather_full_weights(model) if sharded else None  # a collective
+        if accelerator.is_main_process:
+            final = out / "final"
+            model.save_pretrained(final, state_dict=dict(weights) if sharded else None)
     if accelerator.is_main_process:
-        model = unwrap(student)
-        final = out / "final"
-        context = ema.applied(model) if choice == "ema" and ema is not None else nullcontext()
-        with context:
-            model.save_pretrained(final)
         tokenizer.save_pretrained(final)
         (final / "sakd.json").write_text(json.dumps(info, indent=1))
     accelerator.wait_for_everyone()

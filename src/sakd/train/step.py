@@ -14,12 +14,14 @@ from accelerate import Accelerator
 from sakd.cache.training import CachedTeacher, teacher_skeleton
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint
+from sakd.errors import UserError
 from sakd.models.attention import attention_implementation
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
 from sakd.train.collective import all_finite, average_gradients, global_counts
 from sakd.train.ema import EMA
 from sakd.train.objective import DistillHeads, DistillObjective, TokenCounts, build_heads
 from sakd.train.schedule import make_scheduler
+from sakd.train.sharding import full_tensor, place_teacher, shard
 
 AUX_LOSSES = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
 
@@ -77,7 +79,7 @@ def build_training(
         teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
         teacher_attn = attention_implementation(needs_maps, cfg.teacher.attn_implementation)
         teacher = freeze(load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), teacher_attn))
-        teacher.to(accelerator.device)
+        teacher = place_teacher(teacher, cfg.teacher.placement, accelerator.device, accelerator.num_processes)
     # Trainable weights stay fp32 (master weights); mixed precision comes from autocast and a GradScaler.
     student = load_model(
         cfg.student.model,
@@ -113,13 +115,24 @@ def build_training(
         chunk_logits=cfg.distill.chunk_logits,
         fused_loss=cfg.distill.fused_loss,
     )
+    sharded = tc.strategy == "fsdp" and accelerator.num_processes > 1
+    if sharded:
+        if heads is not None:
+            raise UserError(
+                "train.strategy=fsdp does not support the auxiliary losses' heads yet (feature, attention, "
+                "router, balance, layerwise, contrastive, token_weighting): set their weights to 0, or use ddp"
+            )
+        shard(student.to(accelerator.device))  # before the optimizer, which must see the shards
     groups = param_groups(student, tc.weight_decay)
     if heads is not None:
         groups.append({"params": list(heads.parameters()), "weight_decay": 0.0, "lr": cfg.router.lr or tc.lr})
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper steps it once per process).
     scheduler = make_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        student, optimizer = accelerator.prepare(student, optimizer)
     ema = EMA(unwrap(student), tc.ema_decay) if tc.ema_decay else None
     return Training(cfg, accelerator, teacher, student, heads, objective, optimizer, scheduler, ema, attn)
 
@@ -134,6 +147,10 @@ def train_step(t: Training, batches: list[dict[str, torch.Tensor]], point: Curri
     parts_sum: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
+        if hasattr(
+            student, "set_requires_gradient_sync"
+        ):  # FSDP2: reduce-scatter on the last micro-batch only
+            student.set_requires_gradient_sync(last)
         with accelerator.no_sync(student) if not last else nullcontext(), accelerator.autocast():
             loss, parts = t.objective(
                 student, t.teacher, batch, point, counts, accelerator.num_processes, len(batches)
@@ -145,7 +162,7 @@ def train_step(t: Training, batches: list[dict[str, torch.Tensor]], point: Curri
     if t.heads is not None:
         average_gradients(t.heads, accelerator)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
-    grad_norm = accelerator.clip_grad_norm_(params, t.cfg.train.max_grad_norm or math.inf)
+    grad_norm = full_tensor(accelerator.clip_grad_norm_(params, t.cfg.train.max_grad_norm or math.inf))
     stepped = False
     if all_finite(loss_sum, grad_norm, accelerator):
         t.optimizer.step()

@@ -1,0 +1,142 @@
+"""Sharding over processes with PyTorch FSDP2 (`fully_shard`): the student (`train.strategy: fsdp`) and the
+teacher (`teacher.placement: shard`), plus host offload of the teacher (`teacher.placement: offload`).
+
+Each decoder layer is its own FSDP unit and the root holds the embeddings, final norm and LM head. FSDP2
+reduce-scatters (averages) gradients like DDP all-reduces them, so the objective's loss scaling is unchanged.
+Checkpoints stay in the plain single-process format (full weights, optimizer state keyed by position), so a
+run can move between DDP, FSDP and one process: `gather_full_state` builds that on the main process and
+`scatter_full_state` spreads it back over the shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sakd.errors import UserError
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list of a Hugging Face causal LM (`model.model.layers` in Llama, Qwen, Mixtral...)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        module: Any = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise UserError(
+        f"cannot find the decoder layers of {type(model).__name__} to shard: use train.strategy=ddp / "
+        "teacher.placement=replicate for this model"
+    )
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 over all processes: one unit per decoder layer, then the root. In place; returns `model`."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensor(value):
+    """A DTensor's full value (a collective), anything else unchanged."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def place_teacher(teacher: nn.Module, placement: str, device: torch.device, num_processes: int) -> nn.Module:
+    """Put the frozen teacher where `teacher.placement` says."""
+    if placement == "shard" and num_processes > 1:
+        return shard(teacher.to(device))
+    if placement == "offload" and device.type != "cpu":
+        from accelerate import cpu_offload
+
+        return cpu_offload(teacher, execution_device=device)
+    return teacher.to(device)  # replicate (and every placement on one process / on the CPU)
+
+
+def _names_by_position(model: nn.Module, optimizer) -> list[list[str]]:
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def gather_full_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full weights and optimizer state of a sharded model, on the main process (empty elsewhere). Every
+    process must call it. The optimizer state is keyed by position, like `optimizer.state_dict()` of an
+    unsharded run."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)
+    if not weights:
+        return {}, {}
+    order = [name for group in _names_by_position(model, optimizer) for name in group]
+    index = {name: i for i, name in enumerate(order)}
+    groups, position = [], 0
+    for group in optim["param_groups"]:
+        ids = list(range(position, position + len(group["params"])))
+        groups.append({**group, "params": ids})
+        position += len(ids)
+    state = {index[name]: value for name, value in optim["state"].items()}
+    return weights, {"state": state, "param_groups": groups}
+
+
+def scatter_full_state(
+    model: nn.Module, optimizer, weights: dict[str, torch.Tensor], optim: dict[str, Any] | None
+) -> None:
+    """Load full weights (and a position-keyed optimizer state), read by every process, into its shards.
+    Every process must call it. A tied weight saved under one of its names is filled in under the others."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+    weights = dict(weights)
+    for names in tied_groups(model):
+        present = [n for n in names if n in weights]
+        for name in names:
+            if present and name not in weights:
+                weights[name] = weights[present[0]]
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    if optim is None:
+        return
+    order = [name for group in _names_by_position(model, optimizer) for name in group]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim["param_groups"]]
+    keyed = {"state": {order[i]: v for i, v in optim["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, keyed, options=options)
+
+
+def gather_full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full weights of a sharded model on the main process (empty elsewhere); every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the model's state that are one tensor (a tied embedding and LM head), each group sorted."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, value in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(value), []).append(name)
+    return [sorted(names) for names in by_tensor.values() if len(names) > 1]
+
+
+def without_tied_copies(weights: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The gathered weights with a tied tensor under its first name only, as `safetensors.save_model` writes
+    an unsharded model (so checkpoints of both are alike)."""
+    drop = {name for group in tied_groups(model) for name in group[1:]}
+    return {name: value.contiguous() for name, value in weights.items() if name not in drop}

@@ -1,0 +1,71 @@
+"""FSDP2 on two CPU processes (torchrun, gloo): a sharded student (and a sharded teacher) reach the same weights
+as one process of the same global batch; checkpoints hold full weights, so runs move between FSDP and one
+process both ways; final/ is a complete Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dist_helpers import cut_after, run_two, write_yaml
+from test_data_parallel import ATOL, _ckpt, _max_diff, _records
+from transformers import AutoModelForCausalLM
+
+from sakd.config import validate
+from sakd.train.loop import train
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(make_dist_raw) -> Path:
+    """6 steps, 2 processes of batch 2, student sharded (train.strategy fsdp), teacher sharded too."""
+    raw = make_dist_raw("fsdp", strategy="fsdp")
+    raw["teacher"]["placement"] = "shard"
+    proc = run_two(write_yaml(raw, Path(raw["output_dir"]).with_suffix(".yaml")))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    summary = json.loads((Path(raw["output_dir"]) / "summary.json").read_text())
+    assert summary["sharded"] == {"student": True, "teacher": True}  # not silently replicated
+    return Path(raw["output_dir"])
+
+
+def test_fsdp_of_two_processes_equals_one_process(fsdp_run, one_process_run):
+    for step in (3, 6):
+        diff = _max_diff(_ckpt(fsdp_run, step), _ckpt(one_process_run, step))
+        print(f"FSDP step {step}: max abs difference of student and EMA weights vs 1 process: {diff:.2e}")
+        assert diff < ATOL
+    mine, theirs = _records(fsdp_run, "train"), _records(one_process_run, "train")
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in mine] == pytest.approx([r[key] for r in theirs], rel=1e-5), key
+
+
+def test_fsdp_final_folder_holds_the_full_student(fsdp_run, one_process_run):
+    sharded = AutoModelForCausalLM.from_pretrained(fsdp_run / "final")
+    plain = AutoModelForCausalLM.from_pretrained(one_process_run / "final")
+    a, b = sharded.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(fsdp_run, one_process_run, make_dist_raw):
+    raw = make_dist_raw("fsdp-then-one", batch_size=4)
+    run = Path(raw["output_dir"])
+    cut_after(fsdp_run, run, 3)
+    summary = train(validate(raw), resume="auto")
+    assert summary["step"] == 6 and _records(run, "resume")[-1]["step"] == 3
+    assert _max_diff(_ckpt(run, 6), _ckpt(one_process_run, 6)) < ATOL
+
+
+def test_one_process_checkpoint_resumes_under_fsdp(one_process_run, make_dist_raw):
+    raw = make_dist_raw("one-then-fsdp", strategy="fsdp")
+    run = Path(raw["output_dir"])
+    cut_after(one_process_run, run, 3)
+    proc = run_two(write_yaml(raw, run.with_suffix(".yaml")), "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _records(run, "resume")[-1]["step"] == 3
+    diff = _max_diff(_ckpt(run, 6), _ckpt(one_process_run, 6))
+    print(f"1 process -> FSDP on 2, resumed at step 3: max abs difference at step 6: {diff:.2e}")
+    assert diff < ATOL
+    state = torch.load(_ckpt(run, 6) / "training_state.pt", weights_only=False)
+    assert all(isinstance(k, int) for k in state["optimizer"]["state"])  # the plain, position-keyed format
