@@ -117,8 +117,10 @@ def _plan(args: argparse.Namespace) -> int:
     from sakd.plan import estimate, format_plan, parse_size
 
     memory = parse_size(args.device_memory) if args.device_memory else None
+    if args.processes < 1:
+        raise UserError(f"--processes must be at least 1, got {args.processes}")
     cfg = validate(apply_overrides(read_yaml(args.config), args.set), check_files=False)
-    plan = estimate(cfg, args.precision, memory)
+    plan = estimate(cfg, args.precision, memory, args.processes)
     print(json.dumps(plan.as_dict(), indent=1) if args.format == "json" else format_plan(plan, args.config))
     return 0
 
@@ -208,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--device-memory", metavar="SIZE", help="e.g. 16GB: suggest batch size and accumulation")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the config's")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="processes (devices) of the run: divides sharded parts (train.strategy fsdp, teacher.placement shard)",
+    )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_plan)
     p = sub.add_parser("bench", help="time and peak memory: chunked KD loss, training step, data loading")

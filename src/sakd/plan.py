@@ -111,6 +111,8 @@ class Plan:
     student: ModelShape
     device_memory: int | None = None
     suggestion: dict[str, Any] = field(default_factory=dict)
+    processes: int = 1
+    placement: str | None = None
 
     @property
     def total(self) -> int:
@@ -124,7 +126,31 @@ def _bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def estimate(cfg: Config, precision: str | None = None, device_memory: int | None = None) -> Plan:
+PLACEMENTS = ("replicate", "shard", "offload")
+
+
+def _teacher_weights(teacher: ModelShape, placement: str, processes: int, t_bytes: int) -> tuple[int, str]:
+    """Device bytes of the teacher's weights under a placement: all of them, a 1/processes shard plus the one
+    layer FSDP gathers for its forward, or (offload) one layer at a time plus the embeddings and head."""
+    layer = (teacher.params - 2 * teacher.vocab * teacher.hidden) // max(teacher.layers, 1)
+    embeddings = 2 * teacher.vocab * teacher.hidden
+    if placement == "shard" and processes > 1:
+        size = math.ceil(teacher.params / processes) + layer
+        return size * t_bytes, f"{teacher.params:,} params / {processes} + one layer {layer:,}, x {t_bytes} B"
+    if placement == "offload":
+        return (
+            layer + embeddings
+        ) * t_bytes, f"one layer {layer:,} + embeddings and head {embeddings:,}, x {t_bytes} B"
+    return teacher.params * t_bytes, f"{teacher.params:,} params x {t_bytes} B"
+
+
+def estimate(
+    cfg: Config,
+    precision: str | None = None,
+    device_memory: int | None = None,
+    processes: int = 1,
+    placement: str | None = None,
+) -> Plan:
     """The per-device memory of `cfg` (train.precision unless `precision`; 'auto' counts as 16-bit, what it
     gives on a GPU), and with `device_memory` the largest micro-batch that fits and the accumulation that
     keeps the config's windows per optimizer step."""
@@ -147,14 +173,19 @@ def estimate(cfg: Config, precision: str | None = None, device_memory: int | Non
     formulas: dict[str, str] = {}
 
     t_bytes = _bytes(cfg.teacher.dtype if cfg.teacher and cfg.teacher.dtype != "auto" else precision)
+    placement = placement or (cfg.teacher.placement if cfg.teacher is not None else "replicate")
     if runs_teacher:
-        parts["teacher weights"] = teacher.params * t_bytes
-        formulas["teacher weights"] = f"{teacher.params:,} params x {t_bytes} B"
-    parts["student weights, grads, AdamW"] = student.params * 16
-    formulas["student weights, grads, AdamW"] = f"{student.params:,} params x 16 B (fp32 4 + 4 + 8)"
+        parts["teacher weights"], formulas["teacher weights"] = _teacher_weights(
+            teacher, placement, processes, t_bytes
+        )
+    # FSDP keeps 1/processes of the student's weights, gradients, AdamW state and EMA on each device.
+    shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
+    per = f" / {shards} processes (fsdp)" if shards > 1 else ""
+    parts["student weights, grads, AdamW"] = math.ceil(student.params / shards) * 16
+    formulas["student weights, grads, AdamW"] = f"{student.params:,} params{per} x 16 B (fp32 4 + 4 + 8)"
     if cfg.train.ema_decay:
-        parts["student EMA"] = student.params * 4
-        formulas["student EMA"] = f"{student.params:,} params x 4 B"
+        parts["student EMA"] = math.ceil(student.params / shards) * 4
+        formulas["student EMA"] = f"{student.params:,} params{per} x 4 B"
     if act == 2:
         parts["autocast 16-bit weights"] = student.params * 2
         formulas["autocast 16-bit weights"] = f"{student.params:,} params x 2 B"
@@ -203,8 +234,21 @@ def estimate(cfg: Config, precision: str | None = None, device_memory: int | Non
     )
     batch = cfg.train.batch_size
     plan = Plan(precision, batch, s, {**parts, **batch_parts(batch)}, formulas, per_window, teacher, student)
+    plan.processes, plan.placement = processes, placement if runs_teacher else None
     if device_memory is None:
         return plan
+    if runs_teacher and cfg.teacher is not None and placement == cfg.teacher.placement:
+        # The cheapest placement (in device time) whose plan fits one window: replicate, shard, offload.
+        for option in PLACEMENTS:
+            if option == "shard" and processes < 2:
+                continue
+            trial = estimate(cfg, precision, None, processes, option)
+            if trial.total - sum(batch_parts(batch).values()) + sum(batch_parts(1).values()) <= int(
+                device_memory * (1 - HEADROOM)
+            ):
+                if option != placement:
+                    return estimate(cfg, precision, device_memory, processes, option)
+                break
     plan.device_memory = device_memory
     usable = int(device_memory * (1 - HEADROOM))
     fixed = sum(parts.values())
@@ -223,7 +267,7 @@ def estimate(cfg: Config, precision: str | None = None, device_memory: int | Non
         "windows_per_step": best * accum,
         "largest_batch_that_fits": max(fits),
         "total_at_suggestion": fixed + sum(batch_parts(best).values()),
-        "teacher_placement": "replicate" if runs_teacher else None,
+        "teacher_placement": placement if runs_teacher else None,
     }
     return plan
 
@@ -233,8 +277,7 @@ def _advice(plan: Plan, fixed: int, usable: int) -> str:
     if plan.parts.get("teacher weights", 0) >= 0.5 * usable:
         tips.append(
             "the teacher's weights alone take half the device: use teacher.dtype fp16/bf16 if it is fp32, "
-            "or shard it across devices with FSDP / DeepSpeed ZeRO-3 through `accelerate launch "
-            "--config_file` (untested with sakd)"
+            "teacher.placement: shard (over several processes) or offload (host memory)"
         )
     if "student EMA" in plan.parts:
         tips.append("train.ema_decay: null saves the EMA copy")
@@ -253,7 +296,9 @@ def format_plan(plan: Plan, config_path: str) -> str:
     precision = "auto, counted as 16-bit as on a GPU" if plan.precision == "auto" else plan.precision
     lines = [
         f"memory per device for {config_path} ({precision}, micro-batch {plan.batch_size} x "
-        f"{plan.seq_len} tokens; data parallelism holds all of it on every device):"
+        f"{plan.seq_len} tokens, {plan.processes} process(es)"
+        + (f", teacher.placement {plan.placement}" if plan.placement else "")
+        + "):"
     ]
     width = max(len(k) for k in plan.parts)
     for name, size in plan.parts.items():
@@ -269,8 +314,8 @@ def format_plan(plan: Plan, config_path: str) -> str:
         lines.append(head + sug["advice"])
         return "\n".join(lines)
     placement = (
-        f"; teacher placement: replicate ({_size(plan.parts['teacher weights']).strip()} on every device, "
-        "the only placement sakd implements)"
+        f"; teacher.placement: {sug['teacher_placement']} ({_size(plan.parts['teacher weights']).strip()} "
+        "of teacher weights per device)"
         if sug["teacher_placement"]
         else ""
     )

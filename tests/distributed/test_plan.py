@@ -132,9 +132,46 @@ def test_suggests_the_largest_power_of_two_batch_that_fits(base_config, tmp_path
 
     assert main(["plan", str(config), "--device-memory", "16GB"]) == 0
     text = capsys.readouterr().out
-    assert "train.batch_size 32, train.grad_accum 1" in text and "teacher placement: replicate" in text
+    assert "train.batch_size 32, train.grad_accum 1" in text and "teacher.placement: replicate" in text
     assert main(["plan", str(config), "--device-memory", "1MB"]) == 0
     assert "even one window does not fit" in capsys.readouterr().out
+
+
+def test_sharding_and_offload_divide_the_right_parts(base_config):
+    """FSDP divides the student's weights, gradients, AdamW state and EMA by the processes; a sharded teacher
+    keeps 1/processes of its weights plus one gathered layer; an offloaded one keeps one layer plus the
+    embeddings and head."""
+    raw = _plan_raw(base_config)
+    plain = estimate(validate(raw), "fp32")
+    t, s = plain.teacher, plain.student
+    raw["train"]["strategy"] = "fsdp"
+    sharded = estimate(validate(raw), "fp32", processes=4, placement="shard")
+    assert sharded.parts["student weights, grads, AdamW"] == 16 * -(-s.params // 4)
+    assert sharded.parts["student EMA"] == 4 * -(-s.params // 4)
+    layer = (t.params - 2 * t.vocab * t.hidden) // t.layers
+    assert sharded.parts["teacher weights"] == 4 * (-(-t.params // 4) + layer)
+    offload = estimate(validate(raw), "fp32", processes=1, placement="offload")
+    assert offload.parts["teacher weights"] == 4 * (layer + 2 * t.vocab * t.hidden)
+    assert offload.parts["student weights, grads, AdamW"] == 16 * s.params  # one process: nothing to shard
+    for key in ("student activations", "loss (one chunk)"):
+        assert sharded.parts[key] == plain.parts[key]
+
+
+def test_a_teacher_too_big_to_replicate_gets_another_placement(base_config):
+    """The device holds everything but the full teacher: several processes shard it, one process offloads it."""
+    raw = _plan_raw(base_config)
+    full = estimate(validate(raw), "fp32")
+    one_window = estimate(validate({**raw, "train": {**raw["train"], "batch_size": 1}}), "fp32").total
+    smaller = max(
+        estimate(validate(raw), "fp32", processes=4, placement="shard").parts["teacher weights"],
+        estimate(validate(raw), "fp32", placement="offload").parts["teacher weights"],
+    )
+    assert smaller < full.parts["teacher weights"]
+    memory = int((one_window - (full.parts["teacher weights"] - smaller) // 2) / (1 - HEADROOM))
+    assert estimate(validate(raw), "fp32", memory, processes=4).suggestion["teacher_placement"] == "shard"
+    assert estimate(validate(raw), "fp32", memory, processes=1).suggestion["teacher_placement"] == "offload"
+    roomy = estimate(validate(raw), "fp32", 100 * full.total, processes=4)
+    assert roomy.suggestion["teacher_placement"] == "replicate"
 
 
 def test_an_unreachable_hub_id_is_one_error_line(base_config, tmp_path, monkeypatch, capsys):
