@@ -54,14 +54,46 @@ def full_tensor(value):
 
 
 def place_teacher(teacher: nn.Module, placement: str, device: torch.device, num_processes: int) -> nn.Module:
-    """Put the frozen teacher where `teacher.placement` says."""
+    """Put the frozen teacher where `teacher.placement` says (on a CPU-only machine offload changes nothing
+    but adds its hooks)."""
     if placement == "shard" and num_processes > 1:
         return shard(teacher.to(device))
-    if placement == "offload" and device.type != "cpu":
-        from accelerate import cpu_offload
+    if placement == "offload":
+        return offload(teacher, device)
+    return teacher.to(device)  # replicate (and shard on one process)
 
-        return cpu_offload(teacher, execution_device=device)
-    return teacher.to(device)  # replicate (and every placement on one process / on the CPU)
+
+def offload(model: nn.Module, device: torch.device, host: str = "cpu") -> nn.Module:
+    """Keep the decoder layers in host memory and move each to `device` for its own forward only; the
+    embeddings, final norm and LM head stay on `device` (the distillation loss applies the head itself).
+    Device memory: those plus one layer. In place; returns `model`."""
+    layers = decoder_layers(model)
+
+    def place_outside(module: nn.Module) -> None:
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None:
+                tensor.data = tensor.data.to(device)
+        for child in module.children():
+            if child is layers:
+                continue
+            if any(m is layers for m in child.modules()):
+                place_outside(child)
+            else:
+                child.to(device)
+
+    def arrive(module: nn.Module, _args) -> None:  # hooks return None: a value would replace args / output
+        module.to(device)
+
+    def leave(module: nn.Module, _args, _output) -> None:
+        module.to(host)
+
+    place_outside(model)
+    for layer in layers:
+        layer.to(host)
+        layer.register_forward_pre_hook(arrive)
+        layer.register_forward_hook(leave)
+    model.sakd_offloaded = True
+    return model
 
 
 def _names_by_position(model: nn.Module, optimizer) -> list[list[str]]:
