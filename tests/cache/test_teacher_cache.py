@@ -170,13 +170,34 @@ def test_full_vocabulary_cache_equals_live_teacher(raw, assets, tmp_path, vocab)
         spec = CurriculumSpec(**NO_AUX, temperature_start=temperature, temperature_end=temperature)
         point = curriculum_at(0.0, spec)
         for divergence in ("forward_kl", "jsd"):
-            live = DistillObjective(teacher_tok, student_tok, divergence, chunk_size=37)
-            from_cache = DistillObjective(teacher_tok, student_tok, divergence, chunk_size=37, cached=True)
-            _, live_parts = live(student, teacher, batch, point, TokenCounts.of([batch]))
-            _, cached_parts = from_cache(student, None, cached, point, TokenCounts.of([cached]))
-            expected = float(live_parts["kd"])
-            assert expected > 0
-            assert float(cached_parts["kd"]) == pytest.approx(expected, rel=1e-5), (temperature, divergence)
+            grads = {}
+            for fused in (False, True):  # the closed-form gradients (forward KL) against autograd
+                live = DistillObjective(teacher_tok, student_tok, divergence, chunk_size=37, fused_loss=fused)
+                from_cache = DistillObjective(
+                    teacher_tok, student_tok, divergence, chunk_size=37, cached=True, fused_loss=fused
+                )
+                for name, objective, model_batch, t in (
+                    ("live", live, batch, teacher),
+                    ("cached", from_cache, cached, None),
+                ):
+                    loss, parts = objective(student, t, model_batch, point, TokenCounts.of([model_batch]))
+                    loss.backward()
+                    grads[name, fused] = [p.grad.clone() for p in student.parameters()]
+                    student.zero_grad(set_to_none=True)
+                    if name == "live":
+                        expected = float(parts["kd"])
+                        assert expected > 0
+                    else:
+                        assert float(parts["kd"]) == pytest.approx(expected, rel=1e-5), (
+                            temperature,
+                            divergence,
+                        )
+            first = grads["live", False]
+            for key, value in grads.items():
+                for g, r in zip(value, first, strict=True):
+                    torch.testing.assert_close(
+                        g, r, rtol=1e-4, atol=1e-6, msg=f"{key} {divergence} T={temperature}"
+                    )
 
 
 def test_sparse_divergence_is_a_lower_bound_and_exact_at_full_k():

@@ -133,17 +133,21 @@ def test_checkpoint_of_two_processes_resumes_on_one(two_process_run, one_process
     assert diff < ATOL
 
 
-def test_checkpoint_of_one_process_resumes_on_two(one_process_run, make_dist_raw):
-    """4 x 1 -> 2 x 2 (rank 1 has no RNG file of its own and takes rank 0's)."""
-    raw = make_dist_raw("one-then-two")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoint_of_one_process_resumes_on_two(one_process_run, make_dist_raw, strategy):
+    """4 x 1 -> 2 x 2 (rank 1 has no RNG file of its own and takes rank 0's), with the student replicated or
+    sharded; the checkpoints written under FSDP keep the plain, position-keyed optimizer state."""
+    raw = make_dist_raw(f"one-then-two-{strategy}", strategy=strategy)
     run = Path(raw["output_dir"])
     cut_after(one_process_run, run, 3)
     proc = run_two(write_yaml(raw, run.with_suffix(".yaml")), "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _records(run, "resume")[-1]["step"] == 3
     diff = _max_diff(_ckpt(run, 6), _ckpt(one_process_run, 6))
-    print(f"1 -> 2 processes, resumed at step 3: max abs difference at step 6: {diff:.2e}")
+    print(f"1 -> 2 processes ({strategy}), resumed at step 3: max abs difference at step 6: {diff:.2e}")
     assert diff < ATOL
+    optimizer = _state(_ckpt(run, 6))["optimizer"]
+    assert all(isinstance(k, int) for k in optimizer["state"])
 
 
 def test_a_changed_global_batch_is_refused_across_process_counts(two_process_run, make_dist_raw, capsys):

@@ -117,3 +117,57 @@ def test_rows_outside_the_kd_mask_ignore_their_teacher_rows():
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def _cached_inputs(seed: int, k: int, teacher_vocab: int):
+    g = torch.Generator().manual_seed(seed)
+    (hidden, weight, bias), (labels, _, kd_mask, kd_weight), _, _ = _inputs(seed, TEACHER_WIDTH)
+    ids = torch.stack([torch.randperm(teacher_vocab, generator=g)[:k] for _ in range(ROWS)])
+    probs = torch.rand(ROWS, k, generator=g).sort(dim=-1, descending=True).values
+    probs = probs / probs.sum(-1, keepdim=True) * (0.5 + 0.5 * torch.rand(ROWS, 1, generator=g))
+    tail = 1.0 - probs.sum(-1)
+    ids[0], probs[0], tail[0] = 0, 0.0, 0.0  # a window position the cache did not cover: no teacher mass
+    kd_mask[0] = True
+    row_inputs = [labels, ids, probs.half().float(), tail, kd_mask, kd_weight]
+    return (hidden, weight, bias), row_inputs
+
+
+def _check_cached(kd_kwargs, temperature, k, teacher_vocab, weights, seed=0, mutate=None):
+    from sakd.losses.fused import FusedCachedForwardKL
+    from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
+
+    params, row_inputs = _cached_inputs(seed, k, teacher_vocab)
+    if mutate:
+        mutate(row_inputs)
+    kd = functools.partial(sparse_teacher_divergence, teacher_vocab_size=teacher_vocab, **kd_kwargs)
+    reference = make_cached_distill_row_loss(functools.partial(kd, temperature=temperature))
+    fused = FusedCachedForwardKL(reference, temperature, teacher_vocab, **kd_kwargs)
+    total, parts, grads = _run(fused, params, row_inputs, weights, 11)
+    ref_total, ref_parts, ref_grads = _run(reference, params, row_inputs, weights, 11)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    for key in ref_parts:
+        torch.testing.assert_close(parts[key], ref_parts[key], rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cached_same_vocabulary_matches_autograd(temperature):
+    _check_cached({"student_vocab": VOCAB}, temperature, 8, VOCAB, {"lm": 0.7, "kd": 1.3})
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_cached_projection_matches_autograd(temperature):
+    """Teacher ids land on student columns with duplicates and unmapped ones; every student column counts."""
+    mapping = _mapping(60)
+    kwargs = {"teacher_to_student": mapping.teacher_to_student}
+    _check_cached(kwargs, temperature, 12, 60, {"lm": 1.0, "kd": 0.5})
+
+
+def test_cached_top_k_covering_the_vocabulary():
+    """k = vocabulary: no tail bucket (the student's rest has no mass to compare)."""
+
+    def full_cover(row_inputs):
+        row_inputs[3].zero_()
+
+    _check_cached({"student_vocab": VOCAB}, 1.0, VOCAB, VOCAB, {"lm": 1.0, "kd": 1.0}, mutate=full_cover)

@@ -126,3 +126,89 @@ class FusedForwardKL:
             grad[:, :cols] += logq.exp_().mul_(kd_mass[:, None]).sub_(p)
         grad.scatter_add_(1, column, -lm_coef[:, None])
         return parts, grad
+
+
+class FusedCachedForwardKL:
+    """The cached-teacher twin of `FusedForwardKL` (row inputs: labels, teacher_ids, teacher_probs,
+    teacher_tail, kd_mask, kd_weight): forward KL on the k + 1 buckets of `sparse_teacher_divergence`, whose
+    gradient with respect to u = student logits / T is, with q = softmax(u), P the teacher's entries, S the
+    distinct student columns they land on and c = tail / (1 - q(S)),
+
+        T * (q_j (sum P - c q(S)) + c q_j [j in S] - P_j)
+
+    `reference` is the plain row loss (`make_cached_distill_row_loss` of the same divergence)."""
+
+    def __init__(
+        self,
+        reference: RowLoss,
+        temperature: float,
+        teacher_vocab_size: int,
+        student_vocab: int | None = None,
+        teacher_to_student: torch.Tensor | None = None,
+    ):
+        self.reference = reference
+        self.temperature = temperature
+        self.teacher_vocab_size = teacher_vocab_size
+        self.student_vocab = student_vocab
+        self.teacher_to_student = teacher_to_student
+
+    def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.reference(logits, *row_inputs)
+
+    @torch.no_grad()
+    def with_grad(
+        self,
+        logits: torch.Tensor,
+        part_weights: dict[str, float],
+        labels: torch.Tensor,
+        teacher_ids: torch.Tensor,
+        teacher_probs: torch.Tensor,
+        teacher_tail: torch.Tensor,
+        kd_mask: torch.Tensor,
+        kd_weight: torch.Tensor,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from sakd.losses.lm import _sparse_forward_kl_terms, sparse_teacher_buckets
+
+        s = logits.float()  # (n, W)
+        lm_w, kd_w = part_weights.get("lm", 0.0), part_weights.get("kd", 0.0)
+        t = self.temperature
+        valid = labels != IGNORE_INDEX
+        column = labels.clamp_min(0)[:, None]
+        lse = torch.logsumexp(s, dim=-1)
+        parts = {"lm": torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0).sum()}
+
+        logp, log_tail, targets = sparse_teacher_buckets(
+            teacher_ids, teacher_probs, teacher_tail, t, self.teacher_vocab_size, self.teacher_to_student
+        )
+        cols = s.shape[-1] if self.teacher_to_student is not None else self.student_vocab
+        shared = t == 1.0 and cols == s.shape[-1]
+        if shared:
+            logq = s - lse[:, None]
+        else:
+            student = s[:, :cols]
+            logq = torch.log_softmax(student if t == 1.0 else student / t, dim=-1)  # (n, C)
+        rows, terms = _sparse_forward_kl_terms(logq, targets, logp, log_tail, t)
+        parts["kd"] = torch.where(kd_mask, kd_weight.float() * rows, 0.0).sum()
+
+        lm_coef = torch.where(valid, lm_w, 0.0)  # (n,)
+        kd_coef = torch.where(kd_mask & ~terms["no_mass"], kd_w * t * kd_weight.float(), 0.0)  # (n,)
+        entry_p, c = terms["entry_p"], terms["rest_coef"]
+        q = logq.exp_()  # (n, C) the student's softmax at T
+        # q_j (sum P - c q(S)) over all columns, then + c q_j on S and - P_j at each entry's column.
+        # (where, not a product with 0: rows outside kd_mask never pass their cache entries on)
+        kd_rows = kd_coef != 0
+        kd_scale = torch.where(kd_rows, kd_coef * (entry_p.sum(-1) - c * terms["inside"]), 0.0)
+        members = terms["member_column"]
+        member = terms["member"] & kd_rows[:, None]
+        on_members = torch.where(member, (kd_coef * c)[:, None] * q.gather(1, members), 0.0)
+        on_entries = torch.where(kd_rows[:, None], -kd_coef[:, None] * entry_p, 0.0)
+        if shared:
+            grad = q.mul_((lm_coef + kd_scale)[:, None])
+        else:
+            grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
+            grad[:, :cols] += q.mul_(kd_scale[:, None])
+        target = grad if shared else grad[:, :cols]
+        target.scatter_add_(1, members, on_members)
+        target.scatter_add_(1, terms["column"], on_entries)
+        grad.scatter_add_(1, column, -lm_coef[:, None])
+        return parts, grad

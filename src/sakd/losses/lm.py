@@ -108,17 +108,11 @@ def sparse_teacher_divergence(
     with no teacher mass at all gives 0. `student_logprobs` (n, W'): log_softmax of all of `student_logits`,
     when the caller has it (the LM loss does); forward KL at temperature 1 reuses it when W' = W.
     """
-    logp = teacher_probs.float().log()  # (n, k), -inf where a probability is 0
-    log_tail = teacher_tail.float().log()  # (n,)
-    if temperature != 1.0:
-        spread = math.log(max(teacher_vocab_size - teacher_ids.shape[-1], 1))
-        logp = logp / temperature
-        log_tail = spread + (log_tail - spread) / temperature
+    logp, log_tail, targets = sparse_teacher_buckets(
+        teacher_ids, teacher_probs, teacher_tail, temperature, teacher_vocab_size, teacher_to_student
+    )
     if teacher_to_student is None:
         student_logits = student_logits[:, :student_vocab]
-        targets = teacher_ids.long()
-    else:
-        targets = teacher_to_student.to(teacher_ids.device)[teacher_ids.long()]  # (n, k), -1 unmapped
     if name == "forward_kl":
         width = student_logits.shape[-1]
         if student_logprobs is None or temperature != 1.0 or student_logprobs.shape[-1] != width:
@@ -126,6 +120,29 @@ def sparse_teacher_divergence(
             student_logprobs = F.log_softmax(scaled, dim=-1)
         return _sparse_forward_kl(student_logprobs, targets, logp, log_tail, temperature)
     return _bucket_divergence(student_logits, targets, logp, log_tail, temperature, name, beta)
+
+
+def sparse_teacher_buckets(
+    teacher_ids: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    teacher_tail: torch.Tensor,
+    temperature: float,
+    teacher_vocab_size: int,
+    teacher_to_student: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cached teacher at temperature T: log-probabilities of the top-k (n, k) and of the tail (n,), and
+    the student column of each top-k entry (n, k) (-1: unmapped), as `sparse_teacher_divergence` uses them."""
+    logp = teacher_probs.float().log()  # (n, k), -inf where a probability is 0
+    log_tail = teacher_tail.float().log()  # (n,)
+    if temperature != 1.0:
+        spread = math.log(max(teacher_vocab_size - teacher_ids.shape[-1], 1))
+        logp = logp / temperature
+        log_tail = spread + (log_tail - spread) / temperature
+    if teacher_to_student is None:
+        targets = teacher_ids.long()
+    else:
+        targets = teacher_to_student.to(teacher_ids.device)[teacher_ids.long()]  # (n, k), -1 unmapped
+    return logp, log_tail, targets
 
 
 def _bucket_divergence(
@@ -180,6 +197,21 @@ def _sparse_forward_kl(
     sum_j P_j log P_j + tail log tail - sum_i P_i log q_(t_i) - tail log(1 - sum_(j in S) q_j), with P the
     projected teacher (duplicate targets add up), S the distinct targets, 1 - sum q in float64 (clamped at
     1e-12: the tail's log is only that exact when the student leaves more than ~1e-7 outside S)."""
+    return _sparse_forward_kl_terms(student_logprobs, targets, logp, log_tail, temperature)[0]
+
+
+def _sparse_forward_kl_terms(
+    student_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`_sparse_forward_kl`'s rows (n,) and the terms its closed-form gradient needs (`sakd.losses.fused`):
+    entry_p (n, k) teacher probability of each top-k entry (0 unmapped), column (n, k) its student column
+    (clamped), member_column (n, k) the distinct student columns S (clamped), member (n, k) which of those
+    are real, rest_coef (n,) tail / (1 - sum_S q) where that term has a gradient (else 0), inside (n,) the
+    student's mass on S, no_mass (n,) rows without teacher mass."""
     width = student_logprobs.shape[-1]
     mapped = targets >= 0
     mass = torch.where(mapped, logp.exp(), 0.0)  # (n, k) unnormalised teacher mass per top-k entry
@@ -199,12 +231,24 @@ def _sparse_forward_kl(
     entropy_part = _xlogx(merged).sum(-1) + _xlogx(tail_p)  # sum P log P over the buckets
 
     logq = student_logprobs.gather(1, column)  # (n, k)
-    cross = (mass / total[:, None] * logq).sum(-1)
+    entry_p = mass / total[:, None]
+    cross = (entry_p * logq).sum(-1)
     logq_sorted = logq.gather(1, order)
     inside = torch.where(distinct, logq_sorted.exp(), 0.0).double().sum(-1)  # student mass on S
-    log_rest = (1.0 - inside).clamp_min(1e-12).log().float()
+    rest = 1.0 - inside
+    log_rest = rest.clamp_min(1e-12).log().float()
     rows = entropy_part - cross - torch.where(tail_p > 0, tail_p * log_rest, 0.0)
-    return torch.where(no_mass, 0.0, rows * temperature**2)
+    live = (tail_p > 0) & (rest > 1e-12)  # where the tail term's gradient is not cut by the clamp
+    terms = {
+        "entry_p": entry_p,
+        "column": column,
+        "member_column": sorted_columns.clamp_max(width - 1),
+        "member": distinct,
+        "rest_coef": torch.where(live, tail_p.double() / rest.clamp_min(1e-12), 0.0).float(),
+        "inside": inside.float(),
+        "no_mass": no_mass,
+    }
+    return torch.where(no_mass, 0.0, rows * temperature**2), terms
 
 
 def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:

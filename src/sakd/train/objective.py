@@ -42,7 +42,13 @@ from sakd.losses.auxiliary import (
     layerwise_loss,
     pooled_groups,
 )
-from sakd.losses.fused import FusedForwardKL, TargetFn, projected_target, same_vocab_target
+from sakd.losses.fused import (
+    FusedCachedForwardKL,
+    FusedForwardKL,
+    TargetFn,
+    projected_target,
+    same_vocab_target,
+)
 from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
 from sakd.models.attention import capture_attentions
 from sakd.models.experts import knowledge_sources
@@ -149,6 +155,7 @@ class DistillObjective:
         # (student logit width) -> the teacher target of the fused forward-KL path, and the student columns
         self._fused_target: Callable[[int], TargetFn] | None = None
         self._fused_columns: int | None = None
+        self._fused_cached: dict[str, Any] | None = None  # FusedCachedForwardKL's arguments
         self.cached = cached
         self.heads = heads
         self.sources = sources
@@ -161,6 +168,12 @@ class DistillObjective:
             self._kd = self._cached_kd(
                 teacher_tokenizer, student_tokenizer, divergence_name, jsd_beta, cross_vocab
             )
+            if fused_loss and divergence_name == "forward_kl":
+                self._fused_cached = {
+                    k: v
+                    for k, v in self._kd.keywords.items()
+                    if k in ("teacher_vocab_size", "student_vocab", "teacher_to_student")
+                }
         elif teacher_tokenizer is not None:
             if same_vocabulary(teacher_tokenizer, student_tokenizer):
                 self._kd = partial(_same_vocab_kd, len(student_tokenizer), divergence_name, jsd_beta)
@@ -336,6 +349,8 @@ class DistillObjective:
         kd = self.kd_fn(point.temperature) if use_kd else None
         if self.cached and use_kd:
             row_loss = make_cached_distill_row_loss(kd)
+            if self._fused_cached is not None:
+                row_loss = FusedCachedForwardKL(row_loss, point.temperature, **self._fused_cached)
         else:
             row_loss = make_distill_row_loss(
                 kd, t_head.weight if use_kd else None, t_head.bias if use_kd else None
