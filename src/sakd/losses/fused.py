@@ -92,38 +92,52 @@ class FusedForwardKL:
         column = labels.clamp_min(0)[:, None]
         lse = torch.logsumexp(s, dim=-1)  # (n,)
         parts = {"lm": torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0).sum()}
+        lm_coef = torch.where(valid, lm_w, 0.0)  # (n,)
 
-        hidden = teacher_hidden.to(self.teacher_weight.dtype)
+        # The teacher side runs on the KD rows only (all of them with one tokenizer; the aligned group ends
+        # with two): its logits, softmax and projection are the expensive part.
+        every = bool(kd_mask.all())
+        rows = None if every else kd_mask.nonzero().squeeze(-1)  # (k,)
+        if rows is not None and rows.numel() == 0:
+            parts["kd"] = s.new_zeros(())
+            grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
+            grad.scatter_add_(1, column, -lm_coef[:, None])
+            return parts, grad
+        s_kd = s if every else s[rows]
+        lse_kd = lse if every else lse[rows]
+        hidden = (teacher_hidden if every else teacher_hidden[rows]).to(self.teacher_weight.dtype)
         if self.teacher_bias is None:
             teacher_logits = hidden @ self.teacher_weight.T
         else:
             teacher_logits = torch.addmm(self.teacher_bias, hidden, self.teacher_weight.T)
-        p, logp = self.target(teacher_logits.float(), t)  # (n, C)
+        p, logp = self.target(teacher_logits.float(), t)  # (k, C)
         del teacher_logits
         cols = p.shape[-1]
         # At T = 1 over every column the KD softmax is the cross-entropy's: computed once.
         shared = t == 1.0 and cols == s.shape[-1]
         if shared:
-            logq = s - lse[:, None]
+            logq = s_kd - lse_kd[:, None]
         else:
-            student = s[:, :cols]
-            logq = torch.log_softmax(student if t == 1.0 else student / t, dim=-1)  # (n, C)
+            student = s_kd[:, :cols]
+            logq = torch.log_softmax(student if t == 1.0 else student / t, dim=-1)  # (k, C)
         # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
-        kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (n,)
-        parts["kd"] = torch.where(kd_mask, kd_weight.float() * kl, 0.0).sum()
+        kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (k,)
+        weight = (kd_weight if every else kd_weight[rows]).float()
+        parts["kd"] = (weight * kl).sum()
         del logp
 
-        lm_coef = torch.where(valid, lm_w, 0.0)  # (n,)
-        kd_coef = torch.where(kd_mask, kd_w * t * kd_weight.float(), 0.0)  # (n,)
-        # (n,) mass 1, or 0 for a projected row whose mass is all unmapped. Rows outside kd_mask get exactly
-        # the cross-entropy's gradient, whatever their teacher rows hold (where, not a product with 0).
-        kd_mass = torch.where(kd_mask, kd_coef * p.sum(-1), 0.0)
-        p = torch.where(kd_mask[:, None], p.mul_(kd_coef[:, None]), 0.0)
-        if shared:
+        kd_coef = kd_w * t * weight  # (k,)
+        kd_mass = kd_coef * p.sum(-1)  # (k,) mass 1, or 0 for a projected row whose mass is all unmapped
+        p.mul_(kd_coef[:, None])
+        if shared and every:
             grad = logq.exp_().mul_((lm_coef + kd_mass)[:, None]).sub_(p)  # (n, W)
         else:
             grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
-            grad[:, :cols] += logq.exp_().mul_(kd_mass[:, None]).sub_(p)
+            kd_grad = logq.exp_().mul_(kd_mass[:, None]).sub_(p)  # (k, C)
+            if every:
+                grad[:, :cols] += kd_grad
+            else:
+                grad[:, :cols].index_add_(0, rows, kd_grad)
         grad.scatter_add_(1, column, -lm_coef[:, None])
         return parts, grad
 
