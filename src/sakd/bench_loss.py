@@ -1,9 +1,10 @@
 """`sakd bench` part (a): the chunked LM-head loss against the plain full-logits reference.
 
 One pass is forward + backward of the loss training uses for a same-vocabulary pair: next-token cross-entropy
-plus forward KL, the teacher logits computed from teacher hidden states inside the row loss
-(`make_distill_row_loss`), so neither model's (tokens x vocabulary) logits exist in full in the chunked
-variant. `chunked_head_loss` and `full_head_loss` get the same inputs.
+plus forward KL, the teacher logits computed from teacher hidden states inside the row loss, so neither
+model's (tokens x vocabulary) logits exist in full in the chunked variant. The chunked variant is what
+training runs by default (`chunked_head_loss` with the closed-form gradients of `FusedForwardKL`); the
+reference is `full_head_loss` with autograd through `make_distill_row_loss`. Both get the same inputs.
 
 Peak memory. CUDA: `torch.cuda.max_memory_allocated` above the allocation after set-up and warm-up. CPU:
 each (vocabulary, variant) runs in a fresh process (a fork of a server that has only imported the code), so
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from sakd.losses import chunk_rows, chunked_head_loss, forward_kl, full_head_loss, make_distill_row_loss
+from sakd.losses.fused import FusedForwardKL, same_vocab_target
 
 VARIANTS = ("chunked", "full")
 # Bytes per (row x vocabulary) fp32 logit that a variant keeps alive at its peak, used to predict whether a
@@ -50,10 +52,11 @@ def _problem(rows: int, hidden: int, vocab: int, device: torch.device, seed: int
     labels = torch.randint(0, vocab, (rows,), generator=g).to(device)
     kd_mask = torch.ones(rows, dtype=torch.bool, device=device)
     kd_weight = torch.ones(rows, device=device)
-    row_loss = make_distill_row_loss(_forward_kl_rows, teacher_head)
+    row_loss = make_distill_row_loss(_forward_kl_rows, teacher_head)  # the plain reference's
+    fused = FusedForwardKL(row_loss, same_vocab_target(vocab), teacher_head, None, 1.0, vocab)
     row_inputs = [labels, teacher_hidden, kd_mask, kd_weight]
     part_weights = {"lm": 1.0 / rows, "kd": 1.0 / rows}
-    return student_hidden, student_head, row_loss, row_inputs, part_weights
+    return student_hidden, student_head, (row_loss, fused), row_inputs, part_weights
 
 
 def _forward_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -62,9 +65,9 @@ def _forward_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
 
 
 def _one_pass(variant: str, problem, chunk_size: int) -> None:
-    hidden, weight, row_loss, row_inputs, part_weights = problem
+    hidden, weight, (row_loss, fused), row_inputs, part_weights = problem
     if variant == "chunked":
-        total, _ = chunked_head_loss(hidden, weight, row_loss, row_inputs, part_weights, chunk_size)
+        total, _ = chunked_head_loss(hidden, weight, fused, row_inputs, part_weights, chunk_size)
     else:
         total, _ = full_head_loss(hidden, weight, row_loss, row_inputs, part_weights)
     total.backward()
