@@ -30,7 +30,14 @@ def dist_text(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def make_dist_raw(assets, dist_text, tmp_path_factory) -> Callable[..., dict]:
+def dist_eval(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dist_eval") / "eval.txt"
+    path.write_text((STDLIB / "heapq.py").read_text()[:4000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_dist_raw(assets, dist_text, dist_eval, tmp_path_factory) -> Callable[..., dict]:
     """`make_dist_raw(name, **train)`: cross-tokenizer plain KD, 6 steps of a GLOBAL batch of 4 windows of
     32 tokens (2 per process on two processes), a checkpoint every 3 steps, EMA on, no held-out data."""
     root = tmp_path_factory.mktemp("dist_runs")
@@ -39,7 +46,13 @@ def make_dist_raw(assets, dist_text, tmp_path_factory) -> Callable[..., dict]:
         raw = {
             "teacher": {"model": str(assets["teacher"])},
             "student": {"model": str(assets["student"])},
-            "data": {"train": [str(dist_text)], "eval": [], "max_length": 32},
+            # 9 held-out windows: 5 batches of 2 split 3 + 2 over two processes
+            "data": {
+                "train": [str(dist_text)],
+                "eval": [str(dist_eval)],
+                "max_length": 32,
+                "eval_max_windows": 9,
+            },
             "curriculum": copy.deepcopy(PLAIN_KD),
             "train": {
                 "max_steps": 6,

@@ -234,3 +234,21 @@ def test_faults_on_one_process(make_dist_raw):
     summary = train(validate(raw), resume="auto")
     assert summary["step"] == 6 and summary["skipped_steps"] == 1
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 4
+
+
+def _final_eval(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())["eval"]
+
+
+def test_evaluation_is_split_over_processes_and_adds_up(two_process_run, one_process_run):
+    """Each process evaluates every other held-out batch (5 batches: 3 + 2); the summed metrics equal one
+    process evaluating them all: every window counted once, same bits per byte and distillation loss."""
+    two, one = _final_eval(two_process_run[0]), _final_eval(one_process_run)
+    for weights in ("raw", "ema"):
+        assert (two[weights]["tokens"], two[weights]["bytes"]) == (
+            one[weights]["tokens"],
+            one[weights]["bytes"],
+        )
+        assert two[weights]["bits_per_byte"] == pytest.approx(one[weights]["bits_per_byte"], rel=1e-5)
+    assert two["distill_loss"] == pytest.approx(one["distill_loss"], rel=1e-5)
+    assert two["kd"] == pytest.approx(one["kd"], rel=1e-5)

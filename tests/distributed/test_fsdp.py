@@ -18,8 +18,10 @@ from sakd.train.loop import train
 
 @pytest.fixture(scope="session")
 def fsdp_run(make_dist_raw) -> Path:
-    """6 steps, 2 processes of batch 2, student sharded (train.strategy fsdp), teacher sharded too."""
-    raw = make_dist_raw("fsdp", strategy="fsdp")
+    """6 steps, 2 processes of batch 2, student sharded (train.strategy fsdp), teacher sharded too; held-out
+    evaluations (raw and EMA weights swapped in and out of the shards) at steps 2 and 4 must not disturb
+    training, which is compared with a run that does not evaluate."""
+    raw = make_dist_raw("fsdp", strategy="fsdp", eval_every=2)
     raw["teacher"]["placement"] = "shard"
     proc = run_two(write_yaml(raw, Path(raw["output_dir"]).with_suffix(".yaml")))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -54,3 +56,17 @@ def test_fsdp_checkpoint_resumes_on_one_process(fsdp_run, one_process_run, make_
     summary = train(validate(raw), resume="auto")
     assert summary["step"] == 6 and _records(run, "resume")[-1]["step"] == 3
     assert _max_diff(_ckpt(run, 6), _ckpt(one_process_run, 6)) < ATOL
+
+
+def test_fsdp_evaluation_adds_up_despite_an_uneven_split(fsdp_run, one_process_run):
+    """5 held-out batches over two sharded processes: the one with 2 repeats a batch (its forwards are
+    collectives) without counting it."""
+    fsdp = json.loads((fsdp_run / "summary.json").read_text())["eval"]
+    one = json.loads((one_process_run / "summary.json").read_text())["eval"]
+    for weights in ("raw", "ema"):
+        assert (fsdp[weights]["tokens"], fsdp[weights]["bytes"]) == (
+            one[weights]["tokens"],
+            one[weights]["bytes"],
+        )
+        assert fsdp[weights]["bits_per_byte"] == pytest.approx(one[weights]["bits_per_byte"], rel=1e-5)
+    assert fsdp["distill_loss"] == pytest.approx(one["distill_loss"], rel=1e-5)

@@ -109,18 +109,18 @@ def test_high_decay_ema_is_not_stuck_at_the_init_in_training(make_raw, dropout_s
 def test_final_holds_the_better_weights_and_says_which(make_raw, small_data, monkeypatch, handicapped):
     """Held-out bits per byte of one of the two is raised (after the real evaluation), so each choice
     happens; final/model.safetensors must then equal the chosen weights, not the other ones."""
-    real = evaluate_module.lm_metrics
+    real = evaluate_module.metrics_from_sums
     calls = {"n": 0}
 
-    def handicap(model, batches, *args, **kwargs):
-        result = real(model, batches, *args, **kwargs)
+    def handicap(sums):
+        result = real(sums)
         calls["n"] += 1
         which = "raw" if calls["n"] % 2 == 1 else "ema"  # evaluate_student measures raw, then EMA
         if which == handicapped:
             result["bits_per_byte"] += 10.0
         return result
 
-    monkeypatch.setattr(evaluate_module, "lm_metrics", handicap)
+    monkeypatch.setattr(evaluate_module, "metrics_from_sums", handicap)
     raw = make_raw(max_steps=3, grad_accum=1, save_every=0, eval_every=1)
     raw["data"]["eval"] = [str(small_data["tiny"])]
     summary = train(validate(raw))

@@ -95,11 +95,11 @@ def test_exception_mid_step_writes_an_emergency_checkpoint_of_the_last_finished_
 def _constant_eval(monkeypatch, bits_per_byte) -> None:
     """Held-out metrics from `bits_per_byte()` (called once per model evaluated) instead of a real pass."""
 
-    def fake_lm_metrics(model, batches, *args, **kwargs):
+    def fake_metrics(sums):
         bpb = bits_per_byte()
         return {"loss": bpb, "perplexity": 2.0**bpb, "bits_per_byte": bpb, "tokens": 1, "bytes": 1}
 
-    monkeypatch.setattr(evaluate_module, "lm_metrics", fake_lm_metrics)
+    monkeypatch.setattr(evaluate_module, "metrics_from_sums", fake_metrics)
 
 
 @pytest.mark.parametrize(("min_steps", "stop_step"), [(0, 3), (5, 5)])

@@ -41,12 +41,41 @@ def lm_metrics(
 ) -> dict[str, float]:
     """Perplexity and bits per byte of `model` on the `side` ("student"/"teacher") tokens of `batches`;
     `progress`: the description of a progress bar (none when None)."""
+    return metrics_from_sums(lm_sums(model, batches, side, device, chunk_size, progress))
+
+
+def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
+    """Loss, perplexity and bits per byte from the sums of `lm_sums` (added up over processes, if any)."""
+    nll, tokens = sums["nll"], int(sums["tokens"])
+    if tokens == 0:
+        raise ValueError("no target tokens to evaluate on")
+    return {
+        "loss": nll / tokens,
+        "perplexity": _exp_or_inf(nll / tokens),
+        "bits_per_byte": bits_per_byte(sums["nll_text"], int(sums["bytes"])),
+        "tokens": tokens,
+        "bytes": int(sums["bytes"]),
+    }
+
+
+@torch.no_grad()
+def lm_sums(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    side: str = "student",
+    device: torch.device | None = None,
+    chunk_size: int = 1024,
+    progress: str | None = None,
+    keep: list[bool] | None = None,
+) -> dict[str, float]:
+    """Summed cross-entropy (all targets and text targets), tokens and bytes over `batches`; a batch whose
+    `keep` entry is False runs but is not counted (a sharded model's processes must run equally many)."""
     was_training = model.training
     model.eval()
     head = lm_head(unwrap(model))
     nll = nll_text = 0.0
     tokens = nbytes = 0
-    for batch in tqdm(batches, desc=progress, leave=False, disable=progress is None):
+    for i, batch in enumerate(tqdm(batches, desc=progress, leave=False, disable=progress is None)):
         ids = batch[f"{side}_input_ids"].to(device) if device else batch[f"{side}_input_ids"]
         attn = batch[f"{side}_attention_mask"].to(ids.device)
         labels = batch[f"{side}_labels"].to(ids.device)
@@ -63,20 +92,14 @@ def lm_metrics(
             chunk_size=chunk_size,
             bias=head.bias,
         )
+        if keep is not None and not keep[i]:
+            continue
         nll += float(parts["nll"])
         nll_text += float(parts["nll_text"])
         tokens += int(rows.sum())
         nbytes += int(target_bytes[rows].sum())
     model.train(was_training)
-    if tokens == 0:
-        raise ValueError("no target tokens to evaluate on")
-    return {
-        "loss": nll / tokens,
-        "perplexity": _exp_or_inf(nll / tokens),
-        "bits_per_byte": bits_per_byte(nll_text, nbytes),
-        "tokens": tokens,
-        "bytes": nbytes,
-    }
+    return {"nll": nll, "nll_text": nll_text, "tokens": tokens, "bytes": nbytes}
 
 
 def _exp_or_inf(x: float) -> float:

@@ -41,17 +41,20 @@ class EMA:
     @torch.no_grad()
     def applied(self, model: nn.Module) -> Iterator[None]:
         """Temporarily put the EMA weights into `model`; the raw weights come back afterwards."""
+        _resharded(model)
         params = model.state_dict()
         raw = {k: params[k].detach().clone() for k in self.shadow}
         self.copy_to(model)
         try:
             yield
         finally:
+            _resharded(model)
             for k, v in raw.items():
                 params[k].copy_(v)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
+        _resharded(model)
         params = model.state_dict()
         for k, s in self.shadow.items():
             params[k].copy_(s.to(params[k].dtype))
@@ -71,3 +74,10 @@ class EMA:
 
                 v = distribute_tensor(v.to(s.dtype), s.device_mesh, s.placements)
             s.copy_(v)
+
+
+def _resharded(model: nn.Module) -> None:
+    """A sharded (FSDP2) model keeps its root's weights gathered after a forward without gradients; the
+    weights to read or overwrite are the shards, so put them back first."""
+    if hasattr(model, "reshard"):
+        model.reshard()

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from sakd.data.loader import WindowLoader
-from sakd.eval.metrics import lm_metrics
+from sakd.eval.metrics import lm_sums, metrics_from_sums
 from sakd.models.load import lm_head, unwrap
 from sakd.train.objective import TokenCounts
+from sakd.train.sharding import is_sharded
 from sakd.train.step import to_device
 
 
@@ -28,39 +29,64 @@ def eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[dic
     return list(loader)
 
 
+def _share(batches: list, accelerator, sharded: bool) -> tuple[list, list[bool]]:
+    """This process's batches (every num_processes-th); a sharded model's processes must all run as many
+    forwards, so the short ones repeat a batch that is not counted."""
+    n, rank = accelerator.num_processes, accelerator.process_index
+    mine = batches[rank::n]
+    keep = [True] * len(mine)
+    if sharded and batches:
+        extra = -(-len(batches) // n) - len(mine)
+        mine, keep = mine + [batches[0]] * extra, keep + [False] * extra
+    return mine, keep
+
+
+def _global(values: dict[str, float], accelerator) -> dict[str, float]:
+    if accelerator.num_processes == 1:
+        return values
+    names = sorted(values)
+    total = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, reduction="sum")
+    return {k: float(total[i]) for i, k in enumerate(names)}
+
+
 @torch.no_grad()
 def evaluate_student(
     student, teacher, objective, batches, point, accelerator, ema, progress: bool = False
 ) -> dict[str, Any]:
     """Held-out bits per byte and perplexity of the raw (and EMA) student, and the distillation loss with the
-    same weights as training."""
+    same weights as training. Each process evaluates its share of the batches; the sums are added up."""
     model = unwrap(student)
     device = accelerator.device
     chunk = objective.rows_per_chunk(lm_head(model))
-    result: dict[str, Any] = {
-        "raw": lm_metrics(model, batches, "student", device, chunk, "evaluating (raw)" if progress else None)
-    }
+    sharded = is_sharded(model) or (teacher is not None and is_sharded(teacher))
+    mine, keep = _share(batches, accelerator, sharded)
+
+    def metrics(desc: str) -> dict[str, float]:
+        sums = lm_sums(model, mine, "student", device, chunk, desc if progress else None, keep)
+        return metrics_from_sums(_global(sums, accelerator))
+
+    result: dict[str, Any] = {"raw": metrics("evaluating (raw)")}
     if ema is not None:
         with ema.applied(model):
-            result["ema"] = lm_metrics(
-                model, batches, "student", device, chunk, "evaluating (EMA)" if progress else None
-            )
+            result["ema"] = metrics("evaluating (EMA)")
     if teacher is not None and point.weights["kd"] > 0:
         model.eval()
-        moved = [to_device(b, device) for b in batches]
-        counts = TokenCounts.of(moved)
-        total = 0.0
-        parts_sum: dict[str, float] = {}
-        for b in moved:
+        counts = TokenCounts.of(batches)  # of all processes' batches: the parts are shares of the whole
+        sums: dict[str, float] = {"distill_loss": 0.0}
+        for b, counted in zip(mine, keep, strict=True):
+            b = to_device(b, device)
             with accelerator.autocast():
-                loss, parts = objective(model, teacher, b, point, counts, micro_batches=len(moved))
-            total += float(loss)
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                loss, parts = objective(model, teacher, b, point, counts, micro_batches=len(batches))
+            if counted:
+                sums["distill_loss"] += float(loss)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
         model.train()
-        result["distill_loss"] = total
-        result["kd"] = parts_sum["kd"]
-        result["parts"] = parts_sum
+        sums = _global(sums, accelerator)
+        result["distill_loss"] = sums.pop("distill_loss")
+        result["kd"] = sums["kd"]
+        result["parts"] = sums
     result["best"] = (
         "ema"
         if "ema" in result and result["ema"]["bits_per_byte"] < result["raw"]["bits_per_byte"]
