@@ -229,9 +229,10 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         try:
             while state.step < tc.max_steps:
                 boundary = (loader.state_dict(), checkpoint.rng_state())
-                batches = [to_device(loader.next_batch(), accelerator.device) for _ in range(tc.grad_accum)]
+                host_batches = [loader.next_batch() for _ in range(tc.grad_accum)]
+                batches = [to_device(b, accelerator.device) for b in host_batches]
                 point = curriculum_point(cfg, state.step)
-                result = train_step(t, batches, point)
+                result = train_step(t, batches, point, host_batches)
                 state.step += 1
                 boundary = (loader.state_dict(), checkpoint.rng_state())
                 state.recent_skips = (state.recent_skips + [0 if result.stepped else 1])[
@@ -359,7 +360,8 @@ def _phases_differ(cfg: Config) -> bool:
 
 
 class _Interval:
-    """Loss parts, tokens and time since the last log line, averaged per optimizer step."""
+    """Loss parts, tokens and time since the last log line, averaged per optimizer step. Losses stay on the
+    device until the log line (no wait for the device at every step)."""
 
     def __init__(self):
         self.reset()
@@ -374,12 +376,12 @@ class _Interval:
 
     def add(self, loss, parts, tokens: int, grad_norm) -> None:
         self.steps += 1
-        self.loss += float(loss)
+        self.loss = self.loss + loss.detach().double()
         for k, v in parts.items():
-            self.parts[k] = self.parts.get(k, 0.0) + float(v)
+            self.parts[k] = self.parts.get(k, 0.0) + v.detach().double()
         self.tokens += tokens
         if grad_norm is not None:
-            self.grad_norm = float(grad_norm)
+            self.grad_norm = grad_norm
 
     def flush(self, state: LoopState, lr: float, point: CurriculumPoint) -> dict[str, Any]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
@@ -387,9 +389,9 @@ class _Interval:
             "event": "train",
             "step": state.step,
             "lr": lr,
-            "loss": self.loss / max(self.steps, 1),
-            **{f"loss_{k}": v / max(self.steps, 1) for k, v in self.parts.items()},
-            "grad_norm": self.grad_norm,
+            "loss": float(self.loss) / max(self.steps, 1),
+            **{f"loss_{k}": float(v) / max(self.steps, 1) for k, v in self.parts.items()},
+            "grad_norm": None if self.grad_norm is None else float(self.grad_norm),
             "tokens_per_s": self.tokens / dt,
             "skipped_steps": state.skipped_steps,
             "elapsed_s": round(state.elapsed_s, 2),

@@ -137,12 +137,19 @@ def build_training(
     return Training(cfg, accelerator, teacher, student, heads, objective, optimizer, scheduler, ema, attn)
 
 
-def train_step(t: Training, batches: list[dict[str, torch.Tensor]], point: CurriculumPoint) -> StepResult:
+def train_step(
+    t: Training,
+    batches: list[dict[str, torch.Tensor]],
+    point: CurriculumPoint,
+    host_batches: list[dict[str, torch.Tensor]] | None = None,
+) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches (already on the device). Loss sums are normalised by
     the token counts of the whole step over all processes; a step whose loss or gradient norm is not finite on
-    any process is skipped on every process."""
+    any process is skipped on every process. `host_batches`: the same batches in host memory, where the token
+    counts are taken without waiting for the device."""
     accelerator, student = t.accelerator, t.student
-    counts = global_counts(TokenCounts.of(batches), accelerator)
+    counted = host_batches if host_batches is not None else batches
+    counts = global_counts(TokenCounts.of(counted), accelerator)
     loss_sum = torch.zeros((), device=accelerator.device)
     parts_sum: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
@@ -173,7 +180,7 @@ def train_step(t: Training, batches: list[dict[str, torch.Tensor]], point: Curri
     t.scheduler.step()
     if stepped and t.ema is not None:
         t.ema.update(unwrap(student))
-    tokens = sum(int(b["student_attention_mask"].sum()) for b in batches)
+    tokens = sum(int(b["student_attention_mask"].sum()) for b in counted)
     return StepResult(loss_sum, parts_sum, grad_norm, stepped, tokens)
 
 
