@@ -33,7 +33,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def shard(model: nn.Module) -> nn.Module:
-    """FSDP2 over all processes: one unit per decoder layer, then the root. In place; returns `model`."""
+    """FSDP2 over all processes: one unit per decoder layer, then the root. In place; returns `model`. A model
+    in host memory is moved to the device unit by unit as it is split (`fully_shard` moves a unit's states to
+    its mesh's device), so the device never holds the whole model."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model):
@@ -57,7 +59,7 @@ def place_teacher(teacher: nn.Module, placement: str, device: torch.device, num_
     """Put the frozen teacher where `teacher.placement` says (on a CPU-only machine offload changes nothing
     but adds its hooks)."""
     if placement == "shard" and num_processes > 1:
-        return shard(teacher.to(device))
+        return shard(teacher)  # from host memory: each unit visits the device whole only while it is split
     if placement == "offload":
         return offload(teacher, device)
     return teacher.to(device)  # replicate (and shard on one process)

@@ -122,7 +122,7 @@ def build_training(
                 "train.strategy=fsdp does not support the auxiliary losses' heads yet (feature, attention, "
                 "router, balance, layerwise, contrastive, token_weighting): set their weights to 0, or use ddp"
             )
-        shard(student.to(accelerator.device))  # before the optimizer, which must see the shards
+        shard(student)  # before the optimizer, which must see the shards
     groups = param_groups(student, tc.weight_decay)
     if heads is not None:
         groups.append({"params": list(heads.parameters()), "weight_decay": 0.0, "lr": cfg.router.lr or tc.lr})
