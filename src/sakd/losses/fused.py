@@ -47,7 +47,28 @@ def projected_target(mapping, student_width: int) -> TargetFn:
     return target
 
 
-class FusedForwardKL:
+def _cross_entropy(
+    s: torch.Tensor, labels: torch.Tensor, weight: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM part of a chunk: {"lm": summed cross-entropy}, the log-sum-exp (n,), each row's weight in the
+    gradient (n,) (0 for ignored labels) and the label column (n, 1)."""
+    valid = labels != IGNORE_INDEX
+    column = labels.clamp_min(0)[:, None]
+    lse = torch.logsumexp(s, dim=-1)  # (n,)
+    parts = {"lm": torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0).sum()}
+    return parts, lse, torch.where(valid, weight, 0.0), column
+
+
+class _FusedRowLoss:
+    """Called plainly, the reference row loss (autograd); `with_grad` is the closed-form path."""
+
+    reference: RowLoss
+
+    def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.reference(logits, *row_inputs)
+
+
+class FusedForwardKL(_FusedRowLoss):
     """A distillation row loss (row inputs: labels, teacher_hidden, kd_mask, kd_weight) for forward KL.
 
     `reference` is the plain row loss with the same meaning (`make_distill_row_loss` of the same KD);
@@ -71,9 +92,6 @@ class FusedForwardKL:
         self.temperature = temperature
         self.student_columns = student_columns
 
-    def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.reference(logits, *row_inputs)
-
     @torch.no_grad()
     def with_grad(
         self,
@@ -86,13 +104,8 @@ class FusedForwardKL:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits."""
         s = logits.float()  # (n, W)
-        lm_w, kd_w = part_weights.get("lm", 0.0), part_weights.get("kd", 0.0)
-        t = self.temperature
-        valid = labels != IGNORE_INDEX
-        column = labels.clamp_min(0)[:, None]
-        lse = torch.logsumexp(s, dim=-1)  # (n,)
-        parts = {"lm": torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0).sum()}
-        lm_coef = torch.where(valid, lm_w, 0.0)  # (n,)
+        kd_w, t = part_weights.get("kd", 0.0), self.temperature
+        parts, lse, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
 
         # The teacher side runs on the KD rows only (all of them with one tokenizer; the aligned group ends
         # with two): its logits, softmax and projection are the expensive part.
@@ -142,7 +155,7 @@ class FusedForwardKL:
         return parts, grad
 
 
-class FusedCachedForwardKL:
+class FusedCachedForwardKL(_FusedRowLoss):
     """The cached-teacher twin of `FusedForwardKL` (row inputs: labels, teacher_ids, teacher_probs,
     teacher_tail, kd_mask, kd_weight): forward KL on the k + 1 buckets of `sparse_teacher_divergence`, whose
     gradient with respect to u = student logits / T is, with q = softmax(u), P the teacher's entries, S the
@@ -166,9 +179,6 @@ class FusedCachedForwardKL:
         self.student_vocab = student_vocab
         self.teacher_to_student = teacher_to_student
 
-    def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.reference(logits, *row_inputs)
-
     @torch.no_grad()
     def with_grad(
         self,
@@ -184,12 +194,8 @@ class FusedCachedForwardKL:
         from sakd.losses.lm import _sparse_forward_kl_terms, sparse_teacher_buckets
 
         s = logits.float()  # (n, W)
-        lm_w, kd_w = part_weights.get("lm", 0.0), part_weights.get("kd", 0.0)
-        t = self.temperature
-        valid = labels != IGNORE_INDEX
-        column = labels.clamp_min(0)[:, None]
-        lse = torch.logsumexp(s, dim=-1)
-        parts = {"lm": torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0).sum()}
+        kd_w, t = part_weights.get("kd", 0.0), self.temperature
+        parts, lse, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
 
         logp, log_tail, targets = sparse_teacher_buckets(
             teacher_ids, teacher_probs, teacher_tail, t, self.teacher_vocab_size, self.teacher_to_student
@@ -204,7 +210,6 @@ class FusedCachedForwardKL:
         rows, terms = _sparse_forward_kl_terms(logq, targets, logp, log_tail, t)
         parts["kd"] = torch.where(kd_mask, kd_weight.float() * rows, 0.0).sum()
 
-        lm_coef = torch.where(valid, lm_w, 0.0)  # (n,)
         kd_coef = torch.where(kd_mask & ~terms["no_mass"], kd_w * t * kd_weight.float(), 0.0)  # (n,)
         entry_p, c = terms["entry_p"], terms["rest_coef"]
         q = logq.exp_()  # (n, C) the student's softmax at T
