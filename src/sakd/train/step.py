@@ -3,6 +3,7 @@ measures the step that training runs."""
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from sakd.train.objective import DistillHeads, DistillObjective, TokenCounts, bu
 from sakd.train.schedule import make_scheduler
 from sakd.train.sharding import full_tensor, place_teacher, shard
 
+log = logging.getLogger("sakd")
 AUX_LOSSES = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
 
 
@@ -116,6 +118,11 @@ def build_training(
         fused_loss=cfg.distill.fused_loss,
     )
     sharded = tc.strategy == "fsdp" and accelerator.num_processes > 1
+    alone = accelerator.num_processes == 1
+    if alone and (tc.strategy == "fsdp" or (cfg.teacher is not None and cfg.teacher.placement == "shard")):
+        log.info(
+            "one process: nothing to shard (train.strategy fsdp / teacher.placement shard act over processes)"
+        )
     if sharded:
         if heads is not None:
             raise UserError(
