@@ -21,7 +21,8 @@ from sakd.train.sharding import (
     gather_full_state,
     gather_full_weights,
     is_sharded,
-    scatter_full_state,
+    load_full_optimizer,
+    load_full_weights,
     without_tied_copies,
 )
 
@@ -86,8 +87,7 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
     sharded = is_sharded(unwrap(student))
     try:
         if sharded:  # every process reads the full weights and keeps its shards
-            weights = load_file(str(path / "student.safetensors"))
-            scatter_full_state(unwrap(student), optimizer, weights, None)
+            load_full_weights(unwrap(student), load_file(str(path / "student.safetensors")))
         else:
             load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
     except (RuntimeError, KeyError) as e:
@@ -106,7 +106,7 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
             f"cannot resume from '{path}': {e}: restore them, or start a new run in another output_dir"
         ) from None
     if sharded:
-        scatter_full_state(unwrap(student), optimizer, weights, saved["optimizer"])
+        load_full_optimizer(unwrap(student), optimizer, saved["optimizer"])
     else:
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

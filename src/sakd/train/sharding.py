@@ -4,8 +4,8 @@ teacher (`teacher.placement: shard`), plus host offload of the teacher (`teacher
 Each decoder layer is its own FSDP unit and the root holds the embeddings, final norm and LM head. FSDP2
 reduce-scatters (averages) gradients like DDP all-reduces them, so the objective's loss scaling is unchanged.
 Checkpoints stay in the plain single-process format (full weights, optimizer state keyed by position), so a
-run can move between DDP, FSDP and one process: `gather_full_state` builds that on the main process and
-`scatter_full_state` spreads it back over the shards.
+run can move between DDP, FSDP and one process: `gather_full_state` builds that on the main process, and
+`load_full_weights` / `load_full_optimizer` spread it back over the shards.
 """
 
 from __future__ import annotations
@@ -98,10 +98,16 @@ def offload(model: nn.Module, device: torch.device, host: str = "cpu") -> nn.Mod
     return model
 
 
-def _names_by_position(model: nn.Module, optimizer) -> list[list[str]]:
-    optimizer = getattr(optimizer, "optimizer", optimizer)
+def _parameter_order(model: nn.Module, optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the order of its groups: what a position key stands for."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _swap_keys(optim: dict[str, Any], key) -> dict[str, Any]:
+    """An optimizer state dict with every parameter key (in `state` and the groups) replaced by `key(k)`."""
+    groups = [{**g, "params": [key(p) for p in g["params"]]} for g in optim["param_groups"]]
+    return {"state": {key(k): v for k, v in optim["state"].items()}, "param_groups": groups}
 
 
 def gather_full_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -115,43 +121,33 @@ def gather_full_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tens
     weights, optim = get_state_dict(model, optimizer, options=options)
     if not weights:
         return {}, {}
-    order = [name for group in _names_by_position(model, optimizer) for name in group]
-    index = {name: i for i, name in enumerate(order)}
-    groups, position = [], 0
-    for group in optim["param_groups"]:
-        ids = list(range(position, position + len(group["params"])))
-        groups.append({**group, "params": ids})
-        position += len(ids)
-    state = {index[name]: value for name, value in optim["state"].items()}
-    return weights, {"state": state, "param_groups": groups}
+    position = {name: i for i, name in enumerate(_parameter_order(model, optimizer))}
+    return weights, _swap_keys(optim, position.__getitem__)
 
 
-def scatter_full_state(
-    model: nn.Module, optimizer, weights: dict[str, torch.Tensor], optim: dict[str, Any] | None
-) -> None:
-    """Load full weights (and a position-keyed optimizer state), read by every process, into its shards.
-    Every process must call it. A tied weight saved under one of its names is filled in under the others."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load full weights, read by every process, into its shards (every process must call it). A tied
+    weight saved under one of its names is filled in under the others."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
     weights = dict(weights)
     for names in tied_groups(model):
         present = [n for n in names if n in weights]
         for name in names:
             if present and name not in weights:
                 weights[name] = weights[present[0]]
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=options)
-    if optim is None:
-        return
-    order = [name for group in _names_by_position(model, optimizer) for name in group]
-    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim["param_groups"]]
-    keyed = {"state": {order[i]: v for i, v in optim["state"].items()}, "param_groups": groups}
-    set_optimizer_state_dict(model, optimizer, keyed, options=options)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer(model: nn.Module, optimizer, optim: dict[str, Any]) -> None:
+    """Load a position-keyed optimizer state, read by every process, into the sharded optimizer (every
+    process must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+    order = _parameter_order(model, optimizer)
+    keyed = _swap_keys(optim, order.__getitem__)
+    set_optimizer_state_dict(model, optimizer, keyed, options=StateDictOptions(full_state_dict=True))
 
 
 def gather_full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
