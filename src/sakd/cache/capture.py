@@ -23,7 +23,7 @@ from sakd.cache.store import CacheWriter, capture_settings, vocab_hash
 from sakd.config import Config
 from sakd.data.packing import collate_windows
 from sakd.errors import UserError
-from sakd.losses.chunked import chunk_rows
+from sakd.losses.chunked import chunk_rows, head_logits
 from sakd.models.attention import attention_implementation
 from sakd.models.load import (
     freeze,
@@ -67,9 +67,8 @@ def top_k_rows(
     """
     ids, probs, tails = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        rows = hidden[start : start + chunk_size].to(weight.dtype)
-        logits = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
-        p = torch.softmax(logits[:, :vocab_size].float(), dim=-1)  # (n, V)
+        logits = head_logits(hidden[start : start + chunk_size].to(weight.dtype), weight, bias)
+        p = torch.softmax(logits[:, :vocab_size], dim=-1)  # (n, V)
         top = p.topk(top_k, dim=-1)
         tail = (1.0 - top.values.sum(-1)).clamp_min(0.0)
         if top_k >= vocab_size:

@@ -26,7 +26,8 @@ def _weighted_total(parts: dict[str, torch.Tensor], part_weights: dict[str, floa
     return sum(terms[1:], terms[0]) if terms else None
 
 
-def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """An LM head (weight (V, H), bias (V,) or None) applied to hidden (n, H) in their dtype; fp32 (n, V)."""
     logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
     return logits.float()
 
@@ -103,7 +104,7 @@ def chunked_head_loss(
         stop = min(start + chunk_size, rows)
         hidden_chunk = hidden_[start:stop]
         with torch.no_grad():
-            logits = _head_logits(hidden_chunk, weight_, bias_).requires_grad_(train)  # (n, V)
+            logits = head_logits(hidden_chunk, weight_, bias_).requires_grad_(train)  # (n, V)
         chunk_inputs = [t[start:stop] for t in row_inputs]
         fused = train and hasattr(row_loss, "with_grad")  # closed-form gradients (`sakd.losses.fused`)
         if fused:
@@ -154,7 +155,7 @@ def full_head_loss(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Plain reference for `chunked_head_loss`: one (N, V) logits tensor and ordinary autograd."""
-    parts = row_loss(_head_logits(hidden, weight, bias), *row_inputs)
+    parts = row_loss(head_logits(hidden, weight, bias), *row_inputs)
     total = _weighted_total(parts, part_weights)
     if total is None:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from sakd.losses.chunked import RowLoss
+from sakd.losses.chunked import RowLoss, head_logits
 from sakd.losses.lm import IGNORE_INDEX
 
 # (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C))
@@ -57,6 +57,16 @@ def _cross_entropy(
     lse = torch.logsumexp(s, dim=-1)  # (n,)
     parts = {"lm": torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0).sum()}
     return parts, lse, torch.where(valid, weight, 0.0), column
+
+
+def _student_logprobs(s: torch.Tensor, lse: torch.Tensor, cols: int, t: float) -> tuple[torch.Tensor, bool]:
+    """log_softmax(s[:, :cols] / t) (rows, cols), and whether it is the cross-entropy's own softmax (T = 1
+    over every column: then it is s - lse, computed without a second pass)."""
+    shared = t == 1.0 and cols == s.shape[-1]
+    if shared:
+        return s - lse[:, None], True
+    student = s[:, :cols]
+    return torch.log_softmax(student if t == 1.0 else student / t, dim=-1), False
 
 
 class _FusedRowLoss:
@@ -119,20 +129,9 @@ class FusedForwardKL(_FusedRowLoss):
         s_kd = s if every else s[rows]
         lse_kd = lse if every else lse[rows]
         hidden = (teacher_hidden if every else teacher_hidden[rows]).to(self.teacher_weight.dtype)
-        if self.teacher_bias is None:
-            teacher_logits = hidden @ self.teacher_weight.T
-        else:
-            teacher_logits = torch.addmm(self.teacher_bias, hidden, self.teacher_weight.T)
-        p, logp = self.target(teacher_logits.float(), t)  # (k, C)
-        del teacher_logits
+        p, logp = self.target(head_logits(hidden, self.teacher_weight, self.teacher_bias), t)  # (k, C)
         cols = p.shape[-1]
-        # At T = 1 over every column the KD softmax is the cross-entropy's: computed once.
-        shared = t == 1.0 and cols == s.shape[-1]
-        if shared:
-            logq = s_kd - lse_kd[:, None]
-        else:
-            student = s_kd[:, :cols]
-            logq = torch.log_softmax(student if t == 1.0 else student / t, dim=-1)  # (k, C)
+        logq, shared = _student_logprobs(s_kd, lse_kd, cols, t)  # (k, C)
         # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
         kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (k,)
         weight = (kd_weight if every else kd_weight[rows]).float()
@@ -201,12 +200,7 @@ class FusedCachedForwardKL(_FusedRowLoss):
             teacher_ids, teacher_probs, teacher_tail, t, self.teacher_vocab_size, self.teacher_to_student
         )
         cols = s.shape[-1] if self.teacher_to_student is not None else self.student_vocab
-        shared = t == 1.0 and cols == s.shape[-1]
-        if shared:
-            logq = s - lse[:, None]
-        else:
-            student = s[:, :cols]
-            logq = torch.log_softmax(student if t == 1.0 else student / t, dim=-1)  # (n, C)
+        logq, shared = _student_logprobs(s, lse, cols, t)  # (n, C)
         rows, terms = _sparse_forward_kl_terms(logq, targets, logp, log_tail, t)
         parts["kd"] = torch.where(kd_mask, kd_weight.float() * rows, 0.0).sum()
 

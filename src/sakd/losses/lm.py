@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sakd.losses.chunked import RowLoss
+from sakd.losses.chunked import RowLoss, head_logits
 from sakd.losses.divergence import divergence_from_logprobs, student_logprobs_at
 
 IGNORE_INDEX = -100
@@ -60,14 +60,11 @@ def make_distill_row_loss(
         # its backward is a slow scatter.
         student_rows = logits if every_row else logits[rows]
         with torch.no_grad():
-            teacher_hidden_rows = (teacher_hidden if every_row else teacher_hidden[rows]).to(
-                teacher_weight.dtype
+            teacher_hidden_rows = teacher_hidden if every_row else teacher_hidden[rows]
+            teacher_logits = head_logits(
+                teacher_hidden_rows.to(teacher_weight.dtype), teacher_weight, teacher_bias
             )
-            if teacher_bias is None:
-                teacher_logits = teacher_hidden_rows @ teacher_weight.T
-            else:
-                teacher_logits = torch.addmm(teacher_bias, teacher_hidden_rows, teacher_weight.T)
-        per_row = kd(student_rows.float(), teacher_logits.float())  # (k,)
+        per_row = kd(student_rows.float(), teacher_logits)  # (k,)
         row_weights = kd_weight if every_row else kd_weight[rows]
         parts["kd"] = (row_weights.float() * per_row).sum()
         return parts
