@@ -11,17 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES
+from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, AUX_LOSSES
 from sakd.demo import prepare
-
-AUX = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
 
 
 def _only(*keep: str) -> dict[str, Any]:
     """No phases: the listed auxiliary losses at their full weights from the first step, the others off."""
     return {
         "enabled": False,
-        "weights": {k: w if k in keep or k not in AUX else 0.0 for k, w in ALL_LOSSES_ON.items()},
+        "weights": {k: w if k in keep or k not in AUX_LOSSES else 0.0 for k, w in ALL_LOSSES_ON.items()},
     }
 
 
@@ -29,7 +27,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plain KD": _only(),
     "KD + token weights": _only("token_weighting"),
     "KD + token weights + router/feature": _only("token_weighting", "router", "balance", "feature"),
-    "KD + all auxiliary losses": _only(*AUX),
+    "KD + all auxiliary losses": _only(*AUX_LOSSES),
     "full curriculum": {"enabled": True, "weights": ALL_LOSSES_ON, "phases": ALL_LOSSES_PHASES},
 }
 

@@ -253,12 +253,12 @@ class CachedStep:
     `capture_teacher_cache` (not timed), then training reads its top-k rows and loads no teacher."""
 
     def __init__(
-        self, cfg: Config, accelerator, precision, point, corpus: Path, windows, batches, top_k, root
+        self, live: SakdStep, cfg: Config, accelerator, precision, corpus: Path, windows, batches, top_k, root
     ):
-        self.point = point
+        """`live`: the same config's live step (its tokenizers and curriculum point are reused)."""
+        self.point = live.point
         set_seed(cfg.train.seed)
-        student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
-        teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
+        student_tok, teacher_tok = live.student_tok, live.teacher_tok
         capture_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [str(corpus)]})})
         self.capture = capture_teacher_cache(
             capture_cfg, top_k=top_k, path=root, device=str(accelerator.device), progress=False
@@ -348,10 +348,10 @@ def run_step_bench(
             to_device(b, device) for b in _batches(assets["step_corpus"], ref_tok, ref_tok, sizes, count)[1]
         ]
         cached = CachedStep(
+            sakd,
             cfg,
             accelerator,
             precision,
-            point,
             assets["step_corpus"],
             windows,
             cpu_batches,

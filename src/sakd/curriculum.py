@@ -28,6 +28,8 @@ LOSS_NAMES = (
     "contrastive",
     "token_weighting",
 )
+# Everything beside KD and LM: each of these needs the distillation heads (router, projections).
+AUX_LOSSES = LOSS_NAMES[2:]
 
 
 class _Section(BaseModel):

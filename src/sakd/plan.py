@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from sakd.config import Config
+from sakd.curriculum import AUX_LOSSES
 from sakd.errors import UserError
 from sakd.losses.chunked import chunk_rows
 
@@ -189,8 +190,7 @@ def estimate(
     if act == 2:
         parts["autocast 16-bit weights"] = student.params * 2
         formulas["autocast 16-bit weights"] = f"{student.params:,} params x 2 B"
-    aux = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
-    if teacher is not None and any(getattr(full, k) > 0 for k in aux):
+    if teacher is not None and any(getattr(full, k) > 0 for k in AUX_LOSSES):
         with torch.device("meta"):
             heads, _ = build_heads(
                 student_model, teacher_model, cfg.router, cfg.distill.layer_map, cfg.distill.layerwise_pairs

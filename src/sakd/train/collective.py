@@ -36,6 +36,16 @@ def global_sum(value: int, accelerator: Accelerator) -> int:
     return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
 
 
+def global_sums(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Named float sums added up over all processes (in float64)."""
+    if accelerator.num_processes == 1:
+        return values
+    names = sorted(values)
+    total = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, reduction="sum")
+    return {k: float(total[i]) for i, k in enumerate(names)}
+
+
 def global_losses(
     loss: torch.Tensor, parts: dict[str, torch.Tensor], accelerator: Accelerator
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

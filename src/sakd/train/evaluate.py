@@ -9,6 +9,7 @@ import torch
 from sakd.data.loader import WindowLoader
 from sakd.eval.metrics import lm_sums, metrics_from_sums
 from sakd.models.load import lm_head, unwrap
+from sakd.train.collective import global_sums
 from sakd.train.objective import TokenCounts
 from sakd.train.sharding import is_sharded
 from sakd.train.step import to_device
@@ -41,15 +42,6 @@ def _share(batches: list, accelerator, sharded: bool) -> tuple[list, list[bool]]
     return mine, keep
 
 
-def _global(values: dict[str, float], accelerator) -> dict[str, float]:
-    if accelerator.num_processes == 1:
-        return values
-    names = sorted(values)
-    total = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(total, reduction="sum")
-    return {k: float(total[i]) for i, k in enumerate(names)}
-
-
 @torch.no_grad()
 def evaluate_student(
     student, teacher, objective, batches, point, accelerator, ema, progress: bool = False
@@ -64,7 +56,7 @@ def evaluate_student(
 
     def metrics(desc: str) -> dict[str, float]:
         sums = lm_sums(model, mine, "student", device, chunk, desc if progress else None, keep)
-        return metrics_from_sums(_global(sums, accelerator))
+        return metrics_from_sums(global_sums(sums, accelerator))
 
     result: dict[str, Any] = {"raw": metrics("evaluating (raw)")}
     if ema is not None:
@@ -83,7 +75,7 @@ def evaluate_student(
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
         model.train()
-        sums = _global(sums, accelerator)
+        sums = global_sums(sums, accelerator)
         result["distill_loss"] = sums.pop("distill_loss")
         result["kd"] = sums["kd"]
         result["parts"] = sums

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from sakd.cache.training import CachedTeacher, teacher_skeleton
 from sakd.config import Config
-from sakd.curriculum import CurriculumPoint
+from sakd.curriculum import AUX_LOSSES, CurriculumPoint
 from sakd.errors import UserError
 from sakd.models.attention import attention_implementation
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
@@ -25,7 +25,6 @@ from sakd.train.schedule import make_scheduler
 from sakd.train.sharding import full_tensor, place_teacher, shard
 
 log = logging.getLogger("sakd")
-AUX_LOSSES = ("feature", "attention", "router", "balance", "layerwise", "contrastive", "token_weighting")
 
 
 @dataclass
@@ -161,9 +160,8 @@ def train_step(
     parts_sum: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        if hasattr(
-            student, "set_requires_gradient_sync"
-        ):  # FSDP2: reduce-scatter on the last micro-batch only
+        # FSDP2 (no `no_sync`): reduce-scatter the gradients on the last micro-batch only
+        if hasattr(student, "set_requires_gradient_sync"):
             student.set_requires_gradient_sync(last)
         with accelerator.no_sync(student) if not last else nullcontext(), accelerator.autocast():
             loss, parts = t.objective(
