@@ -71,6 +71,7 @@ def chunked_head_loss(
     part_weights: dict[str, float],
     chunk_size: int = 1024,
     bias: torch.Tensor | None = None,
+    kd_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the row-loss parts over all rows, with gradients, computed chunk by chunk.
 
@@ -80,6 +81,10 @@ def chunked_head_loss(
     Gradient work is skipped when nothing requires grad (evaluation). N == 0 gives zeros, never NaN.
     A row loss with a `with_grad(logits, part_weights, *row_inputs) -> (parts, grad_logits)` method (e.g.
     `sakd.losses.fused.FusedForwardKL`) supplies the chunk's logit gradient itself; autograd is not used.
+
+    `kd_rows`: the caller put its distillation rows first, and these are the only rows that have a teacher;
+    each chunk's row loss is then called with `kd_rows=` the chunk's own count (a host int), so that it slices
+    those rows instead of selecting them by mask (a selection would wait for the device).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -106,13 +111,16 @@ def chunked_head_loss(
         with torch.no_grad():
             logits = head_logits(hidden_chunk, weight_, bias_).requires_grad_(train)  # (n, V)
         chunk_inputs = [t[start:stop] for t in row_inputs]
+        kwargs = {} if kd_rows is None else {"kd_rows": min(max(kd_rows - start, 0), stop - start)}
         fused = train and hasattr(row_loss, "with_grad")  # closed-form gradients (`sakd.losses.fused`)
         if fused:
-            chunk_parts, grad_logits = row_loss.with_grad(logits.detach(), part_weights, *chunk_inputs)
+            chunk_parts, grad_logits = row_loss.with_grad(
+                logits.detach(), part_weights, *chunk_inputs, **kwargs
+            )
             chunk_total = _weighted_total(chunk_parts, part_weights)
         else:
             with torch.enable_grad() if train else torch.no_grad():
-                chunk_parts = row_loss(logits, *chunk_inputs)
+                chunk_parts = row_loss(logits, *chunk_inputs, **kwargs)
                 chunk_total = _weighted_total(chunk_parts, part_weights)
         for name, value in chunk_parts.items():
             parts[name] = parts.get(name, 0.0) + value.detach().float()

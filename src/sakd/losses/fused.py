@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from sakd.losses.chunked import RowLoss, head_logits
-from sakd.losses.lm import IGNORE_INDEX
+from sakd.losses.lm import IGNORE_INDEX, kd_count, kd_selection
 
 # (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C))
 TargetFn = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -74,8 +74,8 @@ class _FusedRowLoss:
 
     reference: RowLoss
 
-    def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.reference(logits, *row_inputs)
+    def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+        return self.reference(logits, *row_inputs, **kwargs)
 
 
 class FusedForwardKL(_FusedRowLoss):
@@ -111,30 +111,31 @@ class FusedForwardKL(_FusedRowLoss):
         teacher_hidden: torch.Tensor,
         kd_mask: torch.Tensor,
         kd_weight: torch.Tensor,
+        kd_rows: int | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits."""
+        """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits;
+        `kd_rows` as for the reference (`sakd.losses.lm.kd_selection`)."""
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
         parts, lse, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
 
         # The teacher side runs on the KD rows only (all of them with one tokenizer; the aligned group ends
         # with two): its logits, softmax and projection are the expensive part.
-        every = bool(kd_mask.all())
-        rows = None if every else kd_mask.nonzero().squeeze(-1)  # (k,)
-        if rows is not None and rows.numel() == 0:
+        rows = kd_selection(kd_mask, kd_rows)
+        every = isinstance(rows, slice) and rows.stop == s.shape[0]
+        if kd_count(rows) == 0:
             parts["kd"] = s.new_zeros(())
             grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
             grad.scatter_add_(1, column, -lm_coef[:, None])
             return parts, grad
-        s_kd = s if every else s[rows]
-        lse_kd = lse if every else lse[rows]
-        hidden = (teacher_hidden if every else teacher_hidden[rows]).to(self.teacher_weight.dtype)
+        s_kd, lse_kd = s[rows], lse[rows]
+        hidden = teacher_hidden[rows].to(self.teacher_weight.dtype)
         p, logp = self.target(head_logits(hidden, self.teacher_weight, self.teacher_bias), t)  # (k, C)
         cols = p.shape[-1]
         logq, shared = _student_logprobs(s_kd, lse_kd, cols, t)  # (k, C)
         # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
         kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (k,)
-        weight = (kd_weight if every else kd_weight[rows]).float()
+        weight = kd_weight[rows].float()
         parts["kd"] = (weight * kl).sum()
         del logp
 
@@ -146,8 +147,8 @@ class FusedForwardKL(_FusedRowLoss):
         else:
             grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
             kd_grad = logq.exp_().mul_(kd_mass[:, None]).sub_(p)  # (k, C)
-            if every:
-                grad[:, :cols] += kd_grad
+            if isinstance(rows, slice):
+                grad[rows, :cols] += kd_grad
             else:
                 grad[:, :cols].index_add_(0, rows, kd_grad)
         grad.scatter_add_(1, column, -lm_coef[:, None])
@@ -189,6 +190,7 @@ class FusedCachedForwardKL(_FusedRowLoss):
         teacher_tail: torch.Tensor,
         kd_mask: torch.Tensor,
         kd_weight: torch.Tensor,
+        kd_rows: int | None = None,  # not needed: rows outside kd_mask are masked, not selected
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         from sakd.losses.lm import _sparse_forward_kl_terms, sparse_teacher_buckets
 

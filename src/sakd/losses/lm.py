@@ -36,7 +36,8 @@ def make_distill_row_loss(
     where kd maps (student_logits (k, V_s) fp32, teacher_logits (k, V_t) fp32) to (k,), e.g. a partial of a
     divergence or a cross-vocabulary loss. Teacher logits = teacher_hidden @ teacher_weight.T (+ bias),
     computed without grad in the teacher weight's dtype and upcast to fp32, only for the kd rows of the chunk,
-    so the teacher's full logits never exist either. With kd None only "lm" is returned.
+    so the teacher's full logits never exist either. With kd None only "lm" is returned. `kd_rows` (host int):
+    the kd rows are the chunk's first `kd_rows` (see `kd_selection`).
     """
     if kd is not None and teacher_weight is None:
         raise ValueError("a kd loss needs the teacher's LM-head weight")
@@ -47,29 +48,40 @@ def make_distill_row_loss(
         teacher_hidden: torch.Tensor,
         kd_mask: torch.Tensor,
         kd_weight: torch.Tensor,
+        kd_rows: int | None = None,
     ) -> dict[str, torch.Tensor]:
         parts = lm_row_loss(logits, labels)
         if kd is None:
             return parts
-        every_row = bool(kd_mask.all())
-        rows = None if every_row else kd_mask.nonzero().squeeze(-1)  # (k,)
-        if rows is not None and rows.numel() == 0:
+        rows = kd_selection(kd_mask, kd_rows)
+        if kd_count(rows) == 0:
             parts["kd"] = logits.new_zeros((), dtype=torch.float32)
             return parts
-        # When every row is a KD row (same tokenizer), index nothing: a gather copies the (n, V) logits and
-        # its backward is a slow scatter.
-        student_rows = logits if every_row else logits[rows]
+        student_rows = logits[rows]
         with torch.no_grad():
-            teacher_hidden_rows = teacher_hidden if every_row else teacher_hidden[rows]
             teacher_logits = head_logits(
-                teacher_hidden_rows.to(teacher_weight.dtype), teacher_weight, teacher_bias
+                teacher_hidden[rows].to(teacher_weight.dtype), teacher_weight, teacher_bias
             )
         per_row = kd(student_rows.float(), teacher_logits)  # (k,)
-        row_weights = kd_weight if every_row else kd_weight[rows]
-        parts["kd"] = (row_weights.float() * per_row).sum()
+        parts["kd"] = (kd_weight[rows].float() * per_row).sum()
         return parts
 
     return row_loss
+
+
+def kd_selection(kd_mask: torch.Tensor, kd_rows: int | None) -> slice | torch.Tensor:
+    """A chunk's KD rows, for indexing: the first `kd_rows` when the caller put them first (a slice: nothing
+    waits for the device and nothing is copied), else the rows where `kd_mask` is True (a slice of all rows
+    when every row is one: a gather would copy the (n, V) logits and its backward would be a slow scatter)."""
+    if kd_rows is not None:
+        return slice(0, kd_rows)
+    if bool(kd_mask.all()):
+        return slice(0, kd_mask.shape[0])
+    return kd_mask.nonzero().squeeze(-1)
+
+
+def kd_count(rows: slice | torch.Tensor) -> int:
+    return rows.stop if isinstance(rows, slice) else rows.numel()
 
 
 def sparse_teacher_divergence(
@@ -265,6 +277,7 @@ def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:
         teacher_tail: torch.Tensor,
         kd_mask: torch.Tensor,
         kd_weight: torch.Tensor,
+        kd_rows: int | None = None,  # not needed: every row is evaluated
     ) -> dict[str, torch.Tensor]:
         if kd is None:
             return lm_row_loss(logits, labels)

@@ -49,7 +49,7 @@ from sakd.losses.fused import (
     projected_target,
     same_vocab_target,
 )
-from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
+from sakd.losses.lm import IGNORE_INDEX, make_cached_distill_row_loss, sparse_teacher_divergence
 from sakd.models.attention import capture_attentions
 from sakd.models.experts import knowledge_sources
 from sakd.models.load import capture_final_hidden, lm_head, unwrap
@@ -263,7 +263,9 @@ class DistillObjective:
                 output_hidden_states=need_layers,
             )
         hidden = s_out["hidden"]  # (B, Ls, H)
-        rows = labels != -100  # (B, Ls)
+        plan = batch if "rows_student" in batch else loss_rows(batch)
+        rows = plan["rows_student"]  # (N,) flat student positions with a label, the K distillation rows first
+        n, k = rows.shape[0], plan["rows_teacher"].shape[0] if use_kd else 0
 
         t_pass = None
         if not self.cached and (use_kd or need_groups or need_attention or need_layers):
@@ -271,17 +273,17 @@ class DistillObjective:
                 teacher, batch, self.sources if need_sources else None, need_attention, need_layers
             )
         if use_kd and self.cached:
-            kd_rows, teacher_rows = self.aligned_cached_rows(batch, rows)
+            teacher_rows = [
+                _first_rows(batch[key].flatten(0, 1), plan["rows_group"], n)
+                for key in ("cache_ids", "cache_probs", "cache_tail")
+            ]
         elif use_kd:
-            kd_rows, t_rows = self.aligned_teacher_rows(batch, t_pass.hidden)
-            teacher_rows = [t_rows[rows]]
+            teacher_rows = [_first_rows(t_pass.hidden.flatten(0, 1), plan["rows_teacher"], n)]
             t_head = lm_head(unwrap(teacher))
         else:
-            kd_rows = torch.zeros_like(rows)
-            teacher_rows = [hidden.new_zeros((*rows.shape, 1))[rows]]
-        kd_mask = kd_rows[rows]  # (N,) in (b, position) order == the (b, group) order of align_mask
-        kd_weight = torch.ones(kd_mask.shape, device=hidden.device)
-
+            teacher_rows = [hidden.new_zeros((n, 1))]
+        kd_mask = torch.arange(n, device=hidden.device) < k  # (N,)
+        kd_weight = torch.ones(n, device=hidden.device)
         extra = hidden.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         if need_groups:
@@ -305,7 +307,10 @@ class DistillObjective:
                     s_groups[mask], gap, count=counts.kd
                 )
             if need_token_weights:
-                kd_weight[kd_mask] = blend_token_weights(token_weights, point.fraction["token_weighting"])
+                # token weights are per aligned group in (b, g) order; the K rows name their groups
+                blended = blend_token_weights(token_weights, point.fraction["token_weighting"])
+                order = mask.flatten().cumsum(0) - 1  # (B * G,) rank of each aligned group
+                kd_weight[:k] = blended.index_select(0, order.index_select(0, plan["rows_group"]))
                 extra = extra + scale * w["token_weighting"] * parts["capacity"]
             if w["feature"] > 0:
                 parts["feature"] = feature_loss(
@@ -368,13 +373,14 @@ class DistillObjective:
         if use_kd:
             part_weights["kd"] = scale * w["kd"] / max(counts.kd, 1)
         total, sums = chunked_head_loss(
-            hidden[rows],
+            hidden.flatten(0, 1).index_select(0, rows),
             s_head.weight,
             row_loss,
-            [labels[rows], *teacher_rows, kd_mask, kd_weight],
+            [labels.flatten().index_select(0, rows), *teacher_rows, kd_mask, kd_weight],
             part_weights,
             chunk_size=self.rows_per_chunk(s_head, t_head if use_kd and not self.cached else None),
             bias=s_head.bias,
+            kd_rows=k,
         )
         parts["lm"] = sums["lm"] / max(counts.lm, 1)
         if "kd" in sums:
@@ -458,52 +464,40 @@ class DistillObjective:
                 hidden_states=result.hidden_states if hidden_states else None,
             )
 
-    @staticmethod
-    def aligned_cached_rows(
-        batch: dict[str, torch.Tensor], rows: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Each aligned group's cached teacher distribution at its student position, for the loss rows.
 
-        rows (B, Ls) bool: the student positions that carry a loss. Returns kd_rows (B, Ls) bool and
-        [ids (N, k), probs (N, k), tail (N,)] for the N loss rows (zeros where no group ends)."""
-        b, ls = batch["student_labels"].shape
-        mask = batch["align_mask"]  # (B, G)
-        bi = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]
-        s_pos = batch["align_student_pos"][mask]
-        # slot of each aligned group in the masked (b, g) order, at its student position; -1 elsewhere
-        slot = torch.full((b, ls), -1, dtype=torch.long, device=mask.device)
-        slot[bi, s_pos] = torch.arange(bi.shape[0], device=mask.device)
-        kd_rows = slot >= 0
-        row_slot = slot[rows]  # (N,)
-        found = row_slot >= 0
-        placed = []
-        for key in ("cache_ids", "cache_probs", "cache_tail"):
-            grouped = batch[key][mask]  # (M, ...)
-            if grouped.shape[0] == 0:
-                placed.append(grouped.new_zeros((row_slot.shape[0], *grouped.shape[1:])))
-                continue
-            values = grouped.index_select(0, row_slot.clamp_min(0))  # (N, ...)
-            shape = (-1,) + (1,) * (values.dim() - 1)
-            placed.append(torch.where(found.view(shape), values, torch.zeros((), dtype=values.dtype)))
-        return kd_rows, placed
+def loss_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows the objective's chunked loss runs on, as flat indices, best computed on the host (`prepare_batch`)
+    so that the device never selects rows by mask (each such selection waits for the device).
 
-    @staticmethod
-    def aligned_teacher_rows(
-        batch: dict[str, torch.Tensor], t_hidden: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Place each aligned group's teacher hidden state at its student position.
+    `rows_student` (N,): the student positions b * Ls + s that carry a label, the K distillation rows first
+    (the ends of aligned groups, in (b, g) order), then the others; `rows_teacher` (K,): the teacher position
+    b * Lt + t of each distillation row's group; `rows_group` (K,): that group, b * G + g (the cached teacher's
+    rows). Without alignment K = 0."""
+    labels = batch["student_labels"]  # (B, Ls)
+    length = labels.shape[1]
+    valid = (labels != IGNORE_INDEX).flatten()
+    empty = torch.zeros(0, dtype=torch.long, device=labels.device)
+    if "align_mask" not in batch:
+        return {"rows_student": valid.nonzero().squeeze(-1), "rows_teacher": empty, "rows_group": empty}
+    mask = batch["align_mask"]  # (B, G)
+    bi, gi = mask.nonzero(as_tuple=True)
+    student = bi * length + batch["align_student_pos"][bi, gi]
+    teacher = bi * batch["teacher_input_ids"].shape[1] + batch["align_teacher_pos"][bi, gi]
+    keep = valid[student]  # every aligned group ends at a labelled position, unless a caller cut its labels
+    distilled = torch.zeros_like(valid)
+    distilled[student[keep]] = True
+    others = (valid & ~distilled).nonzero().squeeze(-1)
+    return {
+        "rows_student": torch.cat([student[keep], others]),
+        "rows_teacher": teacher[keep],
+        "rows_group": (bi * mask.shape[1] + gi)[keep],
+    }
 
-        Returns kd_rows (B, Ls) bool and teacher rows (B, Ls, Ht) (zeros where no group ends)."""
-        b, ls = batch["student_labels"].shape
-        mask = batch["align_mask"]  # (B, G)
-        bi = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]
-        s_pos = batch["align_student_pos"][mask]
-        t_pos = batch["align_teacher_pos"][mask]
-        kd_rows = torch.zeros((b, ls), dtype=torch.bool, device=mask.device)
-        kd_rows[bi, s_pos] = True
-        t_rows = t_hidden.new_zeros((b, ls, t_hidden.shape[-1]))
-        t_rows[bi, s_pos] = t_hidden[bi, t_pos]
-        return kd_rows, t_rows
+
+def _first_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """values[index] (K, ...) followed by zeros up to `rows` rows."""
+    picked = values.index_select(0, index)
+    return torch.cat([picked, picked.new_zeros((rows - picked.shape[0], *picked.shape[1:]))])
 
 
 def _same_vocab_kd(
