@@ -38,7 +38,7 @@ from sakd.demo import stdlib_files
 from sakd.errors import UserError
 from sakd.models.load import load_tokenizer
 from sakd.models.tiny import dense_student_config, moe_teacher_config, train_tokenizer
-from sakd.train.step import build_training, to_device, train_step
+from sakd.train.step import build_training, prepare_batch, step_batches, to_device, train_step
 
 MAX_STEP_BATCHES = 16
 
@@ -175,9 +175,10 @@ class SakdStep:
             "active_losses": sorted(k for k, v in self.point.weights.items() if v > 0),
         }
 
-    def step(self, batches: list[dict[str, torch.Tensor]]) -> int:
-        """One optimizer step over `grad_accum` micro-batches; returns the student tokens it saw."""
-        return train_step(self.training, batches, self.point).tokens
+    def step(self, batches: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]) -> int:
+        """One optimizer step over `grad_accum` micro-batches, each (host batch, `prepare_batch` of it) as the
+        loop has them; returns the student tokens it saw."""
+        return _sakd_step(self.training, self.point, batches)
 
 
 class ReferenceStep:
@@ -268,10 +269,20 @@ class CachedStep:
         )
         self.coverage = cached.coverage["coverage"]
         self.training = build_training(cfg, accelerator, precision, student_tok, teacher_tok, cached)
-        self.batches = [to_device(cached.attach(b), accelerator.device) for b in batches]
+        self.batches = _prepared([cached.attach(b) for b in batches], accelerator.device)
 
-    def step(self, batches: list[dict[str, torch.Tensor]]) -> int:
-        return train_step(self.training, batches, self.point).tokens
+    def step(self, batches: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]) -> int:
+        return _sakd_step(self.training, self.point, batches)
+
+
+def _prepared(host_batches: list[dict], device: torch.device) -> list[tuple[dict, dict]]:
+    return [(b, prepare_batch(b, device)) for b in host_batches]
+
+
+def _sakd_step(training, point, batches: list[tuple[dict, dict]]) -> int:
+    step = step_batches([h for h, _ in batches], training.accelerator, [d for _, d in batches])
+    train_step(training, step, point)
+    return step.tokens
 
 
 def _rates(
@@ -343,7 +354,7 @@ def run_step_bench(
         windows, cpu_batches = _batches(
             assets["step_corpus"], sakd.student_tok, sakd.teacher_tok, sizes, count
         )
-        sakd_batches = [to_device(b, device) for b in cpu_batches]
+        sakd_batches = _prepared(cpu_batches, device)
         ref_batches = [
             to_device(b, device) for b in _batches(assets["step_corpus"], ref_tok, ref_tok, sizes, count)[1]
         ]
@@ -383,7 +394,7 @@ def run_step_bench(
             "student_vocab": len(sakd.student_tok),
             "reference_vocab": len(ref_tok),
             "tokens_per_batch": round(
-                statistics.mean(int(b["student_attention_mask"].sum()) for b in sakd_batches)
+                statistics.mean(int(b["student_attention_mask"].sum()) for b in cpu_batches)
             ),
         }
         del sakd, reference, cached

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from sakd.train.objective import TokenCounts
 
@@ -23,17 +22,13 @@ def average_gradients(module: torch.nn.Module, accelerator: Accelerator) -> None
         p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
-def global_counts(counts: TokenCounts, accelerator: Accelerator) -> TokenCounts:
+def global_counts(counts: TokenCounts, tokens: int, accelerator: Accelerator) -> tuple[TokenCounts, int]:
+    """The step's loss-normalising counts and student tokens, added up over all processes."""
     if accelerator.num_processes == 1:
-        return counts
-    t = accelerator.reduce(torch.tensor([counts.lm, counts.kd], device=accelerator.device), reduction="sum")
-    return TokenCounts(int(t[0]), int(t[1]))
-
-
-def global_sum(value: int, accelerator: Accelerator) -> int:
-    if accelerator.num_processes == 1:
-        return value
-    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
+        return counts, tokens
+    t = torch.tensor([counts.lm, counts.kd, tokens], device=accelerator.device)
+    lm, kd, tokens = accelerator.reduce(t, reduction="sum").tolist()
+    return TokenCounts(lm, kd), tokens
 
 
 def global_sums(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
@@ -60,12 +55,6 @@ def global_losses(
     return total[0] / n, global_parts
 
 
-def window_ids(batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> list[int]:
-    """The windows of a step on every process (in rank order): the identity of a skipped step."""
-    ids = [int(i) for b in batches for i in b["window_index"]]
-    return ids if accelerator.num_processes == 1 else gather_object(ids)
-
-
 def agree_max(value: int, accelerator: Accelerator) -> int:
     """All processes take the same decision (stop, skip): the largest of their values."""
     if accelerator.num_processes == 1:
@@ -73,7 +62,10 @@ def agree_max(value: int, accelerator: Accelerator) -> int:
     return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="max"))
 
 
-def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, accelerator: Accelerator) -> bool:
-    """Gradients are already all-reduced (same norm everywhere); losses differ per process, so agree on them."""
-    bad = int(not (torch.isfinite(loss) and torch.isfinite(torch.as_tensor(grad_norm))))
-    return not agree_max(bad, accelerator)
+def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """Whether every process's loss and the gradient norm are finite: a bool on the device (nothing waits for
+    it). Gradients are already all-reduced (same norm everywhere); losses differ per process."""
+    finite = torch.isfinite(loss) & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
+    if accelerator.num_processes == 1:
+        return finite
+    return accelerator.reduce((~finite).to(torch.int32), reduction="sum") == 0

@@ -13,7 +13,6 @@ from torch import nn
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.updates = 0
         self.shadow: dict[str, torch.Tensor] = {}
         seen = set()
         for k, v in model.state_dict().items():
@@ -23,19 +22,31 @@ class EMA:
             if v.is_floating_point() and ptr not in seen:
                 seen.add(ptr)
                 self.shadow[k] = v.detach().float().clone()
+        # counted on the device: whether a step counts is decided there (`update`)
+        device = next(iter(self.shadow.values())).device if self.shadow else None
+        self._updates = torch.zeros((), dtype=torch.int64, device=device)
 
-    def effective_decay(self) -> float:
-        """Grows from 0 towards `decay`: (1 + n) / (10 + n) after n updates, capped at `decay`."""
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+    @property
+    def updates(self) -> int:
+        return int(self._updates)
+
+    def effective_decay(self) -> torch.Tensor:
+        """Grows from 0 towards `decay`: (1 + n) / (10 + n) after n updates, capped at `decay` (fp64, on the
+        device)."""
+        n = self._updates.double()
+        return ((1 + n) / (10 + n)).clamp(max=self.decay)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Call after each real optimizer step (never after a skipped one)."""
+    def update(self, model: nn.Module, stepped: torch.Tensor | None = None) -> None:
+        """Call after each optimizer step. `stepped` (bool tensor on the device): False for a skipped step,
+        which leaves the shadow weights and the update count as they are, without the host waiting for it."""
         d = self.effective_decay()
+        counts = torch.ones((), dtype=torch.bool, device=d.device) if stepped is None else stepped
+        weight = torch.where(counts, 1 - d, 0.0).float()
         params = model.state_dict()
         for k, s in self.shadow.items():
-            s.lerp_(params[k].detach().float(), 1.0 - d)
-        self.updates += 1
+            s.lerp_(params[k].detach().float(), weight)
+        self._updates += counts
 
     @contextmanager
     @torch.no_grad()
@@ -66,7 +77,7 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
-        self.updates = state["updates"]
+        self._updates.fill_(state["updates"])
         for k, v in state["shadow"].items():
             s = self.shadow[k]
             if hasattr(s, "device_mesh"):  # a shard of a sharded student: take this process's part

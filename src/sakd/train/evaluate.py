@@ -12,7 +12,7 @@ from sakd.models.load import lm_head, unwrap
 from sakd.train.collective import global_sums
 from sakd.train.objective import TokenCounts
 from sakd.train.sharding import is_sharded
-from sakd.train.step import to_device
+from sakd.train.step import prepare_batch
 
 
 def eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[dict[str, torch.Tensor]]:
@@ -67,7 +67,7 @@ def evaluate_student(
         counts = TokenCounts.of(batches)  # of all processes' batches: the parts are shares of the whole
         sums: dict[str, float] = {"distill_loss": 0.0}
         for b, counted in zip(mine, keep, strict=True):
-            b = to_device(b, device)
+            b = prepare_batch(b, device)
             with accelerator.autocast():
                 loss, parts = objective(model, teacher, b, point, counts, micro_batches=len(batches))
             if counted:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
@@ -30,12 +32,13 @@ from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
 from sakd.report.trackers import MetricsWriter
 from sakd.train import checkpoint, rundir
-from sakd.train.collective import agree_max, global_losses, global_sum, window_ids
+from sakd.train.collective import agree_max, global_losses
 from sakd.train.evaluate import eval_batches as make_eval_batches
 from sakd.train.evaluate import evaluate_student
 from sakd.train.persist import export_final, load_checkpoint, save_checkpoint
 from sakd.train.sharding import is_sharded
-from sakd.train.step import build_training, to_device, train_step
+from sakd.train.skips import SkipVerdicts
+from sakd.train.step import build_training, step_batches, train_step
 
 log = logging.getLogger("sakd")
 
@@ -216,6 +219,20 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             )
         return result
 
+    verdicts = SkipVerdicts()
+
+    def settle() -> None:
+        """Read the pending skip verdicts (one wait for the device); stop when too many steps were skipped."""
+        verdicts.settle(state, writer, accelerator, tc.nonfinite_window)
+        if state.skipped_steps and sum(state.recent_skips) > tc.nonfinite_max_rate * tc.nonfinite_window:
+            save(" (non-finite stop)")
+            raise TrainingStopped(
+                f"{sum(state.recent_skips)} of the last {len(state.recent_skips)} steps had a non-finite "
+                "loss or gradient (skipped windows are listed in metrics.jsonl); likely causes: a learning "
+                "rate too high, fp16 overflow (use bf16 or fp32), a teacher that outputs NaN/inf, or bad "
+                f"data. The newest checkpoint is in {ckpt_root}"
+            )
+
     desc = "distilling" if cfg.teacher is not None else "training (LM only)"
     bar = tqdm(total=tc.max_steps, initial=state.step, desc=desc, disable=not (main and tc.progress))
     show_phase = _phases_differ(cfg)
@@ -230,62 +247,38 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             while state.step < tc.max_steps:
                 boundary = (loader.state_dict(), checkpoint.rng_state())
                 host_batches = [loader.next_batch() for _ in range(tc.grad_accum)]
-                batches = [to_device(b, accelerator.device) for b in host_batches]
+                batches = step_batches(host_batches, accelerator)
                 point = curriculum_point(cfg, state.step)
-                result = train_step(t, batches, point, host_batches)
+                result = train_step(t, batches, point)
                 state.step += 1
                 boundary = (loader.state_dict(), checkpoint.rng_state())
-                state.recent_skips = (state.recent_skips + [0 if result.stepped else 1])[
-                    -tc.nonfinite_window :
-                ]
-                tokens = global_sum(result.tokens, accelerator)
-                state.tokens_seen += tokens
+                state.tokens_seen += batches.tokens
                 state.elapsed_s = elapsed_at_start + time.perf_counter() - t_segment
                 loss_sum, parts_sum = global_losses(result.loss, result.parts, accelerator)
-                if not result.stepped:
-                    state.skipped_steps += 1
-                    ids = window_ids(batches, accelerator)
-                    state.skipped_batches = (state.skipped_batches + [[state.step, *ids]])[-100:]
-                    writer.log(
-                        {
-                            "event": "skip",
-                            "step": state.step,
-                            "windows": ids,
-                            "loss": float(loss_sum),
-                            "grad_norm": float(result.grad_norm),
-                        },
-                    )
-                interval.add(loss_sum, parts_sum, tokens, result.grad_norm if result.stepped else None)
+                verdicts.add(state.step, result, loss_sum, batches.windows)
+                interval.add(loss_sum, parts_sum, batches.tokens, result.grad_norm, result.stepped)
                 bar.update()
-                if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                log_due = state.step % tc.log_every == 0 or state.step == tc.max_steps
+                eval_due = bool(eval_batches and tc.eval_every and state.step % tc.eval_every == 0)
+                save_due = bool(tc.save_every and state.step % tc.save_every == 0)
+                if log_due or eval_due or save_due:
+                    settle()
+                if log_due:
                     record = interval.flush(state, t.scheduler.get_last_lr()[0], point)
                     writer.log(record)
                     postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}"}
                     if show_phase:
                         postfix["phase"] = point.phase
                     bar.set_postfix(**postfix, tok_s=f"{record['tokens_per_s']:.0f}")
-                skip_limit = tc.nonfinite_max_rate * tc.nonfinite_window
-                if state.skipped_steps and sum(state.recent_skips) > skip_limit:
-                    save(" (non-finite stop)")
-                    raise TrainingStopped(
-                        f"{sum(state.recent_skips)} of the last {len(state.recent_skips)} steps had a non-finite "
-                        "loss or gradient (skipped windows are listed in metrics.jsonl); likely causes: a learning "
-                        "rate too high, fp16 overflow (use bf16 or fp32), a teacher that outputs NaN/inf, or bad "
-                        f"data. The newest checkpoint is in {ckpt_root}"
-                    )
-                if (
-                    eval_batches
-                    and tc.eval_every
-                    and state.step % tc.eval_every == 0
-                    and state.step < tc.max_steps
-                ):
+                if eval_due and state.step < tc.max_steps:
                     last_eval = evaluate()
                     if agree_max(int(_early_stop(state, last_eval, tc)), accelerator):
                         stop_reason = "early stop"
-                if tc.save_every and state.step % tc.save_every == 0 and state.step < tc.max_steps:
+                if save_due and state.step < tc.max_steps:
                     save()
                 signum = agree_max(stop.signum, accelerator)
                 if signum:
+                    settle()
                     save(" (emergency)")
                     name = signal.Signals(signum).name
                     raise TrainingStopped(
@@ -306,6 +299,8 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                     # processes may be dead or stuck in a collective: the main process saves alone.
                     loader.load_state_dict(boundary[0])
                     checkpoint.set_rng_state(boundary[1])
+                    if accelerator.num_processes == 1:  # (with others, recording a skip is collective)
+                        verdicts.settle(state, writer, accelerator, tc.nonfinite_window)
                     save(" (emergency)", collective=False)
                 except Exception:  # the original failure matters more than a failed emergency save
                     log.exception("emergency checkpoint failed")
@@ -314,6 +309,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             bar.close()
             writer.flush()
 
+    settle()
     final_eval = evaluate() if eval_batches else None
     save()
     export = export_final(out, t.student, t.ema, student_tok, final_eval, accelerator)
@@ -371,17 +367,16 @@ class _Interval:
         self.loss = 0.0
         self.parts: dict[str, float] = {}
         self.tokens = 0
-        self.grad_norm = None
+        self.grad_norm = math.nan  # of the last step that was not skipped
         self.t0 = time.perf_counter()
 
-    def add(self, loss, parts, tokens: int, grad_norm) -> None:
+    def add(self, loss, parts, tokens: int, grad_norm, stepped) -> None:
         self.steps += 1
         self.loss = self.loss + loss.detach().double()
         for k, v in parts.items():
             self.parts[k] = self.parts.get(k, 0.0) + v.detach().double()
         self.tokens += tokens
-        if grad_norm is not None:
-            self.grad_norm = grad_norm
+        self.grad_norm = torch.where(stepped, grad_norm.detach().float(), self.grad_norm)
 
     def flush(self, state: LoopState, lr: float, point: CurriculumPoint) -> dict[str, Any]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
@@ -391,7 +386,7 @@ class _Interval:
             "lr": lr,
             "loss": float(self.loss) / max(self.steps, 1),
             **{f"loss_{k}": float(v) / max(self.steps, 1) for k, v in self.parts.items()},
-            "grad_norm": None if self.grad_norm is None else float(self.grad_norm),
+            "grad_norm": None if math.isnan(grad_norm := float(self.grad_norm)) else grad_norm,
             "tokens_per_s": self.tokens / dt,
             "skipped_steps": state.skipped_steps,
             "elapsed_s": round(state.elapsed_s, 2),

@@ -257,7 +257,7 @@ class DistillObjective:
             s_attn = stack.enter_context(capture_attentions(unwrap(student))) if need_attention else None
             s_result = student(
                 input_ids=batch["student_input_ids"],
-                attention_mask=batch["student_attention_mask"],
+                attention_mask=batch.get("student_attention_mask"),  # absent: no padding (`prepare_batch`)
                 logits_to_keep=1,
                 use_cache=False,
                 output_hidden_states=need_layers,
@@ -452,7 +452,7 @@ class DistillObjective:
             )
             result = teacher(
                 input_ids=batch["teacher_input_ids"],
-                attention_mask=batch["teacher_attention_mask"],
+                attention_mask=batch.get("teacher_attention_mask"),
                 logits_to_keep=1,
                 use_cache=False,
                 output_hidden_states=hidden_states,

@@ -20,7 +20,7 @@ from sakd.models.attention import attention_implementation
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
 from sakd.train.collective import all_finite, average_gradients, global_counts
 from sakd.train.ema import EMA
-from sakd.train.objective import DistillHeads, DistillObjective, TokenCounts, build_heads
+from sakd.train.objective import DistillHeads, DistillObjective, TokenCounts, build_heads, loss_rows
 from sakd.train.schedule import make_scheduler
 from sakd.train.sharding import full_tensor, place_teacher, shard
 
@@ -44,12 +44,23 @@ class Training:
 
 
 @dataclass
+class StepBatches:
+    """The micro-batches of one optimizer step, prepared on the host (`step_batches`)."""
+
+    batches: list[dict[str, torch.Tensor]]  # on the device, with their loss rows (`prepare_batch`)
+    counts: TokenCounts  # over all processes: they normalise the loss sums
+    tokens: int  # student tokens over all processes
+    windows: list[int]  # this process's windows
+
+
+@dataclass
 class StepResult:
+    """Every tensor stays on the device: reading one waits for the step to finish."""
+
     loss: torch.Tensor  # summed over micro-batches, this process
     parts: dict[str, torch.Tensor]
     grad_norm: torch.Tensor
-    stepped: bool  # False when the step was skipped (non-finite, or the GradScaler's overflow)
-    tokens: int  # student tokens of this process
+    stepped: torch.Tensor  # bool; False when the step was skipped (a non-finite loss or gradient)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -132,7 +143,8 @@ def build_training(
     groups = param_groups(student, tc.weight_decay)
     if heads is not None:
         groups.append({"params": list(heads.parameters()), "weight_decay": 0.0, "lr": cfg.router.lr or tc.lr})
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), fused=False, foreach=False)
+    # fused: one kernel per step, and it takes the skip verdict as a device tensor (`train_step`)
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), fused=True)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper steps it once per process).
     scheduler = make_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     if sharded:
@@ -143,29 +155,39 @@ def build_training(
     return Training(cfg, accelerator, teacher, student, heads, objective, optimizer, scheduler, ema, attn)
 
 
-def train_step(
-    t: Training,
-    batches: list[dict[str, torch.Tensor]],
-    point: CurriculumPoint,
-    host_batches: list[dict[str, torch.Tensor]] | None = None,
-) -> StepResult:
-    """One optimizer step over `grad_accum` micro-batches (already on the device). Loss sums are normalised by
-    the token counts of the whole step over all processes; a step whose loss or gradient norm is not finite on
-    any process is skipped on every process. `host_batches`: the same batches in host memory, where the token
-    counts are taken without waiting for the device."""
+def step_batches(
+    host_batches: list[dict[str, torch.Tensor]],
+    accelerator: Accelerator,
+    prepared: list[dict[str, torch.Tensor]] | None = None,
+) -> StepBatches:
+    """Token counts from the host copies (nothing waits for the device), and the batches on the device
+    (`prepared`: already made by `prepare_batch`)."""
+    tokens = sum(int(b["student_attention_mask"].sum()) for b in host_batches)
+    counts, tokens = global_counts(TokenCounts.of(host_batches), tokens, accelerator)
+    return StepBatches(
+        prepared if prepared is not None else [prepare_batch(b, accelerator.device) for b in host_batches],
+        counts,
+        tokens,
+        [int(i) for b in host_batches for i in b["window_index"]],
+    )
+
+
+def train_step(t: Training, step: StepBatches, point: CurriculumPoint) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches. Loss sums are normalised by the token counts of the
+    whole step over all processes. A step whose loss or gradient norm is not finite on any process is skipped
+    on every process, decided on the device: the optimizer gets the verdict as its `found_inf` (as a
+    GradScaler hands it over) and the EMA update gets weight 0, so the host never waits for the device here."""
     accelerator, student = t.accelerator, t.student
-    counted = host_batches if host_batches is not None else batches
-    counts = global_counts(TokenCounts.of(counted), accelerator)
     loss_sum = torch.zeros((), device=accelerator.device)
     parts_sum: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
+    for i, batch in enumerate(step.batches):
+        last = i == len(step.batches) - 1
         # FSDP2 (no `no_sync`): reduce-scatter the gradients on the last micro-batch only
         if hasattr(student, "set_requires_gradient_sync"):
             student.set_requires_gradient_sync(last)
         with accelerator.no_sync(student) if not last else nullcontext(), accelerator.autocast():
             loss, parts = t.objective(
-                student, t.teacher, batch, point, counts, accelerator.num_processes, len(batches)
+                student, t.teacher, batch, point, step.counts, accelerator.num_processes, len(step.batches)
             )
         accelerator.backward(loss)
         loss_sum += loss.detach()
@@ -174,19 +196,36 @@ def train_step(
     if t.heads is not None:
         average_gradients(t.heads, accelerator)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
+    # (with a GradScaler this unscales the gradients: an overflow makes the norm non-finite)
     grad_norm = full_tensor(accelerator.clip_grad_norm_(params, t.cfg.train.max_grad_norm or math.inf))
-    stepped = False
-    if all_finite(loss_sum, grad_norm, accelerator):
-        t.optimizer.step()
-        stepped = not accelerator.optimizer_step_was_skipped
-    elif accelerator.scaler is not None:
-        t.optimizer.step()  # the GradScaler skips it and lowers its scale
+    stepped = all_finite(loss_sum, grad_norm, accelerator)
+    optimizer = getattr(t.optimizer, "optimizer", t.optimizer)  # accelerate's wrapper would read the scale
+    optimizer.found_inf = (~stepped).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    if accelerator.scaler is not None:
+        accelerator.scaler.update()  # lowers the scale after an overflow found when unscaling
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
-    if stepped and t.ema is not None:
-        t.ema.update(unwrap(student))
-    tokens = sum(int(b["student_attention_mask"].sum()) for b in counted)
-    return StepResult(loss_sum, parts_sum, grad_norm, stepped, tokens)
+    if t.ema is not None:
+        t.ema.update(unwrap(student), stepped)
+    return StepResult(loss_sum, parts_sum, grad_norm, stepped)
+
+
+def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch for the objective, on the device: its loss rows added (`loss_rows`), and attention masks
+    without padding left out (transformers would otherwise check them, which waits for the device). On a GPU
+    the host tensors are pinned first, so that copying them does not wait for the device either."""
+    out = {**batch, **loss_rows(batch)}
+    for side in ("student", "teacher"):
+        mask = out.get(f"{side}_attention_mask")
+        if mask is not None and bool(mask.all()):
+            del out[f"{side}_attention_mask"]
+    if device.type == "cuda":
+        out = {k: v.pin_memory() for k, v in out.items()}
+    return to_device(out, device)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,156 @@
+"""The training step never waits for the device: on a GPU every such wait idles it until the host has queued
+the next work. On the CPU nothing waits, so the tests record the operations that would: reading a value to
+the host (`item`, `bool`, `int`, a scalar comparison), `nonzero`, and selection or assignment by a boolean
+mask, whose result size depends on the data."""
+
+from __future__ import annotations
+
+import collections
+import traceback
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sakd.cache import capture_teacher_cache, open_training_cache
+from sakd.config import validate
+from sakd.curriculum import curriculum_at
+from sakd.data.corpus import build_windows
+from sakd.data.loader import WindowLoader
+from sakd.models.load import load_tokenizer
+from sakd.train.objective import loss_rows
+from sakd.train.step import build_training, prepare_batch, step_batches, train_step
+
+READS = {
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::is_nonzero",
+    "aten::masked_select",
+    "aten::equal",
+}
+MASKED = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+# transformers' causal-mask builder checks the padding mask / packed positions on the host at every model
+# forward (`masking_utils`, unless tracing); that is the models' code, outside the step's control
+OUTSIDE = ("transformers/masking_utils.py",)
+
+
+class HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.found: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        waits = name in READS or (
+            name in MASKED and any(t is not None and t.dtype == torch.bool for t in args[1])
+        )
+        if waits:
+            frames = traceback.extract_stack()
+            if not any(any(o in f.filename for o in OUTSIDE) for f in frames):
+                ours = [
+                    f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames if "/sakd/" in f.filename
+                ]
+                self.found[name, " <- ".join(ours[-3:])] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _setup(raw, cache_root=None):
+    cfg = validate(raw)
+    accelerator = Accelerator(cpu=True)
+    student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
+    teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
+    windows = build_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
+    cached = None
+    if cache_root is not None:
+        capture_teacher_cache(cfg, top_k=8, path=cache_root, progress=False)
+        cached = open_training_cache(
+            cache_root,
+            windows,
+            cfg.data.train,
+            cfg.data.max_length,
+            cfg.teacher.model,
+            student_tok,
+            teacher_tok,
+        )
+    t = build_training(cfg, accelerator, "fp32", student_tok, teacher_tok, cached)
+    loader = WindowLoader(
+        windows, cfg.train.batch_size, seed=0, student_pad_id=student_tok.pad_token_id, teacher_pad_id=0
+    )
+    if cached is not None:
+        loader = cached.batches(loader)
+    return t, accelerator, loader, curriculum_at(0.5, cfg.curriculum)
+
+
+@pytest.mark.parametrize("setup", ["cross", "same", "cached"])
+def test_a_training_step_never_waits_for_the_device(base_config, assets, tmp_path, setup):
+    raw = base_config
+    raw["train"].update(grad_accum=2, max_grad_norm=1.0)
+    if setup == "same":
+        raw["student"]["model"] = str(assets["student_same"])
+    t, accelerator, loader, point = _setup(raw, tmp_path / "cache" if setup == "cached" else None)
+    for _ in range(2):  # the first step builds the optimizer state
+        host = [loader.next_batch() for _ in range(2)]
+        batches = step_batches(host, accelerator)
+        reads = HostReads()
+        with reads:
+            result = train_step(t, batches, point)
+    assert not reads.found, dict(reads.found)
+    assert bool(result.stepped) and torch.isfinite(result.loss)
+
+
+def test_a_skipped_step_is_decided_without_waiting(base_config, assets):
+    """A NaN loss skips the step on the device: the weights, the optimizer state and the EMA stay as they were."""
+    t, accelerator, loader, point = _setup(base_config)
+    train_step(t, step_batches([loader.next_batch()], accelerator), point)
+    batches = step_batches([loader.next_batch()], accelerator)
+    before = [p.detach().clone() for p in t.student.parameters()]
+    shadow = {k: v.clone() for k, v in t.ema.shadow.items()}
+    moments = [s["exp_avg"].clone() for s in t.optimizer.state.values()]
+    hidden = t.teacher.model.norm.register_forward_hook(lambda _m, _a, out: out.fill_(float("nan")))
+    reads = HostReads()
+    with reads:
+        result = train_step(t, batches, point)
+    hidden.remove()
+    assert not reads.found, dict(reads.found)
+    assert not bool(result.stepped)
+    for p, q in zip(t.student.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    for k, v in shadow.items():
+        assert torch.equal(t.ema.shadow[k], v)
+    assert all(torch.equal(s["exp_avg"], m) for s, m in zip(t.optimizer.state.values(), moments, strict=True))
+    assert t.ema.updates == 1
+
+
+def test_loss_rows_put_the_aligned_group_ends_first(base_config):
+    t, accelerator, loader, point = _setup(base_config)
+    batch = loader.next_batch()
+    rows = loss_rows(batch)
+    labels, mask = batch["student_labels"], batch["align_mask"]
+    length, teacher_length = labels.shape[1], batch["teacher_input_ids"].shape[1]
+    k = int(mask.sum())
+    assert rows["rows_teacher"].shape[0] == k > 0
+    # every labelled position once, the group ends first in (b, g) order
+    assert sorted(rows["rows_student"].tolist()) == (labels.flatten() != -100).nonzero().squeeze(-1).tolist()
+    b, g = mask.nonzero(as_tuple=True)
+    assert rows["rows_student"][:k].tolist() == (b * length + batch["align_student_pos"][b, g]).tolist()
+    assert rows["rows_teacher"].tolist() == (b * teacher_length + batch["align_teacher_pos"][b, g]).tolist()
+    assert rows["rows_group"].tolist() == (b * mask.shape[1] + g).tolist()
+
+
+def test_prepared_batches_give_the_same_loss(base_config):
+    """`prepare_batch` (host rows, attention masks without padding dropped) against the objective's own
+    rows and full masks, with and without padding."""
+    t, accelerator, loader, point = _setup(base_config)
+    batch = loader.next_batch()
+    padded = dict(batch)
+    padded["student_attention_mask"] = batch["student_attention_mask"].clone()
+    padded["student_attention_mask"][0, -3:] = 0
+    padded["student_labels"] = batch["student_labels"].clone()
+    padded["student_labels"][0, -4:] = -100
+    counts = step_batches([batch], accelerator).counts
+    for host in (batch, padded):
+        prepared = prepare_batch(host, accelerator.device)
+        assert ("student_attention_mask" in prepared) == (host is padded)
+        losses = [t.objective(t.student, t.teacher, b, point, counts)[0] for b in (host, prepared)]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
