@@ -139,6 +139,9 @@ class TrainConfig(Section):
     """ddp: every process holds the whole student. fsdp: the student's weights, gradients and optimizer
     state are split over the processes (PyTorch FSDP2); checkpoints hold the full weights either way."""
     precision: Precision = "auto"
+    compile: bool = False
+    """Compile every decoder layer's forward, of the student and of a teacher on the device, with
+    torch.compile (inductor). Worth it on a GPU; the first steps take longer while it compiles."""
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)
     """Evaluate every N optimizer steps (0: only at the end)."""

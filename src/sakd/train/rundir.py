@@ -24,6 +24,7 @@ HARMLESS_KEYS = {
     "train.max_minutes",
     "train.progress",
     "train.strategy",
+    "train.compile",
     "teacher.placement",
     "distill.fused_loss",
     "distill.chunk_logits",

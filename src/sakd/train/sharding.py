@@ -32,6 +32,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+COMPILE_BACKEND = "inductor"
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer's forward, in place. Only the forward is compiled: hooks (FSDP2's,
+    the offload's, the loss's captures) run around it as before, and the weights keep their names."""
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, backend=COMPILE_BACKEND)
+
+
 def shard(model: nn.Module) -> nn.Module:
     """FSDP2 over all processes: one unit per decoder layer, then the root. In place; returns `model`. A model
     in host memory is moved to the device unit by unit as it is split (`fully_shard` moves a unit's states to

@@ -22,7 +22,7 @@ from sakd.train.collective import all_finite, average_gradients, global_counts
 from sakd.train.ema import EMA
 from sakd.train.objective import DistillHeads, DistillObjective, TokenCounts, build_heads, loss_rows
 from sakd.train.schedule import make_scheduler
-from sakd.train.sharding import full_tensor, place_teacher, shard
+from sakd.train.sharding import compile_layers, full_tensor, place_teacher, shard
 
 log = logging.getLogger("sakd")
 
@@ -92,6 +92,8 @@ def build_training(
         teacher_attn = attention_implementation(needs_maps, cfg.teacher.attn_implementation)
         teacher = freeze(load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), teacher_attn))
         teacher = place_teacher(teacher, cfg.teacher.placement, accelerator.device, accelerator.num_processes)
+        if tc.compile:
+            compile_layers(teacher)
     # Trainable weights stay fp32 (master weights); mixed precision comes from autocast and a GradScaler.
     student = load_model(
         cfg.student.model,
@@ -102,6 +104,8 @@ def build_training(
         seed=tc.seed,
     )
     student.train()
+    if tc.compile:
+        compile_layers(student)
     heads = sources = None
     if cfg.teacher is not None and any(getattr(full, k) > 0 for k in AUX_LOSSES):
         heads, sources = build_heads(
