@@ -55,9 +55,9 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _setup(raw, cache_root=None):
+def _setup(raw, cache_root=None, mixed_precision="no"):
     cfg = validate(raw)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
     windows = build_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
@@ -154,3 +154,27 @@ def test_prepared_batches_give_the_same_loss(base_config):
         assert ("student_attention_mask" in prepared) == (host is padded)
         losses = [t.objective(t.student, t.teacher, b, point, counts)[0] for b in (host, prepared)]
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+
+
+def test_fp16_grad_scaler_skips_overflow_on_the_device(base_config):
+    """The fp16 path (a GradScaler, as on a GPU without bf16): gradients are unscaled before the norm, an
+    overflow skips the step through the same device-side verdict and halves the scale; nothing waits."""
+    t, accelerator, loader, point = _setup(base_config, mixed_precision="fp16")
+    accelerator.native_amp = True  # what Accelerate sets up for fp16 on a GPU
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in t.student.parameters()]
+    batches = step_batches([loader.next_batch()], accelerator)
+    reads = HostReads()
+    with reads:
+        result = train_step(t, batches, point)
+    assert not reads.found, dict(reads.found)
+    assert bool(result.stepped) and accelerator.scaler.get_scale() == 2.0**10
+    assert float(result.grad_norm) < 1e3  # unscaled: the scale (1024) is not in it
+    assert any(not torch.equal(p, q) for p, q in zip(t.student.parameters(), before, strict=True))
+
+    before = [p.detach().clone() for p in t.student.parameters()]
+    hidden = t.teacher.model.norm.register_forward_hook(lambda _m, _a, out: out.fill_(float("inf")))
+    result = train_step(t, step_batches([loader.next_batch()], accelerator), point)
+    hidden.remove()
+    assert not bool(result.stepped) and accelerator.scaler.get_scale() == 2.0**9
+    assert all(torch.equal(p, q) for p, q in zip(t.student.parameters(), before, strict=True))
