@@ -55,9 +55,9 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _setup(raw, cache_root=None, mixed_precision="no"):
+def _setup(raw, cache_root=None):
     cfg = validate(raw)
-    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    accelerator = Accelerator(cpu=True)
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
     windows = build_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
@@ -156,11 +156,14 @@ def test_prepared_batches_give_the_same_loss(base_config):
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
 
 
-def test_fp16_grad_scaler_skips_overflow_on_the_device(base_config):
+def test_fp16_grad_scaler_skips_overflow_on_the_device(base_config, monkeypatch):
     """The fp16 path (a GradScaler, as on a GPU without bf16): gradients are unscaled before the norm, an
     overflow skips the step through the same device-side verdict and halves the scale; nothing waits."""
-    t, accelerator, loader, point = _setup(base_config, mixed_precision="fp16")
-    accelerator.native_amp = True  # what Accelerate sets up for fp16 on a GPU
+    t, accelerator, loader, point = _setup(base_config)
+    # what Accelerate sets up for fp16 on a GPU (its process-wide state is fixed by the first test: the
+    # accelerator is told so rather than built again)
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda _self: "fp16"))
+    accelerator.native_amp = True
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = [p.detach().clone() for p in t.student.parameters()]
     batches = step_batches([loader.next_batch()], accelerator)
