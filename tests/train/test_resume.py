@@ -96,7 +96,7 @@ def test_resume_from_any_checkpoint_is_bit_exact(
     ("data", "save_every", "interruptions"),
     [
         ("mid", 1, ((signal.SIGKILL, 3),)),
-        ("tiny", 2, ((signal.SIGKILL, 2), (signal.SIGTERM, 6))),
+        ("tiny", 2, ((signal.SIGKILL, 2), (signal.SIGTERM, 4))),
     ],
     ids=["long-epoch-save1-sigkill", "short-epochs-save2-sigkill-then-sigterm"],
 )
