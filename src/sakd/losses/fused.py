@@ -50,23 +50,26 @@ def projected_target(mapping, student_width: int) -> TargetFn:
 def _cross_entropy(
     s: torch.Tensor, labels: torch.Tensor, weight: float
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LM part of a chunk: {"lm": summed cross-entropy}, the log-sum-exp (n,), each row's weight in the
-    gradient (n,) (0 for ignored labels) and the label column (n, 1)."""
+    """The LM part of a chunk: {"lm": summed cross-entropy}, log_softmax(s) (n, W) (one pass over the
+    logits; the caller may overwrite it), each row's weight in the gradient (n,) (0 for ignored labels) and
+    the label column (n, 1)."""
     valid = labels != IGNORE_INDEX
     column = labels.clamp_min(0)[:, None]
-    lse = torch.logsumexp(s, dim=-1)  # (n,)
-    parts = {"lm": torch.where(valid, lse - s.gather(1, column).squeeze(1), 0.0).sum()}
-    return parts, lse, torch.where(valid, weight, 0.0), column
+    logsm = torch.log_softmax(s, dim=-1)  # (n, W)
+    parts = {"lm": torch.where(valid, -logsm.gather(1, column).squeeze(1), 0.0).sum()}
+    return parts, logsm, torch.where(valid, weight, 0.0), column
 
 
-def _student_logprobs(s: torch.Tensor, lse: torch.Tensor, cols: int, t: float) -> tuple[torch.Tensor, bool]:
-    """log_softmax(s[:, :cols] / t) (rows, cols), and whether it is the cross-entropy's own softmax (T = 1
-    over every column: then it is s - lse, computed without a second pass)."""
-    shared = t == 1.0 and cols == s.shape[-1]
-    if shared:
-        return s - lse[:, None], True
+def _shares_softmax(s: torch.Tensor, cols: int, t: float) -> bool:
+    """Whether the student's log-softmax at T over its first `cols` columns is the cross-entropy's own (T = 1
+    over every column): then one softmax serves both parts."""
+    return t == 1.0 and cols == s.shape[-1]
+
+
+def _tempered_logprobs(s: torch.Tensor, cols: int, t: float) -> torch.Tensor:
+    """log_softmax(s[:, :cols] / t) (rows, cols)."""
     student = s[:, :cols]
-    return torch.log_softmax(student if t == 1.0 else student / t, dim=-1), False
+    return torch.log_softmax(student if t == 1.0 else student / t, dim=-1)
 
 
 class _FusedRowLoss:
@@ -117,22 +120,21 @@ class FusedForwardKL(_FusedRowLoss):
         `kd_rows` as for the reference (`sakd.losses.lm.kd_selection`)."""
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
-        parts, lse, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
+        parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
 
         # The teacher side runs on the KD rows only (all of them with one tokenizer; the aligned group ends
         # with two): its logits, softmax and projection are the expensive part.
         rows = kd_selection(kd_mask, kd_rows)
-        every = isinstance(rows, slice) and rows.stop == s.shape[0]
         if kd_count(rows) == 0:
             parts["kd"] = s.new_zeros(())
-            grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
+            grad = logsm.exp_().mul_(lm_coef[:, None])
             grad.scatter_add_(1, column, -lm_coef[:, None])
             return parts, grad
-        s_kd, lse_kd = s[rows], lse[rows]
         hidden = teacher_hidden[rows].to(self.teacher_weight.dtype)
         p, logp = self.target(head_logits(hidden, self.teacher_weight, self.teacher_bias), t)  # (k, C)
         cols = p.shape[-1]
-        logq, shared = _student_logprobs(s_kd, lse_kd, cols, t)  # (k, C)
+        shared = _shares_softmax(s, cols, t)
+        logq = logsm[rows] if shared else _tempered_logprobs(s[rows], cols, t)  # (k, C)
         # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
         kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (k,)
         weight = kd_weight[rows].float()
@@ -142,15 +144,18 @@ class FusedForwardKL(_FusedRowLoss):
         kd_coef = kd_w * t * weight  # (k,)
         kd_mass = kd_coef * p.sum(-1)  # (k,) mass 1, or 0 for a projected row whose mass is all unmapped
         p.mul_(kd_coef[:, None])
-        if shared and every:
-            grad = logq.exp_().mul_((lm_coef + kd_mass)[:, None]).sub_(p)  # (n, W)
+        if shared:  # the KD rows' softmax is the LM's: one scaling of it serves both parts
+            coef = lm_coef.clone()
+            coef[rows] += kd_mass
+            grad = logsm.exp_().mul_(coef[:, None])
+            kd_grad = p.neg_()
         else:
-            grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
+            grad = logsm.exp_().mul_(lm_coef[:, None])
             kd_grad = logq.exp_().mul_(kd_mass[:, None]).sub_(p)  # (k, C)
-            if isinstance(rows, slice):
-                grad[rows, :cols] += kd_grad
-            else:
-                grad[:, :cols].index_add_(0, rows, kd_grad)
+        if isinstance(rows, slice):
+            grad[rows, :cols] += kd_grad
+        else:
+            grad[:, :cols].index_add_(0, rows, kd_grad)
         grad.scatter_add_(1, column, -lm_coef[:, None])
         return parts, grad
 
@@ -196,13 +201,14 @@ class FusedCachedForwardKL(_FusedRowLoss):
 
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
-        parts, lse, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
+        parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
 
         logp, log_tail, targets = sparse_teacher_buckets(
             teacher_ids, teacher_probs, teacher_tail, t, self.teacher_vocab_size, self.teacher_to_student
         )
         cols = s.shape[-1] if self.teacher_to_student is not None else self.student_vocab
-        logq, shared = _student_logprobs(s, lse, cols, t)  # (n, C)
+        shared = _shares_softmax(s, cols, t)
+        logq = logsm if shared else _tempered_logprobs(s, cols, t)  # (n, C)
         rows, terms = _sparse_forward_kl_terms(logq, targets, logp, log_tail, t)
         parts["kd"] = torch.where(kd_mask, kd_weight.float() * rows, 0.0).sum()
 
@@ -220,7 +226,7 @@ class FusedCachedForwardKL(_FusedRowLoss):
         if shared:
             grad = q.mul_((lm_coef + kd_scale)[:, None])
         else:
-            grad = torch.exp(s - lse[:, None]).mul_(lm_coef[:, None])
+            grad = logsm.exp_().mul_(lm_coef[:, None])
             grad[:, :cols] += q.mul_(kd_scale[:, None])
         target = grad if shared else grad[:, :cols]
         target.scatter_add_(1, members, on_members)
