@@ -10,6 +10,9 @@ import sys
 
 from sakd.errors import UserError
 
+# Below this mean teacher mass inside the cached top-k, `cache-teacher` suggests a larger --top-k.
+LOW_TOP_K_MASS = 0.8
+
 
 def _train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
@@ -109,6 +112,13 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         f"positions of {result['windows']} windows, top-{result['top_k']} ({result['seconds']:.0f} s); "
         f"train from it with --set teacher.cache={result['path']}"
     )
+    kept = result["top_k_mass"]
+    if kept is not None:
+        print(
+            f"the top-{result['top_k']} holds {100 * kept:.1f}% of the teacher's probability on average; the rest "
+            f"trains as one tail bucket"
+            + (" (a larger --top-k keeps more of the teacher)" if kept < LOW_TOP_K_MASS else "")
+        )
     return 0
 
 

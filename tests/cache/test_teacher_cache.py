@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sysconfig
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def test_round_trip(raw, assets, tmp_path):
         torch.testing.assert_close(got_tail, 1 - expected.values.sum(-1), rtol=1e-4, atol=1e-5)
         row += len(w.teacher_ids)
     assert head.weight.shape[0] >= len(teacher_tok)
+    tails = np.concatenate([shard["tail"] for shard in _shards(tmp_path / "c").values()])
+    assert summary["top_k_mass"] == pytest.approx(1 - tails.astype(np.float64).mean(), abs=1e-9)
+    assert 0 < summary["top_k_mass"] < 1
     keys = cache.keys()
     np.testing.assert_array_equal(keys, keyed.teacher_keys[: len(keys)])
     assert (keys[:, 2] > 0).any(), "the multi-byte characters should give byte-piece keys"
@@ -310,5 +314,8 @@ def test_cli_cache_teacher(raw, tmp_path, capsys):
     assert main(["cache-teacher", str(config), "--top-k", "4", "--set", "data.max_length=32"]) == 0
     out = capsys.readouterr().out
     assert "teacher-cache" in out and "top-4" in out
+    # a tiny teacher keeps little of its probability in a top-4: the mean is said, with the remedy
+    assert re.search(r"the top-4 holds \d+\.\d% of the teacher's probability", out), out
+    assert "a larger --top-k" in out
     assert json.loads((Path(raw["output_dir"]) / "teacher-cache" / "manifest.json").read_text())["complete"]
     assert main(["cache-teacher", str(config), "--top-k", "0"]) == 2

@@ -164,14 +164,18 @@ def capture_teacher_cache(
             writer.write(index, tensors, (first, end))
         bar.close()
     manifest = writer.manifest
+    rows = sum(s["rows"] for s in manifest["shards"].values())
+    tails = [s.get("tail_sum") for s in manifest["shards"].values()]
+    kept = 1 - sum(tails) / rows if rows and None not in tails else None
     return {
         "path": str(root),
         "complete": manifest["complete"],
         "shards": len(manifest["shards"]),
         "num_shards": num_shards,
         "written_now": len(todo),
-        "rows": sum(s["rows"] for s in manifest["shards"].values()),
+        "rows": rows,
         "windows": len(windows),
         "top_k": top_k,
+        "top_k_mass": kept,  # the teacher's mean probability inside the stored top-k (None: not recorded)
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -29,7 +29,8 @@ def measure_cache_speedup(
     cache, `repeats` times each (alternating, so that machine noise hits both), for `steps` optimizer steps
     (default: one epoch of the training windows). Everything is written under `workdir`.
 
-    Returns {"steps", "windows", "top_k", "capture_s" (the one-time teacher pass), "live_s", "cached_s" (loop
+    Returns {"steps", "windows", "top_k", "top_k_mass" (the teacher's mean probability inside the top-k),
+    "capture_s" (the one-time teacher pass), "live_s", "cached_s" (loop
     seconds per run: the training steps only, not loading, tokenization, evaluation or export), "speedup"
     (median live / median cached), "speedup_range" (slowest and fastest pairing), "live_bpb", "cached_bpb"
     (held-out bits per byte of the raw weights after the steps, first run of each), "bpb_relative_difference"
@@ -70,6 +71,7 @@ def measure_cache_speedup(
         "steps": steps,
         "windows": capture["windows"],
         "top_k": capture["top_k"],
+        "top_k_mass": capture["top_k_mass"],
         "capture_s": capture["seconds"],
         "live_s": live,
         "cached_s": cached,

@@ -147,6 +147,7 @@ class CacheWriter:
             "file": name,
             "rows": int(tensors["ids"].shape[0]),
             "windows": list(windows),
+            "tail_sum": float(tensors["tail"].double().sum()),  # for the mean mass the top-k keeps
         }
         self.manifest["complete"] = len(self.manifest["shards"]) == self.manifest["num_shards"]
         _write_json_atomic(self.root / MANIFEST, self.manifest)
