@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 
+import sakd.cache.keys
+import sakd.data.corpus
 from sakd.cache import TeacherCache, capture_teacher_cache, open_training_cache
 from sakd.cache.keys import keyed_windows
 from sakd.cli import main
@@ -288,7 +290,7 @@ def _kd_losses(run: Path) -> list[float]:
     return [r["loss_kd"] for r in records if r.get("event") == "train"]
 
 
-def test_trains_with_small_k_and_serves_another_tokenizer(raw, assets, sharp_teacher, tmp_path):
+def test_trains_with_small_k_and_serves_another_tokenizer(raw, assets, sharp_teacher, tmp_path, monkeypatch):
     # captured for the same-tokenizer student; trained into the student with another tokenizer, with the
     # knowledge-gap token weights of the default curriculum
     raw["teacher"]["model"] = str(sharp_teacher)
@@ -298,7 +300,18 @@ def test_trains_with_small_k_and_serves_another_tokenizer(raw, assets, sharp_tea
     run["teacher"]["cache"] = str(root)
     run["curriculum"] = {}
     run["train"].update(max_steps=12, lr=3e-3, warmup_steps=0, ema_decay=None)
+    tokenized = []  # (tokenizer size, documents) of every tokenization
+    for module in (sakd.cache.keys, sakd.data.corpus):
+        plain = module.tokenize_documents
+        monkeypatch.setattr(
+            module,
+            "tokenize_documents",
+            lambda tok, docs, plain=plain: tokenized.append(len(docs)) or plain(tok, docs),
+        )
     summary = train(validate(run))
+    # the training documents are tokenized once per tokenizer: keying the cache reuses the training windows
+    evaluation = 2 if run["data"].get("eval") else 0
+    assert len(tokenized) == 2 + evaluation, tokenized
     assert summary["step"] == 12 and summary["skipped_steps"] == 0
     assert "cached" in summary["objective"]
     coverage = summary["teacher_cache"]

@@ -39,6 +39,10 @@ def test_windows_cover_the_same_characters_on_both_sides(tokenized, max_length):
     expected = reference_windows(student_docs, teacher_docs, max_length)
     assert [w.student_ids.tolist() for w in windows] == [student for student, _ in expected]
     assert [w.teacher_ids.tolist() for w in windows] == [teacher for _, teacher in expected]
+    teacher_stream = np.array(stream(teacher_docs, "ids"))  # every document has tokens: all are kept
+    for window in windows:  # teacher_start: where a window's teacher tokens stand in that stream
+        start = window.teacher_start
+        assert teacher_stream[start : start + len(window.teacher_ids)].tolist() == window.teacher_ids.tolist()
     if max_length >= 64:  # no group is that long: the windows are the whole stream
         assert window_stream(windows, "student_ids") == stream(student_docs, "ids")
         assert window_stream(windows, "teacher_ids") == stream(teacher_docs, "ids")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sakd.data.packing import Window, _group_sizes, _Stream, _window_spans, pack_windows
+from sakd.data.packing import Window, pack_windows
 from sakd.data.sources import load_sources
 from sakd.data.tokenize import TokenizedDoc, require_offsets, tokenize_documents
 
@@ -62,8 +62,7 @@ def document_keys(doc: TokenizedDoc, length: int, index: int, has_eos: bool) -> 
 
 def keyed_windows(sources: Sequence, student_tokenizer, teacher_tokenizer, max_length: int) -> KeyedWindows:
     """The windows `build_windows(sources, student_tokenizer, teacher_tokenizer, max_length)` gives, with the
-    key of every teacher token. The packing is replayed (its spans are not kept by the windows) and checked
-    against the windows it gave."""
+    key of every teacher token."""
     require_offsets(student_tokenizer, "student")
     require_offsets(teacher_tokenizer, "teacher")
     docs = load_sources(sources)
@@ -72,25 +71,11 @@ def keyed_windows(sources: Sequence, student_tokenizer, teacher_tokenizer, max_l
     windows = pack_windows(student_docs, teacher_docs, max_length)
 
     has_eos = teacher_tokenizer.eos_token_id is not None
+    # the documents packing keeps, in stream order: the windows' `teacher_start`s index their keys
     kept = [i for i, (s, t) in enumerate(zip(student_docs, teacher_docs, strict=True)) if len(s) and len(t)]
     keys = [document_keys(teacher_docs[i], len(docs[i]), i, has_eos) for i in kept]
     teacher_keys = np.concatenate(keys) if keys else np.zeros((0, 3), dtype=np.int64)
-
-    student_kept, teacher_kept = [student_docs[i] for i in kept], [teacher_docs[i] for i in kept]
-    student_sizes, teacher_sizes = _group_sizes(student_kept, teacher_kept)
-    streams = [_Stream.of(student_kept, student_sizes), _Stream.of(teacher_kept, teacher_sizes)]
-    starts = [
-        streams[1].group_starts[first]
-        for first, end in _window_spans(streams, max_length)
-        if all(s.group_starts[end] - s.group_starts[first] >= 2 for s in streams)
-    ]
-    teacher_starts = np.asarray(starts, dtype=np.int64)
-    stream_ids = streams[1].ids
-    if len(teacher_starts) != len(windows) or any(
-        not np.array_equal(stream_ids[start : start + len(w.teacher_ids)], w.teacher_ids)
-        for start, w in zip(teacher_starts, windows, strict=False)
-    ):
-        raise RuntimeError("sakd.cache.keys no longer replays sakd.data.packing: update keyed_windows")
+    teacher_starts = np.array([w.teacher_start for w in windows], dtype=np.int64)
     return KeyedWindows(windows, teacher_keys, teacher_starts, len(docs))
 
 

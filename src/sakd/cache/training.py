@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sakd.cache.keys import keyed_windows, lookup_rows, same_windows
+from sakd.cache.keys import KeyedWindows, keyed_windows, lookup_rows, same_windows
 from sakd.cache.store import TeacherCache, capture_settings
 from sakd.data.packing import Window
 from sakd.errors import UserError
@@ -107,15 +107,18 @@ def open_training_cache(
     teacher_model: str,
     student_tokenizer,
     teacher_tokenizer,
+    keyed: KeyedWindows | None = None,
 ) -> CachedTeacher:
     """Open the cache at `path` for the training `windows` (built from `sources` with these tokenizers and
-    `max_length`): a UserError if it is missing, incomplete or was captured with other settings."""
+    `max_length`): a UserError if it is missing, incomplete or was captured with other settings. `keyed`:
+    the `keyed_windows` that gave `windows` (None: the sources are tokenized again to key them)."""
     plain_sources = [s if isinstance(s, str) else s.model_dump(mode="json") for s in sources]
     settings = capture_settings(teacher_model, teacher_tokenizer, plain_sources, max_length)
     cache = TeacherCache.open(path, settings)
-    keyed = keyed_windows(sources, student_tokenizer, teacher_tokenizer, max_length)
-    if not same_windows(keyed.windows, windows):
-        raise UserError("the training windows differ from the windows the teacher cache was keyed for")
+    if keyed is None or keyed.windows is not windows:
+        keyed = keyed_windows(sources, student_tokenizer, teacher_tokenizer, max_length)
+        if not same_windows(keyed.windows, windows):
+            raise UserError("the training windows differ from the windows the teacher cache was keyed for")
     stream_rows = lookup_rows(cache.keys(), keyed.teacher_keys)  # (N_t,)
     group_rows = [
         stream_rows[start + _group_last(w.teacher_group)]

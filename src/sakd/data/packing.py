@@ -19,7 +19,8 @@ class Window:
 
     `student_ids`, `student_bytes` (UTF-8 bytes each token covers), `student_group` (alignment group of each
     token, 0..G-1 within the window): (Ls,) int64. The `teacher_*` arrays are (Lt,) likewise, or None when
-    packing for one tokenizer. `index` is the window's position in the packed list.
+    packing for one tokenizer. `index` is the window's position in the packed list; `teacher_start` is where
+    its first teacher token stands in the teacher's stream of kept documents (-1 without a teacher side).
     """
 
     student_ids: np.ndarray
@@ -29,6 +30,7 @@ class Window:
     teacher_bytes: np.ndarray | None
     teacher_group: np.ndarray | None
     index: int
+    teacher_start: int = -1
 
 
 @dataclass
@@ -87,7 +89,8 @@ def pack_windows(
         if any(len(ids) < 2 for ids, _, _ in parts):
             continue
         teacher_part = parts[1] if len(parts) == 2 else (None, None, None)
-        windows.append(Window(*parts[0], *teacher_part, index=len(windows)))
+        start = int(streams[1].group_starts[first_group]) if len(parts) == 2 else -1
+        windows.append(Window(*parts[0], *teacher_part, index=len(windows), teacher_start=start))
     return windows
 
 

@@ -22,6 +22,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
+from sakd.cache.keys import keyed_windows
 from sakd.cache.training import open_training_cache
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
@@ -121,7 +122,12 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher") if cfg.teacher else None
     bar = tqdm(total=2 if cfg.data.eval else 1, desc="tokenizing", disable=not (main and tc.progress))
-    windows = build_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
+    keyed = None
+    if cfg.teacher and cfg.teacher.cache:  # the cache's keys come with the windows: one tokenization
+        keyed = keyed_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
+        windows = keyed.windows
+    else:
+        windows = build_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
     bar.update()
     eval_windows = []
     if cfg.data.eval:
@@ -138,7 +144,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         )
 
     cached = None
-    if cfg.teacher and cfg.teacher.cache:  # the cache replaces the teacher, which is not loaded
+    if keyed is not None:  # the cache replaces the teacher, which is not loaded
         cached = open_training_cache(
             cfg.teacher.cache,
             windows,
@@ -147,6 +153,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             cfg.teacher.model,
             student_tok,
             teacher_tok,
+            keyed,
         )
     t = build_training(cfg, accelerator, precision, student_tok, teacher_tok, cached)
     loader = WindowLoader(
