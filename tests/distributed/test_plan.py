@@ -67,11 +67,11 @@ else:
     import matplotlib.pyplot  # noqa: F401 (the report at the end of training draws plots)
     from sakd.config import load_config
     from sakd.plan import estimate
-    from sakd.train import loop
+    from sakd.train import inputs, loop
 
     cfg = load_config(config_path)
     plan = estimate(cfg)  # also imports the models' code
-    build_windows = loop.build_windows
+    build_windows = inputs.build_windows
     base = {}
 
     def windows_then_base(*args, **kwargs):  # tokenized data stays in host memory, never on the device
@@ -79,7 +79,7 @@ else:
         base.setdefault("after_data", peak())
         return windows
 
-    loop.build_windows = windows_then_base
+    inputs.build_windows = windows_then_base
     loop.train(cfg)
     print(json.dumps({"train": peak() - base["after_data"], "estimate": plan.total}))
 """

@@ -22,13 +22,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
-from sakd.cache.keys import keyed_windows
-from sakd.cache.training import open_training_cache
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
-from sakd.data.corpus import build_windows
-from sakd.data.loader import WindowLoader
-from sakd.errors import UserError
 from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
 from sakd.report.trackers import MetricsWriter
@@ -36,6 +31,7 @@ from sakd.train import checkpoint, rundir
 from sakd.train.collective import agree_max, global_losses
 from sakd.train.evaluate import eval_batches as make_eval_batches
 from sakd.train.evaluate import evaluate_student
+from sakd.train.inputs import training_inputs
 from sakd.train.persist import export_final, load_checkpoint, save_checkpoint
 from sakd.train.sharding import is_sharded
 from sakd.train.skips import SkipVerdicts
@@ -121,52 +117,10 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
 
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher") if cfg.teacher else None
-    bar = tqdm(total=2 if cfg.data.eval else 1, desc="tokenizing", disable=not (main and tc.progress))
-    keyed = None
-    if cfg.teacher and cfg.teacher.cache:  # the cache's keys come with the windows: one tokenization
-        keyed = keyed_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
-        windows = keyed.windows
-    else:
-        windows = build_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
-    bar.update()
-    eval_windows = []
-    if cfg.data.eval:
-        eval_windows = build_windows(
-            cfg.data.eval, student_tok, teacher_tok, cfg.data.max_length, cfg.data.eval_max_windows
-        )
-        bar.update()
-    bar.close()
-    per_step = tc.batch_size * accelerator.num_processes
-    if len(windows) < per_step:
-        raise UserError(
-            f"the training data gives {len(windows)} windows of {cfg.data.max_length} tokens, fewer than one "
-            f"batch ({per_step}): add data or lower train.batch_size / data.max_length"
-        )
-
-    cached = None
-    if keyed is not None:  # the cache replaces the teacher, which is not loaded
-        cached = open_training_cache(
-            cfg.teacher.cache,
-            windows,
-            cfg.data.train,
-            cfg.data.max_length,
-            cfg.teacher.model,
-            student_tok,
-            teacher_tok,
-            keyed,
-        )
+    inputs = training_inputs(cfg, student_tok, teacher_tok, accelerator.num_processes, main and tc.progress)
+    cached = inputs.cached
     t = build_training(cfg, accelerator, precision, student_tok, teacher_tok, cached)
-    loader = WindowLoader(
-        windows,
-        tc.batch_size,
-        tc.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        student_pad_id=student_tok.pad_token_id,
-        teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
-    )
-    if cached is not None:
-        loader = cached.batches(loader)
+    loader = inputs.loader(cfg, accelerator, student_tok, teacher_tok)
     state = LoopState()
     ckpt_root = out / "checkpoints"
 
@@ -205,7 +159,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         writer = MetricsWriter(out, tensorboard=tc.tensorboard, wandb=wandb)
         if start_path is not None:
             writer.log({"event": "resume", "step": state.step, "from": str(start_path)})
-    eval_batches = make_eval_batches(eval_windows, tc.batch_size, student_tok, teacher_tok)
+    eval_batches = make_eval_batches(inputs.eval_windows, tc.batch_size, student_tok, teacher_tok)
 
     def evaluate() -> dict[str, Any]:
         point = curriculum_point(cfg, state.step)
