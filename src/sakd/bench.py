@@ -4,7 +4,9 @@
     (`sakd.bench_loss`);
 (b) a sakd distillation step against a minimal hand-written step, for one shared tokenizer and for two
     different tokenizers: tokens/s (`sakd.bench_step`);
-(c) the data pipeline (dual tokenization, alignment, packing, collation): tokens/s against the training rate.
+(c) the data pipeline (dual tokenization, alignment, packing, collation): tokens/s against the training rate;
+(d) with --cache-epoch, one epoch of the demo's models trained live and from a teacher cache: the epoch
+    speedup and both students' held-out bits per byte (`sakd.cache.speed.demo_cache_epoch`).
 The defaults fit a small CPU; the size flags scale it up on a GPU. `--quick` is a smaller run.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -70,6 +71,8 @@ TARGETS = {
     "step_speed_ratio_cross_vocab": (">=", 0.8),
     "data_to_train_ratio": (">=", 10.0),
     "cache_speedup": (">=", 2.0),
+    "cache_epoch_speedup": (">=", 2.0),
+    "cache_epoch_bpb_difference": ("abs<=", 0.01),
 }
 
 
@@ -145,6 +148,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="training progress whose curriculum point the sakd step uses (0: phase 1, KD + LM)",
     )
+    g = p.add_argument_group("(d) a whole epoch from the teacher cache")
+    g.add_argument(
+        "--cache-epoch",
+        choices=["quick", "full"],
+        help="also train one epoch of the quick or full demo's models live and from a teacher cache, with "
+        "torch's own threads (quick: about 3 minutes on 2 CPU cores, once the demo teacher exists)",
+    )
+    g.add_argument(
+        "--workdir",
+        default="demo-runs",
+        help="the demo's corpus and pretrained teacher (shared with `sakd demo`)",
+    )
+    g.add_argument("--epoch-repeats", type=int, default=1, help="live and cached epochs each, alternating")
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,6 +181,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         bad.append(f"--progress {args.progress}")
     if args.threads is not None and args.threads < 0:
         bad.append(f"--threads {args.threads}")
+    if args.epoch_repeats < 1:
+        bad.append(f"--epoch-repeats {args.epoch_repeats}")
     if bad:
         raise UserError(f"{', '.join(bad)}: sizes must be positive and --progress in [0, 1]")
     return sizes
@@ -223,6 +241,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         raise UserError("--device cuda but torch sees no CUDA device: use --device cpu or auto")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    own_threads = torch.get_num_threads()
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -290,8 +309,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         data["train_tokens_per_s"] = step["cross_vocab"]["sakd"]["tokens_per_s"]
         result["data"] = data
         part_s["data"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
-        result["part_s"] = part_s
         result["data_to_train_ratio"] = data["tokens_per_s"] / data["train_tokens_per_s"]
+    result["cache_epoch_speedup"] = result["cache_epoch_bpb_difference"] = None
+    if args.cache_epoch:
+        from sakd.cache.speed import demo_cache_epoch
+
+        print(f"(d) one epoch of the {args.cache_epoch} demo, live and cached ...", file=sys.stderr)
+        torch.set_num_threads(own_threads)  # as `sakd train` runs
+        epoch = demo_cache_epoch(
+            args.workdir, args.cache_epoch == "quick", args.epoch_repeats, o["cache_top_k"]
+        )
+        result["cache_epoch"] = epoch
+        result["cache_epoch_speedup"] = epoch["speedup"]
+        result["cache_epoch_bpb_difference"] = epoch["bpb_relative_difference"]
+        part_s["epoch"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
+    result["part_s"] = part_s
     result["targets"] = {
         name: {
             "target": f"{op} {bound}",
@@ -305,154 +337,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _meets(value: float, op: str, bound: float) -> bool:
+    if op == "abs<=":
+        return abs(value) <= bound
     return value <= bound if op == "<=" else value >= bound
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def render(result: dict[str, Any]) -> None:
-    """The readable view: one table per part, then the summary against the targets."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=max(Console().width, 110))
-    s = result["settings"]
-    console.print(
-        f"[bold]sakd bench[/bold] on {result['device']} ({result['device_info']['torch_threads']} torch "
-        f"threads; load average {result['load_average_start']} -> {result['load_average_end']}), "
-        f"{result['total_s']} s"
-    )
-    info = result["device_info"]
-    loads = [x[0] for x in (result["load_average_start"], result["load_average_end"]) if x]
-    if info["type"] == "cpu" and loads and max(loads) > info["cpu_count"]:
-        why = (
-            " (with several torch threads every op can wait for a descheduled one; --threads 1 avoids that)"
-            if info["torch_threads"] > 1
-            else ""
-        )
-        console.print(
-            f"  [bold]note:[/bold] other processes kept the {info['cpu_count']} cores busy: timings are "
-            f"inflated and noisy{why}"
-        )
-
-    loss = result["loss"]
-    t = Table(
-        title=f"(a) KD loss forward+backward (lm + forward KL), {s['tokens']} tokens, hidden {s['hidden']}, "
-        f"chunks of <= {s['chunk_size']} rows and <= {s['chunk_logits']} logits"
-    )
-    for col in (
-        "vocab",
-        "variant",
-        "median s",
-        "passes",
-        "peak MiB",
-        "chunked/full time",
-        "chunked/full memory",
-    ):
-        t.add_column(col, justify="right" if col not in ("variant",) else "left")
-    for row in loss["results"]:
-        ratio = loss["ratios"][str(row["vocab"])] if row["variant"] == "chunked" else {}
-        if row["status"] == "ok":
-            cells = [_fmt(row["median_s"], 3), str(len(row["times_s"])), _fmt(row["peak_mb"], 1)]
-        else:
-            cells = [row["status"], "-", f"({row['note']})"]
-        variant = row["variant"] + (f" ({row['chunk_size']} rows)" if row["chunk_size"] else "")
-        t.add_row(
-            str(row["vocab"]),
-            variant,
-            *cells,
-            _fmt(ratio.get("time_ratio")),
-            _fmt(ratio.get("memory_ratio")),
-        )
-    console.print(t)
-    console.print(f"  memory method: {loss['method']}")
-    if loss["calibration"]:
-        c = loss["calibration"]
-        console.print(
-            f"  method check: a known {c['allocated_mb']} MiB allocation measured as "
-            f"{_fmt(c.get('measured_mb'), 1)} MiB ({c.get('memory_method', c.get('error'))})"
-        )
-
-    step = result["step"]
-    t = Table(
-        title=f"(b) training step, batch {s['batch_size']} x {s['max_length']} tokens, precision "
-        f"{s['precision']}: student tokens/s (median of {s['steps']} steps each, alternating)"
-    )
-    for col in (
-        "tokenizers",
-        "vocab t/s",
-        "sakd",
-        "reference",
-        "sakd/reference",
-        "sakd cached",
-        "cached/sakd",
-        "sakd step",
-    ):
-        t.add_column(col, justify="left" if col in ("tokenizers", "sakd step") else "right")
-    for name in ("same_vocab", "cross_vocab"):
-        r = step[name]
-        setup = r["sakd_setup"]
-        desc = (
-            f"{setup['objective']}, phase {setup['phase']} ({'+'.join(setup['active_losses'])}), "
-            f"{setup['attention']} attention{', EMA' if setup['ema'] else ''}"
-        )
-        t.add_row(
-            name.replace("_", " "),
-            f"{r['teacher_vocab']}/{r['student_vocab']}",
-            _fmt(r["sakd"]["tokens_per_s"], 0),
-            _fmt(r["reference"]["tokens_per_s"], 0),
-            _fmt(r["ratio"]),
-            _fmt(r["sakd_cached"]["tokens_per_s"], 0),
-            _fmt(r["cache_speedup"]),
-            desc,
-        )
-    console.print(t)
-    console.print(f"  cross-vocab reference: {step['cross_vocab']['reference_note']}")
-    c = step["cross_vocab"]
-    console.print(
-        f"  cached: top-{c['cache']['top_k']} teacher rows read from the cache (captured once in "
-        f"{c['cache']['capture_s']} s, not timed), no teacher loaded; teacher/student parameters "
-        f"{c['teacher_to_student_parameters']:.1f}"
-    )
-
-    d = result["data"]
-    t = Table(title="(c) data: dual tokenization + alignment + packing + collation (cross tokenizers)")
-    for col in (
-        "windows",
-        "student tokens",
-        "windows/s",
-        "tokens/s",
-        "collation tokens/s",
-        "train tokens/s",
-        "data/train",
-    ):
-        t.add_column(col, justify="right")
-    t.add_row(
-        str(d["windows"]),
-        str(d["student_tokens"]),
-        _fmt(d["windows_per_s"], 0),
-        _fmt(d["tokens_per_s"], 0),
-        _fmt(d["collate_tokens_per_s"], 0),
-        _fmt(d["train_tokens_per_s"], 0),
-        _fmt(result["data_to_train_ratio"], 1),
-    )
-    console.print(t)
-
-    t = Table(title="summary")
-    for col in ("measure", "value", "target", "met"):
-        t.add_column(col)
-    for name, target in result["targets"].items():
-        met = {True: "yes", False: "NO", None: "not measured"}[target["met"]]
-        if target["met"] is None and name.startswith("loss_") and result.get("loss_note"):
-            met += f" ({result['loss_note']})"
-        t.add_row(name, _fmt(result[name]), target["target"], met)
-    console.print(t)
-    console.print(
-        f"  loss ratios at vocabulary {result['loss_ratio_vocab']}; data_to_train_ratio and cache_speedup "
-        "(cached / live sakd step tokens/s) on the cross-tokenizer pair"
-    )
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -463,6 +350,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         result = run_bench(args)
     finally:  # the bench may pin torch to one thread: leave the caller's setting as it was
         torch.set_num_threads(threads)
+    from sakd.bench_table import render
+
     render(result)
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")

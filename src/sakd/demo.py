@@ -127,7 +127,8 @@ class DemoSetup:
     student_init: Path
     data: dict[str, Any]
 
-    def student_run(self, name: str, teacher: bool = True, **sections: Any) -> dict[str, Any]:
+    def student_config(self, teacher: bool = True, **sections: Any) -> dict[str, Any]:
+        """The raw config of a student run (without output_dir): random init, the demo's data and steps."""
         raw = {
             "student": {"model": str(self.student_init), "init": "random"},
             "data": self.data,
@@ -136,7 +137,10 @@ class DemoSetup:
         }
         if teacher:
             raw["teacher"] = {"model": str(self.teacher)}
-        return _run(name, self.work, raw)
+        return raw
+
+    def student_run(self, name: str, teacher: bool = True, **sections: Any) -> dict[str, Any]:
+        return _run(name, self.work, self.student_config(teacher, **sections))
 
     def score(self, model: Path, role: str) -> dict[str, Any]:
         return evaluate_model(

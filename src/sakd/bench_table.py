@@ -1,0 +1,173 @@
+"""The readable view of a `sakd bench` result: one table per part, then the summary against the targets."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def render(result: dict[str, Any]) -> None:
+    """The readable view: one table per part, then the summary against the targets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 110))
+    s = result["settings"]
+    console.print(
+        f"[bold]sakd bench[/bold] on {result['device']} ({result['device_info']['torch_threads']} torch "
+        f"threads; load average {result['load_average_start']} -> {result['load_average_end']}), "
+        f"{result['total_s']} s"
+    )
+    info = result["device_info"]
+    loads = [x[0] for x in (result["load_average_start"], result["load_average_end"]) if x]
+    if info["type"] == "cpu" and loads and max(loads) > info["cpu_count"]:
+        why = (
+            " (with several torch threads every op can wait for a descheduled one; --threads 1 avoids that)"
+            if info["torch_threads"] > 1
+            else ""
+        )
+        console.print(
+            f"  [bold]note:[/bold] other processes kept the {info['cpu_count']} cores busy: timings are "
+            f"inflated and noisy{why}"
+        )
+
+    loss = result["loss"]
+    t = Table(
+        title=f"(a) KD loss forward+backward (lm + forward KL), {s['tokens']} tokens, hidden {s['hidden']}, "
+        f"chunks of <= {s['chunk_size']} rows and <= {s['chunk_logits']} logits"
+    )
+    for col in (
+        "vocab",
+        "variant",
+        "median s",
+        "passes",
+        "peak MiB",
+        "chunked/full time",
+        "chunked/full memory",
+    ):
+        t.add_column(col, justify="right" if col not in ("variant",) else "left")
+    for row in loss["results"]:
+        ratio = loss["ratios"][str(row["vocab"])] if row["variant"] == "chunked" else {}
+        if row["status"] == "ok":
+            cells = [_fmt(row["median_s"], 3), str(len(row["times_s"])), _fmt(row["peak_mb"], 1)]
+        else:
+            cells = [row["status"], "-", f"({row['note']})"]
+        variant = row["variant"] + (f" ({row['chunk_size']} rows)" if row["chunk_size"] else "")
+        t.add_row(
+            str(row["vocab"]),
+            variant,
+            *cells,
+            _fmt(ratio.get("time_ratio")),
+            _fmt(ratio.get("memory_ratio")),
+        )
+    console.print(t)
+    console.print(f"  memory method: {loss['method']}")
+    if loss["calibration"]:
+        c = loss["calibration"]
+        console.print(
+            f"  method check: a known {c['allocated_mb']} MiB allocation measured as "
+            f"{_fmt(c.get('measured_mb'), 1)} MiB ({c.get('memory_method', c.get('error'))})"
+        )
+
+    step = result["step"]
+    t = Table(
+        title=f"(b) training step, batch {s['batch_size']} x {s['max_length']} tokens, precision "
+        f"{s['precision']}: student tokens/s (median of {s['steps']} steps each, alternating)"
+    )
+    for col in (
+        "tokenizers",
+        "vocab t/s",
+        "sakd",
+        "reference",
+        "sakd/reference",
+        "sakd cached",
+        "cached/sakd",
+        "sakd step",
+    ):
+        t.add_column(col, justify="left" if col in ("tokenizers", "sakd step") else "right")
+    for name in ("same_vocab", "cross_vocab"):
+        r = step[name]
+        setup = r["sakd_setup"]
+        desc = (
+            f"{setup['objective']}, phase {setup['phase']} ({'+'.join(setup['active_losses'])}), "
+            f"{setup['attention']} attention{', EMA' if setup['ema'] else ''}"
+        )
+        t.add_row(
+            name.replace("_", " "),
+            f"{r['teacher_vocab']}/{r['student_vocab']}",
+            _fmt(r["sakd"]["tokens_per_s"], 0),
+            _fmt(r["reference"]["tokens_per_s"], 0),
+            _fmt(r["ratio"]),
+            _fmt(r["sakd_cached"]["tokens_per_s"], 0),
+            _fmt(r["cache_speedup"]),
+            desc,
+        )
+    console.print(t)
+    console.print(f"  cross-vocab reference: {step['cross_vocab']['reference_note']}")
+    c = step["cross_vocab"]
+    console.print(
+        f"  cached: top-{c['cache']['top_k']} teacher rows read from the cache (captured once in "
+        f"{c['cache']['capture_s']} s, not timed), no teacher loaded; teacher/student parameters "
+        f"{c['teacher_to_student_parameters']:.1f}"
+    )
+
+    d = result["data"]
+    t = Table(title="(c) data: dual tokenization + alignment + packing + collation (cross tokenizers)")
+    for col in (
+        "windows",
+        "student tokens",
+        "windows/s",
+        "tokens/s",
+        "collation tokens/s",
+        "train tokens/s",
+        "data/train",
+    ):
+        t.add_column(col, justify="right")
+    t.add_row(
+        str(d["windows"]),
+        str(d["student_tokens"]),
+        _fmt(d["windows_per_s"], 0),
+        _fmt(d["tokens_per_s"], 0),
+        _fmt(d["collate_tokens_per_s"], 0),
+        _fmt(d["train_tokens_per_s"], 0),
+        _fmt(result["data_to_train_ratio"], 1),
+    )
+    console.print(t)
+
+    epoch = result.get("cache_epoch")
+    if epoch:
+        t = Table(
+            title=f"(d) one epoch of the {epoch['setup']} ({epoch['steps']} steps, teacher "
+            f"{epoch['teacher_to_student_parameters']:.1f}x the student's parameters), live vs top-"
+            f"{epoch['top_k']} teacher cache"
+        )
+        for col in ("run", "loop s (each repeat)", "held-out bits per byte"):
+            t.add_column(col, justify="left" if col == "run" else "right")
+        t.add_row("live", " ".join(_fmt(x, 1) for x in epoch["live_s"]), _fmt(epoch["live_bpb"], 4))
+        t.add_row("cached", " ".join(_fmt(x, 1) for x in epoch["cached_s"]), _fmt(epoch["cached_bpb"], 4))
+        console.print(t)
+        mass = epoch["top_k_mass"]
+        console.print(
+            f"  speedup {_fmt(epoch['speedup'])} (pairs {_fmt(epoch['speedup_range'][0])}-"
+            f"{_fmt(epoch['speedup_range'][1])}); cached - live bits per byte "
+            f"{_fmt(100 * epoch['bpb_relative_difference'], 2)}%; the top-{epoch['top_k']} holds "
+            f"{'-' if mass is None else f'{100 * mass:.0f}%'} of the teacher's probability"
+        )
+
+    t = Table(title="summary")
+    for col in ("measure", "value", "target", "met"):
+        t.add_column(col)
+    for name, target in result["targets"].items():
+        met = {True: "yes", False: "NO", None: "not measured"}[target["met"]]
+        if target["met"] is None and name.startswith("loss_") and result.get("loss_note"):
+            met += f" ({result['loss_note']})"
+        t.add_row(name, _fmt(result[name]), target["target"], met)
+    console.print(t)
+    console.print(
+        f"  loss ratios at vocabulary {result['loss_ratio_vocab']}; data_to_train_ratio and cache_speedup "
+        "(cached / live sakd step tokens/s) on the cross-tokenizer pair"
+    )
