@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from sakd.losses.chunked import chunked_head_loss
+from sakd.losses.chunked import ChunkBuffers, chunked_head_loss
 from sakd.losses.cross_vocab import projected_divergence
 from sakd.losses.fused import FusedForwardKL, projected_target, same_vocab_target
 from sakd.losses.lm import make_distill_row_loss
@@ -171,3 +171,39 @@ def test_cached_top_k_covering_the_vocabulary():
         row_inputs[3].zero_()
 
     _check_cached({"student_vocab": VOCAB}, 1.0, VOCAB, VOCAB, {"lm": 1.0, "kd": 1.0}, mutate=full_cover)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunk_buffers_change_nothing_and_are_kept(fused):
+    """Chunks written into kept buffers give bit-identical losses and gradients; a later, smaller call
+    takes rows of the same buffers."""
+    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
+    buffers = ChunkBuffers()
+    kept = None
+    for seed, rows in ((0, ROWS), (1, ROWS - 9)):
+        (hidden, weight, bias), row_inputs, t_weight, t_bias = _inputs(seed, TEACHER_WIDTH)
+        reference = make_distill_row_loss(kd, t_weight, t_bias)
+        row_loss = FusedForwardKL(reference, same_vocab_target(VOCAB), t_weight, t_bias, 1.0, VOCAB)
+        row_loss = row_loss if fused else reference
+        inputs = [t[:rows] for t in row_inputs]
+        results = []
+        for chunk_buffers in (None, buffers):
+            total, parts = chunked_head_loss(
+                hidden[:rows],
+                weight,
+                row_loss,
+                inputs,
+                {"lm": 0.7, "kd": 1.3},
+                7,
+                bias,
+                buffers=chunk_buffers,
+            )
+            results.append((total, parts, torch.autograd.grad(total, [hidden, weight, bias])))
+        (total, parts, grads), (b_total, b_parts, b_grads) = results
+        assert torch.equal(total, b_total) and parts.keys() == b_parts.keys()
+        assert all(torch.equal(parts[k], b_parts[k]) for k in parts)
+        assert all(torch.equal(g, b) for g, b in zip(grads, b_grads, strict=True))
+        pointers = {name: t.data_ptr() for name, t in buffers._kept.items()}
+        assert set(pointers) == ({"logits", "grad"} if fused else {"logits"})
+        assert kept is None or pointers == kept
+        kept = pointers

@@ -26,10 +26,35 @@ def _weighted_total(parts: dict[str, torch.Tensor], part_weights: dict[str, floa
     return sum(terms[1:], terms[0]) if terms else None
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """An LM head (weight (V, H), bias (V,) or None) applied to hidden (n, H) in their dtype; fp32 (n, V)."""
-    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+def head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """An LM head (weight (V, H), bias (V,) or None) applied to hidden (n, H) in their dtype; fp32 (n, V).
+    `out`: an (n, V) tensor of the weight's dtype to write the logits into."""
+    if bias is None:
+        logits = torch.mm(hidden, weight.T, out=out)
+    else:
+        logits = torch.addmm(bias, hidden, weight.T, out=out)
     return logits.float()
+
+
+class ChunkBuffers:
+    """The (rows x vocabulary) tensors of a chunk, kept from chunk to chunk and from step to step: the logits
+    and their gradient. On CPU a fresh tensor that size is fresh pages from the kernel, and the page faults of
+    filling them cost about as much as the head's matmul; CUDA's caching allocator already reuses its memory,
+    so no buffers are kept there (`get` gives None)."""
+
+    def __init__(self):
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, columns: int, dtype: torch.dtype, device: torch.device):
+        """An uninitialised (rows, columns) tensor (rows of the one kept under `name`), or None off the CPU."""
+        if device.type != "cpu":
+            return None
+        kept = self._kept.get(name)
+        if kept is None or kept.shape[0] < rows or kept.shape[1] != columns or kept.dtype != dtype:
+            kept = self._kept[name] = torch.empty((rows, columns), dtype=dtype)
+        return kept[:rows]
 
 
 class _AttachGrads(torch.autograd.Function):
@@ -72,6 +97,7 @@ def chunked_head_loss(
     chunk_size: int = 1024,
     bias: torch.Tensor | None = None,
     kd_rows: int | None = None,
+    buffers: ChunkBuffers | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the row-loss parts over all rows, with gradients, computed chunk by chunk.
 
@@ -85,6 +111,9 @@ def chunked_head_loss(
     `kd_rows`: the caller put its distillation rows first, and these are the only rows that have a teacher;
     each chunk's row loss is then called with `kd_rows=` the chunk's own count (a host int), so that it slices
     those rows instead of selecting them by mask (a selection would wait for the device).
+
+    `buffers`: where the chunks' logits (and a fused row loss's logit gradient) are written instead of fresh
+    tensors.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -108,12 +137,16 @@ def chunked_head_loss(
     for start in range(0, max(rows, 1), chunk_size):
         stop = min(start + chunk_size, rows)
         hidden_chunk = hidden_[start:stop]
+        n, vocab = stop - start, weight_.shape[0]
         with torch.no_grad():
-            logits = head_logits(hidden_chunk, weight_, bias_).requires_grad_(train)  # (n, V)
+            out = None if buffers is None else buffers.get("logits", n, vocab, weight_.dtype, weight_.device)
+            logits = head_logits(hidden_chunk, weight_, bias_, out).requires_grad_(train)  # (n, V)
         chunk_inputs = [t[start:stop] for t in row_inputs]
         kwargs = {} if kd_rows is None else {"kd_rows": min(max(kd_rows - start, 0), stop - start)}
         fused = train and hasattr(row_loss, "with_grad")  # closed-form gradients (`sakd.losses.fused`)
         if fused:
+            if buffers is not None:
+                kwargs["grad_out"] = buffers.get("grad", n, vocab, torch.float32, weight_.device)
             chunk_parts, grad_logits = row_loss.with_grad(
                 logits.detach(), part_weights, *chunk_inputs, **kwargs
             )

@@ -48,14 +48,14 @@ def projected_target(mapping, student_width: int) -> TargetFn:
 
 
 def _cross_entropy(
-    s: torch.Tensor, labels: torch.Tensor, weight: float
+    s: torch.Tensor, labels: torch.Tensor, weight: float, out: torch.Tensor | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LM part of a chunk: {"lm": summed cross-entropy}, log_softmax(s) (n, W) (one pass over the
-    logits; the caller may overwrite it), each row's weight in the gradient (n,) (0 for ignored labels) and
-    the label column (n, 1)."""
+    logits, written to `out` if given; the caller may overwrite it), each row's weight in the gradient (n,)
+    (0 for ignored labels) and the label column (n, 1)."""
     valid = labels != IGNORE_INDEX
     column = labels.clamp_min(0)[:, None]
-    logsm = torch.log_softmax(s, dim=-1)  # (n, W)
+    logsm = torch.log_softmax(s, dim=-1, out=out)  # (n, W)
     parts = {"lm": torch.where(valid, -logsm.gather(1, column).squeeze(1), 0.0).sum()}
     return parts, logsm, torch.where(valid, weight, 0.0), column
 
@@ -115,12 +115,14 @@ class FusedForwardKL(_FusedRowLoss):
         kd_mask: torch.Tensor,
         kd_weight: torch.Tensor,
         kd_rows: int | None = None,
+        grad_out: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits;
-        `kd_rows` as for the reference (`sakd.losses.lm.kd_selection`)."""
+        """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits,
+        written to `grad_out` (n, W) fp32 if given; `kd_rows` as for the reference
+        (`sakd.losses.lm.kd_selection`)."""
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
-        parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
+        parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0), grad_out)
 
         # The teacher side runs on the KD rows only (all of them with one tokenizer; the aligned group ends
         # with two): its logits, softmax and projection are the expensive part.
@@ -196,12 +198,13 @@ class FusedCachedForwardKL(_FusedRowLoss):
         kd_mask: torch.Tensor,
         kd_weight: torch.Tensor,
         kd_rows: int | None = None,  # not needed: rows outside kd_mask are masked, not selected
+        grad_out: torch.Tensor | None = None,  # as for FusedForwardKL
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         from sakd.losses.lm import _sparse_forward_kl_terms, sparse_teacher_buckets
 
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
-        parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0))
+        parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0), grad_out)
 
         logp, log_tail, targets = sparse_teacher_buckets(
             teacher_ids, teacher_probs, teacher_tail, t, self.teacher_vocab_size, self.teacher_to_student

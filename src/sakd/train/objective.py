@@ -26,6 +26,7 @@ from sakd.curriculum import CurriculumPoint
 from sakd.errors import UserError
 from sakd.losses import (
     CROSS_VOCAB_LOSSES,
+    ChunkBuffers,
     build_vocab_mapping,
     chunk_rows,
     chunked_head_loss,
@@ -152,6 +153,7 @@ class DistillObjective:
     ):
         self.chunk_size = chunk_size
         self.chunk_logits = chunk_logits
+        self.buffers = ChunkBuffers()  # the chunks' (rows x vocabulary) tensors, kept between steps on CPU
         # (student logit width) -> the teacher target of the fused forward-KL path, and the student columns
         self._fused_target: Callable[[int], TargetFn] | None = None
         self._fused_columns: int | None = None
@@ -381,6 +383,7 @@ class DistillObjective:
             chunk_size=self.rows_per_chunk(s_head, t_head if use_kd and not self.cached else None),
             bias=s_head.bias,
             kd_rows=k,
+            buffers=self.buffers,
         )
         parts["lm"] = sums["lm"] / max(counts.lm, 1)
         if "kd" in sums:
