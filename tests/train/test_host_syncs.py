@@ -13,12 +13,11 @@ import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sakd.cache import capture_teacher_cache, open_training_cache
+from sakd.cache import capture_teacher_cache
 from sakd.config import validate
 from sakd.curriculum import curriculum_at
-from sakd.data.corpus import build_windows
-from sakd.data.loader import WindowLoader
 from sakd.models.load import load_tokenizer
+from sakd.train.inputs import training_inputs
 from sakd.train.objective import loss_rows
 from sakd.train.step import build_training, prepare_batch, step_batches, train_step
 
@@ -56,29 +55,16 @@ class HostReads(TorchDispatchMode):
 
 
 def _setup(raw, cache_root=None):
+    if cache_root is not None:
+        capture_teacher_cache(validate(raw), top_k=8, path=cache_root, progress=False)
+        raw["teacher"]["cache"] = str(cache_root)
     cfg = validate(raw)
     accelerator = Accelerator(cpu=True)
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
-    windows = build_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
-    cached = None
-    if cache_root is not None:
-        capture_teacher_cache(cfg, top_k=8, path=cache_root, progress=False)
-        cached = open_training_cache(
-            cache_root,
-            windows,
-            cfg.data.train,
-            cfg.data.max_length,
-            cfg.teacher.model,
-            student_tok,
-            teacher_tok,
-        )
-    t = build_training(cfg, accelerator, "fp32", student_tok, teacher_tok, cached)
-    loader = WindowLoader(
-        windows, cfg.train.batch_size, seed=0, student_pad_id=student_tok.pad_token_id, teacher_pad_id=0
-    )
-    if cached is not None:
-        loader = cached.batches(loader)
+    inputs = training_inputs(cfg, student_tok, teacher_tok, processes=1, progress=False)
+    t = build_training(cfg, accelerator, "fp32", student_tok, teacher_tok, inputs.cached)
+    loader = inputs.loader(cfg, accelerator, student_tok, teacher_tok)
     return t, accelerator, loader, curriculum_at(0.5, cfg.curriculum)
 
 
