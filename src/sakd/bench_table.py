@@ -165,7 +165,9 @@ def render(result: dict[str, Any]) -> None:
         met = {True: "yes", False: "NO", None: "not measured"}[target["met"]]
         if target["met"] is None and name.startswith("loss_") and result.get("loss_note"):
             met += f" ({result['loss_note']})"
-        t.add_row(name, _fmt(result[name], 4 if name.endswith("bpb_difference") else 2), target["target"], met)
+        t.add_row(
+            name, _fmt(result[name], 4 if name.endswith("bpb_difference") else 2), target["target"], met
+        )
     console.print(t)
     console.print(
         f"  loss ratios at vocabulary {result['loss_ratio_vocab']}; data_to_train_ratio and cache_speedup "

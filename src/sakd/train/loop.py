@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
@@ -36,6 +33,7 @@ from sakd.train.persist import export_final, load_checkpoint, save_checkpoint
 from sakd.train.sharding import is_sharded
 from sakd.train.skips import SkipVerdicts
 from sakd.train.step import build_training, step_batches, train_step
+from sakd.train.tracking import LogInterval, LoopState, early_stop_due
 
 log = logging.getLogger("sakd")
 
@@ -46,20 +44,6 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class LoopState:
-    """Counters saved in every checkpoint."""
-
-    step: int = 0
-    skipped_steps: int = 0
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0
-    best_bpb: float | None = None
-    evals_without_improvement: int = 0
-    recent_skips: list[int] = field(default_factory=list)
-    skipped_batches: list[list[int]] = field(default_factory=list)
 
 
 class _NoWriter:
@@ -198,7 +182,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     bar = tqdm(total=tc.max_steps, initial=state.step, desc=desc, disable=not (main and tc.progress))
     show_phase = _phases_differ(cfg)
     last_eval: dict[str, Any] | None = None
-    interval = _Interval()
+    interval = LogInterval()
     t_segment = time.perf_counter()
     elapsed_at_start = state.elapsed_s
     stop_reason = None
@@ -233,7 +217,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                     bar.set_postfix(**postfix, tok_s=f"{record['tokens_per_s']:.0f}")
                 if eval_due and state.step < tc.max_steps:
                     last_eval = evaluate()
-                    if agree_max(int(_early_stop(state, last_eval, tc)), accelerator):
+                    if agree_max(int(early_stop_due(state, last_eval, tc)), accelerator):
                         stop_reason = "early stop"
                 if save_due and state.step < tc.max_steps:
                     save()
@@ -314,61 +298,3 @@ def _phases_differ(cfg: Config) -> bool:
 
     keys = {key(curriculum_at(i / 20, cfg.curriculum)) for i in range(21)}
     return len(keys) > 1
-
-
-class _Interval:
-    """Loss parts, tokens and time since the last log line, averaged per optimizer step. Losses stay on the
-    device until the log line (no wait for the device at every step)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps = 0
-        self.loss = 0.0
-        self.parts: dict[str, float] = {}
-        self.tokens = 0
-        self.grad_norm = math.nan  # of the last step that was not skipped
-        self.t0 = time.perf_counter()
-
-    def add(self, loss, parts, tokens: int, grad_norm, stepped) -> None:
-        self.steps += 1
-        self.loss = self.loss + loss.detach().double()
-        for k, v in parts.items():
-            self.parts[k] = self.parts.get(k, 0.0) + v.detach().double()
-        self.tokens += tokens
-        self.grad_norm = torch.where(stepped, grad_norm.detach().float(), self.grad_norm)
-
-    def flush(self, state: LoopState, lr: float, point: CurriculumPoint) -> dict[str, Any]:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        record = {
-            "event": "train",
-            "step": state.step,
-            "lr": lr,
-            "loss": float(self.loss) / max(self.steps, 1),
-            **{f"loss_{k}": float(v) / max(self.steps, 1) for k, v in self.parts.items()},
-            "grad_norm": None if math.isnan(grad_norm := float(self.grad_norm)) else grad_norm,
-            "tokens_per_s": self.tokens / dt,
-            "skipped_steps": state.skipped_steps,
-            "elapsed_s": round(state.elapsed_s, 2),
-            "phase": point.phase,
-            "temperature": point.temperature,
-            "top_k": point.top_k,
-            **{f"weight_{k}": v for k, v in point.weights.items()},
-        }
-        self.reset()
-        return record
-
-
-def _early_stop(state: LoopState, result: dict[str, Any], tc) -> bool:
-    bpb = result["best_bits_per_byte"]
-    if state.best_bpb is None or bpb < state.best_bpb:
-        state.best_bpb = bpb
-        state.evals_without_improvement = 0
-        return False
-    state.evals_without_improvement += 1
-    return (
-        tc.early_stop_patience is not None
-        and state.evals_without_improvement >= tc.early_stop_patience
-        and state.step >= tc.early_stop_min_steps
-    )
