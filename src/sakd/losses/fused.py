@@ -212,7 +212,8 @@ class FusedCachedForwardKL(_FusedRowLoss):
         cols = s.shape[-1] if self.teacher_to_student is not None else self.student_vocab
         shared = _shares_softmax(s, cols, t)
         logq = logsm if shared else _tempered_logprobs(s, cols, t)  # (n, C)
-        rows, terms = _sparse_forward_kl_terms(logq, targets, logp, log_tail, t)
+        own = self.teacher_to_student is None  # one vocabulary: the top-k ids are distinct columns
+        rows, terms = _sparse_forward_kl_terms(logq, targets, logp, log_tail, t, own_columns=own)
         parts["kd"] = torch.where(kd_mask, kd_weight.float() * rows, 0.0).sum()
 
         kd_coef = torch.where(kd_mask & ~terms["no_mass"], kd_w * t * kd_weight.float(), 0.0)  # (n,)

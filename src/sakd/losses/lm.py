@@ -215,34 +215,44 @@ def _sparse_forward_kl_terms(
     logp: torch.Tensor,
     log_tail: torch.Tensor,
     temperature: float,
+    own_columns: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`_sparse_forward_kl`'s rows (n,) and the terms its closed-form gradient needs (`sakd.losses.fused`):
     entry_p (n, k) teacher probability of each top-k entry (0 unmapped), column (n, k) its student column
     (clamped), member_column (n, k) the distinct student columns S (clamped), member (n, k) which of those
     are real, rest_coef (n,) tail / (1 - sum_S q) where that term has a gradient (else 0), inside (n,) the
-    student's mass on S, no_mass (n,) rows without teacher mass."""
+    student's mass on S, no_mass (n,) rows without teacher mass.
+
+    `own_columns`: every target is its own column (one vocabulary: a top-k never repeats an id), so the
+    entries need no sorting to merge duplicates. Rows without teacher mass (all ids 0) may repeat; nothing
+    of theirs reaches the loss or the gradient."""
     width = student_logprobs.shape[-1]
     mapped = targets >= 0
     mass = torch.where(mapped, logp.exp(), 0.0)  # (n, k) unnormalised teacher mass per top-k entry
     column = targets.clamp_min(0)
-    sorted_columns, order = targets.masked_fill(~mapped, width).sort(dim=-1)  # unmapped last
-    first = torch.ones_like(mapped)
-    first[:, 1:] = sorted_columns[:, 1:] != sorted_columns[:, :-1]
-    distinct = first & (sorted_columns < width)  # (n, k) the first entry of each distinct student column
+    if own_columns:
+        sorted_columns, order = column, None
+        distinct = (column < width) & mapped
+    else:
+        sorted_columns, order = targets.masked_fill(~mapped, width).sort(dim=-1)  # unmapped last
+        first = torch.ones_like(mapped)
+        first[:, 1:] = sorted_columns[:, 1:] != sorted_columns[:, :-1]
+        distinct = first & (sorted_columns < width)  # (n, k) the first entry of each distinct student column
     no_rest = distinct.sum(-1) == width
     tail = torch.where(no_rest, 0.0, log_tail.exp())
     total = mass.sum(-1) + tail
     no_mass = total == 0
     total = torch.where(no_mass, 1.0, total)
     segment = (distinct.cumsum(-1) - 1).clamp_min(0)  # unmapped entries (mass 0) join the last segment
-    merged = torch.zeros_like(mass).scatter_add_(1, segment, mass.gather(1, order)) / total[:, None]  # (n, k)
+    in_order = mass if order is None else mass.gather(1, order)
+    merged = torch.zeros_like(mass).scatter_add_(1, segment, in_order) / total[:, None]  # (n, k)
     tail_p = tail / total
     entropy_part = _xlogx(merged).sum(-1) + _xlogx(tail_p)  # sum P log P over the buckets
 
     logq = student_logprobs.gather(1, column)  # (n, k)
     entry_p = mass / total[:, None]
     cross = (entry_p * logq).sum(-1)
-    logq_sorted = logq.gather(1, order)
+    logq_sorted = logq if order is None else logq.gather(1, order)
     inside = torch.where(distinct, logq_sorted.exp(), 0.0).double().sum(-1)  # student mass on S
     rest = 1.0 - inside
     log_rest = rest.clamp_min(1e-12).log().float()
