@@ -53,7 +53,7 @@ def _problem(rows: int, hidden: int, vocab: int, device: torch.device, seed: int
     kd_mask = torch.ones(rows, dtype=torch.bool, device=device)
     kd_weight = torch.ones(rows, device=device)
     row_loss = make_distill_row_loss(_forward_kl_rows, teacher_head)  # the plain reference's
-    fused = FusedForwardKL(row_loss, same_vocab_target(vocab), teacher_head, None, 1.0, vocab)
+    fused = FusedForwardKL(row_loss, same_vocab_target(vocab), teacher_head, None, 1.0)
     row_inputs = [labels, teacher_hidden, kd_mask, kd_weight]
     part_weights = {"lm": 1.0 / rows, "kd": 1.0 / rows}
     return student_hidden, student_head, (row_loss, fused), row_inputs, part_weights

@@ -47,10 +47,10 @@ def _run(row_loss, params, row_inputs, weights, chunk):
     return total, parts, torch.autograd.grad(total, [hidden, weight, bias])
 
 
-def _check(kd, target, columns, temperature, chunk, weights, seed=0, teacher_width=TEACHER_WIDTH):
+def _check(kd, target, temperature, chunk, weights, seed=0, teacher_width=TEACHER_WIDTH):
     params, row_inputs, t_weight, t_bias = _inputs(seed, teacher_width)
     reference = make_distill_row_loss(kd, t_weight, t_bias)
-    fused = FusedForwardKL(reference, target, t_weight, t_bias, temperature, columns)
+    fused = FusedForwardKL(reference, target, t_weight, t_bias, temperature)
     total, parts, grads = _run(fused, params, row_inputs, weights, chunk)
     ref_total, ref_parts, ref_grads = _run(reference, params, row_inputs, weights, chunk)
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
@@ -65,28 +65,27 @@ def _check(kd, target, columns, temperature, chunk, weights, seed=0, teacher_wid
 @pytest.mark.parametrize("chunk", [7, 1000])
 def test_same_vocabulary_matches_autograd(temperature, chunk):
     kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=temperature)
-    _check(kd, same_vocab_target(VOCAB), VOCAB, temperature, chunk, {"lm": 0.7, "kd": 1.3})
+    _check(kd, same_vocab_target(VOCAB), temperature, chunk, {"lm": 0.7, "kd": 1.3})
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_projection_matches_autograd(temperature):
     mapping = _mapping(60)
     kd = functools.partial(projected_divergence, mapping=mapping, temperature=temperature)
-    _check(kd, projected_target(mapping, STUDENT_WIDTH), None, temperature, 9, {"lm": 1.0, "kd": 0.4})
+    _check(kd, projected_target(mapping, STUDENT_WIDTH), temperature, 9, {"lm": 1.0, "kd": 0.4})
 
 
 def test_same_vocabulary_unpadded_student_shares_the_softmax():
     """T = 1 over every student column: the KD softmax is the cross-entropy's (the shared branch)."""
     kd = functools.partial(_same_vocab_kd, STUDENT_WIDTH, "forward_kl", 0.5, temperature=1.0)
     target = same_vocab_target(STUDENT_WIDTH)
-    _check(kd, target, STUDENT_WIDTH, 1.0, 10, {"lm": 0.7, "kd": 1.3})
-    _check(kd, target, None, 1.0, 10, {"lm": 0.7, "kd": 1.3})
+    _check(kd, target, 1.0, 10, {"lm": 0.7, "kd": 1.3})
 
 
 def test_zero_weights_and_lm_only():
     kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
-    _check(kd, same_vocab_target(VOCAB), VOCAB, 1.0, 8, {"lm": 1.0, "kd": 0.0})
-    _check(kd, same_vocab_target(VOCAB), VOCAB, 1.0, 8, {"lm": 0.0, "kd": 1.0})
+    _check(kd, same_vocab_target(VOCAB), 1.0, 8, {"lm": 1.0, "kd": 0.0})
+    _check(kd, same_vocab_target(VOCAB), 1.0, 8, {"lm": 0.0, "kd": 1.0})
 
 
 def test_a_nan_teacher_is_not_zeroed():
@@ -95,7 +94,7 @@ def test_a_nan_teacher_is_not_zeroed():
     row_inputs[2][0] = True
     kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
     fused = FusedForwardKL(
-        make_distill_row_loss(kd, t_weight, t_bias), same_vocab_target(VOCAB), t_weight, t_bias, 1.0, VOCAB
+        make_distill_row_loss(kd, t_weight, t_bias), same_vocab_target(VOCAB), t_weight, t_bias, 1.0
     )
     total, parts, grads = _run(fused, params, row_inputs, {"lm": 1.0, "kd": 1.0}, 8)
     assert torch.isnan(parts["kd"]) and torch.isnan(total)
@@ -110,7 +109,7 @@ def test_rows_outside_the_kd_mask_ignore_their_teacher_rows():
     row_inputs[1][:3] = float("inf")
     kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
     reference = make_distill_row_loss(kd, t_weight, t_bias)
-    fused = FusedForwardKL(reference, same_vocab_target(VOCAB), t_weight, t_bias, 1.0, VOCAB)
+    fused = FusedForwardKL(reference, same_vocab_target(VOCAB), t_weight, t_bias, 1.0)
     weights = {"lm": 1.0, "kd": 1.0}
     total, _, grads = _run(fused, params, row_inputs, weights, 8)
     ref_total, _, ref_grads = _run(reference, params, row_inputs, weights, 8)
@@ -183,7 +182,7 @@ def test_chunk_buffers_change_nothing_and_are_kept(fused):
     for seed, rows in ((0, ROWS), (1, ROWS - 9)):
         (hidden, weight, bias), row_inputs, t_weight, t_bias = _inputs(seed, TEACHER_WIDTH)
         reference = make_distill_row_loss(kd, t_weight, t_bias)
-        row_loss = FusedForwardKL(reference, same_vocab_target(VOCAB), t_weight, t_bias, 1.0, VOCAB)
+        row_loss = FusedForwardKL(reference, same_vocab_target(VOCAB), t_weight, t_bias, 1.0)
         row_loss = row_loss if fused else reference
         inputs = [t[:rows] for t in row_inputs]
         results = []

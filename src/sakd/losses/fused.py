@@ -85,8 +85,8 @@ class FusedForwardKL(_FusedRowLoss):
     """A distillation row loss (row inputs: labels, teacher_hidden, kd_mask, kd_weight) for forward KL.
 
     `reference` is the plain row loss with the same meaning (`make_distill_row_loss` of the same KD);
-    `target` gives the teacher's distribution over the first `student_columns` student logits (None: all of
-    them), which is where the student's softmax at T is taken too.
+    `target` gives the teacher's distribution over the first C student logits (C = its width), which is where
+    the student's softmax at T is taken too.
     """
 
     def __init__(
@@ -96,14 +96,12 @@ class FusedForwardKL(_FusedRowLoss):
         teacher_weight: torch.Tensor,
         teacher_bias: torch.Tensor | None,
         temperature: float,
-        student_columns: int | None = None,
     ):
         self.reference = reference
         self.target = target
         self.teacher_weight = teacher_weight
         self.teacher_bias = teacher_bias
         self.temperature = temperature
-        self.student_columns = student_columns
 
     @torch.no_grad()
     def with_grad(

@@ -154,9 +154,8 @@ class DistillObjective:
         self.chunk_size = chunk_size
         self.chunk_logits = chunk_logits
         self.buffers = ChunkBuffers()  # the chunks' (rows x vocabulary) tensors, kept between steps on CPU
-        # (student logit width) -> the teacher target of the fused forward-KL path, and the student columns
+        # (student logit width) -> the teacher target of the fused forward-KL path
         self._fused_target: Callable[[int], TargetFn] | None = None
-        self._fused_columns: int | None = None
         self._fused_cached: dict[str, Any] | None = None  # FusedCachedForwardKL's arguments
         self.cached = cached
         self.heads = heads
@@ -183,7 +182,6 @@ class DistillObjective:
                 if fused_loss and divergence_name == "forward_kl":
                     vocab = len(student_tokenizer)
                     self._fused_target = lambda _width: same_vocab_target(vocab)
-                    self._fused_columns = vocab
             else:
                 self.mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
                 kwargs: dict[str, Any] = {"mapping": self.mapping}
@@ -369,7 +367,6 @@ class DistillObjective:
                     t_head.weight,
                     t_head.bias,
                     point.temperature,
-                    self._fused_columns,
                 )
         part_weights = {"lm": scale * w["lm"] / max(counts.lm, 1)}
         if use_kd:
