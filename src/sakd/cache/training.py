@@ -20,15 +20,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sakd.cache.keys import KeyedWindows, keyed_windows, lookup_rows, same_windows
 from sakd.cache.store import TeacherCache, capture_settings
-from sakd.data.packing import Window
+from sakd.data.packing import Window, group_last_positions
 from sakd.errors import UserError
 
 log = logging.getLogger("sakd")
-
-
-def _group_last(group: np.ndarray) -> np.ndarray:
-    """(G,) the position of the last token of each group of a window's (L,) group indices."""
-    return np.flatnonzero(np.append(group[1:] != group[:-1], True))
 
 
 class CachedTeacher:
@@ -121,7 +116,7 @@ def open_training_cache(
             raise UserError("the training windows differ from the windows the teacher cache was keyed for")
     stream_rows = lookup_rows(cache.keys(), keyed.teacher_keys)  # (N_t,)
     group_rows = [
-        stream_rows[start + _group_last(w.teacher_group)]
+        stream_rows[start + group_last_positions(w.teacher_group)]
         for start, w in zip(keyed.teacher_starts, windows, strict=True)
     ]
     cached = CachedTeacher(cache, group_rows)

@@ -150,7 +150,7 @@ def _collate_side(
     }
 
 
-def _group_last_positions(group: np.ndarray) -> np.ndarray:
+def group_last_positions(group: np.ndarray) -> np.ndarray:
     """(G,) int64: the position of the last token of each group, for a window's (L,) group indices."""
     return np.flatnonzero(np.append(group[1:] != group[:-1], True))
 
@@ -195,8 +195,8 @@ def collate_windows(
 
 
 def _collate_alignment(windows: list[Window]) -> dict[str, np.ndarray]:
-    student_last = [_group_last_positions(w.student_group) for w in windows]
-    teacher_last = [_group_last_positions(w.teacher_group) for w in windows]
+    student_last = [group_last_positions(w.student_group) for w in windows]
+    teacher_last = [group_last_positions(w.teacher_group) for w in windows]
     batch_size, num_groups = len(windows), max((len(x) for x in student_last), default=0)
     student_pos = np.zeros((batch_size, num_groups), dtype=np.int64)  # (B, G)
     teacher_pos = np.zeros((batch_size, num_groups), dtype=np.int64)  # (B, G)
