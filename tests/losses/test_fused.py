@@ -172,6 +172,22 @@ def test_cached_top_k_covering_the_vocabulary():
     _check_cached({"student_vocab": VOCAB}, 1.0, VOCAB, VOCAB, {"lm": 1.0, "kd": 1.0}, mutate=full_cover)
 
 
+@pytest.mark.parametrize("k", [1, 12, 64])
+def test_vectorised_row_sort_is_torch_stable_sort(k):
+    """The int32-key numpy sort gives torch's stable sort: values and order, ties (duplicate columns, the
+    `width` of unmapped entries) in their original order."""
+    from sakd.losses.lm import sort_rows
+
+    width = 50
+    columns = torch.randint(0, width + 1, (37, k), generator=torch.Generator().manual_seed(k))
+    columns[0] = width  # a row of unmapped entries only
+    expected = columns.sort(dim=-1, stable=True)
+    for vectorised in (True, False):
+        values, order = sort_rows(columns, width, vectorised=vectorised)
+        assert values.dtype == order.dtype == torch.int64
+        assert torch.equal(values, expected.values) and torch.equal(order, expected.indices)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_chunk_buffers_change_nothing_and_are_kept(fused):
     """Chunks written into kept buffers give bit-identical losses and gradients; a later, smaller call
