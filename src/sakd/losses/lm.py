@@ -210,7 +210,9 @@ def _sparse_forward_kl(
     return _sparse_forward_kl_terms(student_logprobs, targets, logp, log_tail, temperature)[0]
 
 
-def sort_rows(columns: torch.Tensor, width: int, vectorised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_rows(
+    columns: torch.Tensor, width: int, vectorised: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of `columns` (n, k) int64, values in [0, width], sorted ascending (ties keep their order), and
     the order (n, k) that sorts it, as `columns.sort(dim=-1, stable=True)` gives them.
 
