@@ -156,7 +156,7 @@ def estimate(
     gives on a GPU), and with `device_memory` the largest micro-batch that fits and the accumulation that
     keeps the config's windows per optimizer step."""
     from sakd.models.attention import attention_implementation
-    from sakd.train.objective import build_heads
+    from sakd.train.auxiliary import build_heads
 
     precision = precision or cfg.train.precision
     act = _bytes(precision)

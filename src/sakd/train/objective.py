@@ -1,9 +1,9 @@
 """The distillation objective for one micro-batch: forward passes, aligned rows, chunked and auxiliary losses.
 
 Both models' final hidden states are captured by hooks; the LM heads are applied chunk by chunk inside
-`chunked_head_loss`, so no (tokens x vocabulary) logits of either model exist in full. The auxiliary losses
-(feature, attention, layer-wise, contrastive, router) compare aligned groups; which ones run, and with which
-weights, temperature and top-k, comes from the curriculum point of the current optimizer step.
+`chunked_head_loss`, so no (tokens x vocabulary) logits of either model exist in full. The auxiliary losses on
+aligned groups are `sakd.train.auxiliary`'s; which parts run, and with which weights, temperature and top-k,
+comes from the curriculum point of the current optimizer step.
 
 With a teacher cache (`cached=True`) no teacher runs: batches carry the cached top-k distributions of their
 aligned groups (`sakd.cache`), KD uses `sparse_teacher_divergence`, and of the auxiliary parts only the KD token
@@ -19,7 +19,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sakd.curriculum import CurriculumPoint
@@ -33,16 +32,6 @@ from sakd.losses import (
     divergence,
     make_distill_row_loss,
 )
-from sakd.losses.auxiliary import (
-    attention_transfer_loss,
-    contrastive_loss,
-    default_layer_map,
-    feature_loss,
-    group_mean,
-    layer_projections,
-    layerwise_loss,
-    pooled_groups,
-)
 from sakd.losses.fused import (
     FusedCachedForwardKL,
     FusedForwardKL,
@@ -52,9 +41,8 @@ from sakd.losses.fused import (
 )
 from sakd.losses.lm import IGNORE_INDEX, make_cached_distill_row_loss, sparse_teacher_divergence
 from sakd.models.attention import capture_attentions
-from sakd.models.experts import knowledge_sources
 from sakd.models.load import capture_final_hidden, lm_head, unwrap
-from sakd.router import StudentAwareRouter, blend_token_weights, knowledge_gap
+from sakd.train.auxiliary import AuxiliaryLosses, AuxNeeds, DistillHeads
 
 
 def same_vocabulary(teacher_tokenizer, student_tokenizer) -> bool:
@@ -83,55 +71,6 @@ class TeacherPass:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, 0 = embeddings
 
 
-class DistillHeads(nn.Module):
-    """Trainable modules beside the student: the router and the projections of the auxiliary losses."""
-
-    def __init__(
-        self,
-        student_hidden: int,
-        teacher_hidden: int,
-        num_sources: int,
-        layer_map: list[tuple[int, int]],
-        router_dim: int = 128,
-        min_weight: float = 0.25,
-        max_weight: float = 4.0,
-    ):
-        super().__init__()
-        self.layer_map = [tuple(p) for p in layer_map]
-        self.router = StudentAwareRouter(
-            student_hidden,
-            teacher_hidden,
-            num_sources,
-            router_dim,
-            min_weight=min_weight,
-            max_weight=max_weight,
-        )
-        self.feature = nn.Linear(student_hidden, teacher_hidden)
-        self.layerwise = layer_projections(self.layer_map, student_hidden, teacher_hidden)
-        self.contrastive = nn.Linear(student_hidden, teacher_hidden)
-
-
-def build_heads(student: nn.Module, teacher: nn.Module, router_cfg, layer_map, layerwise_pairs: int):
-    """The heads and the teacher's knowledge-source capture (experts of an MoE layer, or spaced layers)."""
-    s_cfg, t_cfg = unwrap(student).config, unwrap(teacher).config
-    sources = knowledge_sources(
-        unwrap(teacher), router_cfg.num_sources, router_cfg.moe_layer, router_cfg.include_shared_expert
-    )
-    if layer_map is None:
-        pairs = min(layerwise_pairs, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-        layer_map = default_layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, pairs)
-    heads = DistillHeads(
-        s_cfg.hidden_size,
-        t_cfg.hidden_size,
-        sources.num_sources,
-        layer_map,
-        router_cfg.dim,
-        router_cfg.min_weight,
-        router_cfg.max_weight,
-    )
-    return heads, sources
-
-
 class DistillObjective:
     """KD (same- or cross-vocabulary) + LM cross-entropy + auxiliary losses, from a frozen teacher."""
 
@@ -158,10 +97,17 @@ class DistillObjective:
         self._fused_target: Callable[[int], TargetFn] | None = None
         self._fused_cached: dict[str, Any] | None = None  # FusedCachedForwardKL's arguments
         self.cached = cached
-        self.heads = heads
-        self.sources = sources
-        self.attention_loss = attention_loss
-        self.contrastive_temperature = contrastive_temperature
+        self.aux = None
+        if heads is not None:
+            self.aux = AuxiliaryLosses(
+                heads,
+                sources,
+                attention_loss,
+                contrastive_temperature,
+                self.kd_fn,
+                self.rows_per_chunk,
+                cached,
+            )
         self._kd = None
         self.mapping = None
         self.kind = "LM only"
@@ -243,24 +189,18 @@ class DistillObjective:
         labels = batch["student_labels"]  # (B, Ls)
         has_teacher = teacher is not None or self.cached
         use_kd = has_teacher and self._kd is not None and w["kd"] > 0
-        aux = self.heads is not None and has_teacher
-        need_attention = aux and w["attention"] > 0
-        need_layers = aux and w["layerwise"] > 0
-        need_sources = aux and (w["router"] > 0 or w["balance"] > 0)
-        need_token_weights = aux and use_kd and w["token_weighting"] > 0
-        need_groups = (
-            need_sources or need_token_weights or (aux and (w["feature"] > 0 or w["contrastive"] > 0))
-        )
+        aux = self.aux if has_teacher else None
+        needs = AuxNeeds.at(w, use_kd) if aux is not None else AuxNeeds()
 
         with ExitStack() as stack:
             s_out = stack.enter_context(capture_final_hidden(student))
-            s_attn = stack.enter_context(capture_attentions(unwrap(student))) if need_attention else None
+            s_attn = stack.enter_context(capture_attentions(unwrap(student))) if needs.attention else None
             s_result = student(
                 input_ids=batch["student_input_ids"],
                 attention_mask=batch.get("student_attention_mask"),  # absent: no padding (`prepare_batch`)
                 logits_to_keep=1,
                 use_cache=False,
-                output_hidden_states=need_layers,
+                output_hidden_states=needs.layers,
             )
         hidden = s_out["hidden"]  # (B, Ls, H)
         plan = batch if "rows_student" in batch else loss_rows(batch)
@@ -268,10 +208,9 @@ class DistillObjective:
         n, k = rows.shape[0], plan["rows_teacher"].shape[0] if use_kd else 0
 
         t_pass = None
-        if not self.cached and (use_kd or need_groups or need_attention or need_layers):
-            t_pass = self.teacher_pass(
-                teacher, batch, self.sources if need_sources else None, need_attention, need_layers
-            )
+        if not self.cached and (use_kd or needs.teacher):
+            sources = aux.sources if needs.sources else None
+            t_pass = self.teacher_pass(teacher, batch, sources, needs.attention, needs.layers)
         if use_kd and self.cached:
             teacher_rows = [
                 _first_rows(batch[key].flatten(0, 1), plan["rows_group"], n)
@@ -284,71 +223,26 @@ class DistillObjective:
             teacher_rows = [hidden.new_zeros((n, 1))]
         kd_mask = torch.arange(n, device=hidden.device) < k  # (N,)
         kd_weight = torch.ones(n, device=hidden.device)
-        extra = hidden.new_zeros((), dtype=torch.float32)
-        parts: dict[str, torch.Tensor] = {}
-        if need_groups:
-            mask = batch["align_mask"]  # (B, G)
-            num_groups = mask.shape[1]
-            s_groups, _ = group_mean(hidden, batch["student_group"], num_groups)  # (B, G, Hs)
-            if w["feature"] > 0 or w["contrastive"] > 0:
-                t_groups, _ = group_mean(t_pass.hidden, batch["teacher_group"], num_groups)  # (B, G, Ht)
-            if (need_sources or need_token_weights) and self.cached:
-                gap = self._cached_knowledge_gap(student, batch, hidden, point)
-            elif need_sources or need_token_weights:
-                gap = self._knowledge_gap(student, teacher, batch, hidden, t_pass, point)
-            if need_sources:
-                routed = self._route(batch, t_pass, s_groups, gap, point, counts)
-                token_weights, parts["capacity"] = routed.token_weights, routed.capacity_loss
-                parts["router"] = routed.feature_loss
-                parts["balance"] = routed.balance_loss / micro_batches
-                extra = extra + scale * w["router"] * routed.feature_loss + w["balance"] * parts["balance"]
-            elif need_token_weights:
-                token_weights, parts["capacity"] = self.heads.router.token_weights(
-                    s_groups[mask], gap, count=counts.kd
-                )
-            if need_token_weights:
-                # token weights are per aligned group in (b, g) order; the K rows name their groups
-                blended = blend_token_weights(token_weights, point.fraction["token_weighting"])
-                order = mask.flatten().cumsum(0) - 1  # (B * G,) rank of each aligned group
-                kd_weight[:k] = blended.index_select(0, order.index_select(0, plan["rows_group"]))
-                extra = extra + scale * w["token_weighting"] * parts["capacity"]
-            if w["feature"] > 0:
-                parts["feature"] = feature_loss(
-                    s_groups[mask], t_groups[mask], self.heads.feature, count=counts.kd
-                )
-                extra = extra + scale * w["feature"] * parts["feature"]
-            if w["contrastive"] > 0:
-                s_pooled, valid = pooled_groups(s_groups, mask)
-                t_pooled, _ = pooled_groups(t_groups, mask)
-                c = contrastive_loss(
-                    self.heads.contrastive(s_pooled), t_pooled, self.contrastive_temperature, valid
-                )
-                parts["contrastive"] = c / micro_batches
-                extra = extra + w["contrastive"] * parts["contrastive"]
-        if need_attention:
-            parts["attention"] = attention_transfer_loss(
-                s_attn.maps[0],
-                t_pass.attention,
-                batch["student_group"],
-                batch["teacher_group"],
-                batch["align_mask"].shape[1],
-                batch["align_mask"],
-                self.attention_loss,
-                count=counts.kd,
+        extra, parts, group_weights = hidden.new_zeros((), dtype=torch.float32), {}, None
+        if aux is not None:
+            extra, parts, group_weights = aux(
+                needs,
+                student,
+                teacher,
+                batch,
+                hidden,
+                s_attn,
+                s_result,
+                t_pass,
+                point,
+                counts,
+                scale,
+                micro_batches,
             )
-            extra = extra + scale * w["attention"] * parts["attention"]
-        if need_layers:
-            parts["layerwise"] = layerwise_loss(
-                s_result.hidden_states,
-                t_pass.hidden_states,
-                self.heads.layer_map,
-                self.heads.layerwise,
-                batch["student_group"],
-                batch["teacher_group"],
-                batch["align_mask"],
-                count=counts.kd,
-            )
-            extra = extra + scale * w["layerwise"] * parts["layerwise"]
+        if group_weights is not None:
+            # one weight per aligned group in (b, g) order; the K rows name their groups
+            order = batch["align_mask"].flatten().cumsum(0) - 1  # (B * G,) rank of each aligned group
+            kd_weight[:k] = group_weights.index_select(0, order.index_select(0, plan["rows_group"]))
 
         s_head = lm_head(unwrap(student))
         kd = self.kd_fn(point.temperature) if use_kd else None
@@ -386,51 +280,6 @@ class DistillObjective:
         if "kd" in sums:
             parts["kd"] = sums["kd"] / max(counts.kd, 1)
         return total + extra, {k: v.detach() for k, v in parts.items()}
-
-    def _knowledge_gap(self, student, teacher, batch, hidden, t_pass, point) -> torch.Tensor:
-        """The detached per-group divergence between teacher and student predictions (N,)."""
-        mask = batch["align_mask"]
-        bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-        s_head, t_head = lm_head(unwrap(student)), lm_head(unwrap(teacher))
-        return knowledge_gap(
-            hidden[bi, batch["align_student_pos"][mask]].detach(),
-            t_pass.hidden[bi, batch["align_teacher_pos"][mask]],
-            s_head.weight.detach(),
-            t_head.weight,
-            self.kd_fn(point.temperature),
-            self.rows_per_chunk(s_head, t_head),
-            None if s_head.bias is None else s_head.bias.detach(),
-            t_head.bias,
-        )
-
-    @torch.no_grad()
-    def _cached_knowledge_gap(self, student, batch, hidden, point) -> torch.Tensor:
-        """`_knowledge_gap` against the cached teacher: the sparse KD per aligned group (N,), detached."""
-        mask = batch["align_mask"]
-        bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-        s_rows = hidden[bi, batch["align_student_pos"][mask]].detach()  # (N, Hs)
-        teacher = [batch[k][mask] for k in ("cache_ids", "cache_probs", "cache_tail")]
-        head, kd = lm_head(unwrap(student)), self.kd_fn(point.temperature)
-        gaps = []
-        step = self.rows_per_chunk(head)
-        for start in range(0, s_rows.shape[0], step):
-            stop = start + step
-            logits = F.linear(s_rows[start:stop].to(head.weight.dtype), head.weight, head.bias).float()
-            gaps.append(kd(logits, *(t[start:stop] for t in teacher)).float())
-        return torch.cat(gaps) if gaps else hidden.new_zeros(0, dtype=torch.float32)
-
-    def _route(self, batch, t_pass, s_groups, gap, point, counts):
-        """The router on aligned groups: routed-knowledge feature loss, balance, token weights."""
-        mask = batch["align_mask"]
-        src_groups, _ = group_mean(t_pass.sources, batch["teacher_group"], mask.shape[1])  # (B, G, E, Ht)
-        return self.heads.router(
-            s_groups[mask],
-            src_groups[mask],
-            gap,
-            top_k=point.top_k,
-            temperature=point.router_temperature,
-            count=counts.kd,
-        )
 
     @staticmethod
     @torch.no_grad()

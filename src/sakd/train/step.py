@@ -18,9 +18,10 @@ from sakd.curriculum import AUX_LOSSES, CurriculumPoint
 from sakd.errors import UserError
 from sakd.models.attention import attention_implementation
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
+from sakd.train.auxiliary import DistillHeads, build_heads
 from sakd.train.collective import all_finite, average_gradients, global_counts
 from sakd.train.ema import EMA
-from sakd.train.objective import DistillHeads, DistillObjective, TokenCounts, build_heads, loss_rows
+from sakd.train.objective import DistillObjective, TokenCounts, loss_rows
 from sakd.train.schedule import make_scheduler
 from sakd.train.sharding import compile_layers, full_tensor, place_teacher, shard
 
