@@ -252,3 +252,14 @@ def test_evaluation_is_split_over_processes_and_adds_up(two_process_run, one_pro
         assert two[weights]["bits_per_byte"] == pytest.approx(one[weights]["bits_per_byte"], rel=1e-5)
     assert two["distill_loss"] == pytest.approx(one["distill_loss"], rel=1e-5)
     assert two["kd"] == pytest.approx(one["kd"], rel=1e-5)
+
+
+def test_host_values_are_reduced_on_a_gloo_group():
+    """Token counts, stop decisions and evaluation sums never go through an NCCL group, where reading them
+    back would wait for the step's kernels: a gloo group of their own is made for them."""
+    script = Path(__file__).with_name("host_collectives.py")
+    done = subprocess.run(
+        torchrun_command(script=script), env=process_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("host collectives ok") == 2

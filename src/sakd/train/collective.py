@@ -1,8 +1,14 @@
-"""Decisions and sums shared by every process of a run (no-ops on one process)."""
+"""Decisions and sums shared by every process of a run (no-ops on one process).
+
+Host values (token counts, stop decisions, evaluation sums) are reduced on a gloo group, as CPU tensors: on
+NCCL a reduction is queued behind the step's kernels, so reading its result back would make the host wait for
+the device at every step. Values that live on the device (losses, the finite check) stay on the run's group.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 from sakd.train.objective import TokenCounts
@@ -22,12 +28,42 @@ def average_gradients(module: torch.nn.Module, accelerator: Accelerator) -> None
         p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
+_host_groups: dict[str, dist.ProcessGroup] = {}
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """The group for host values: None (the default group) where that runs gloo already, else a gloo group
+    of every process, made at the first call (every process makes its first host reduction at the same point,
+    so they create it together)."""
+    backend = str(dist.get_backend())
+    if "gloo" in backend:  # "gloo", or a per-device backend such as "cpu:gloo,cuda:nccl"
+        return None
+    if backend not in _host_groups:
+        _host_groups[backend] = dist.new_group(backend="gloo")
+    return _host_groups[backend]
+
+
+def release_host_groups() -> None:
+    """Destroy the gloo groups made by `host_group`, on every process together (at the end of a run): a process
+    that exits with one still connected can abort its peer."""
+    if _host_groups:
+        dist.barrier(group=next(iter(_host_groups.values())))
+    while _host_groups:
+        dist.destroy_process_group(_host_groups.popitem()[1])
+
+
+def host_reduce(values: list, op: str, dtype: torch.dtype = torch.int64) -> list:
+    """`values` reduced elementwise ("sum" or "max") over all processes, on the host."""
+    t = torch.tensor(values, dtype=dtype)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=host_group())
+    return t.tolist()
+
+
 def global_counts(counts: TokenCounts, tokens: int, accelerator: Accelerator) -> tuple[TokenCounts, int]:
     """The step's loss-normalising counts and student tokens, added up over all processes."""
     if accelerator.num_processes == 1:
         return counts, tokens
-    t = torch.tensor([counts.lm, counts.kd, tokens], device=accelerator.device)
-    lm, kd, tokens = accelerator.reduce(t, reduction="sum").tolist()
+    lm, kd, tokens = host_reduce([counts.lm, counts.kd, tokens], "sum")
     return TokenCounts(lm, kd), tokens
 
 
@@ -36,9 +72,8 @@ def global_sums(values: dict[str, float], accelerator: Accelerator) -> dict[str,
     if accelerator.num_processes == 1:
         return values
     names = sorted(values)
-    total = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(total, reduction="sum")
-    return {k: float(total[i]) for i, k in enumerate(names)}
+    total = host_reduce([values[k] for k in names], "sum", torch.float64)
+    return dict(zip(names, total, strict=True))
 
 
 def global_losses(
@@ -59,7 +94,7 @@ def agree_max(value: int, accelerator: Accelerator) -> int:
     """All processes take the same decision (stop, skip): the largest of their values."""
     if accelerator.num_processes == 1:
         return value
-    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="max"))
+    return int(host_reduce([value], "max")[0])
 
 
 def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:

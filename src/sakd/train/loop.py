@@ -25,7 +25,7 @@ from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
 from sakd.report.trackers import MetricsWriter
 from sakd.train import checkpoint, rundir
-from sakd.train.collective import agree_max, global_losses
+from sakd.train.collective import agree_max, global_losses, release_host_groups
 from sakd.train.evaluate import eval_batches as make_eval_batches
 from sakd.train.evaluate import evaluate_student
 from sakd.train.inputs import training_inputs
@@ -283,6 +283,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         except Exception:  # a failed report must not fail a finished run
             log.warning("the run report could not be built", exc_info=True)
     accelerator.wait_for_everyone()
+    release_host_groups()
     return summary
 
 
