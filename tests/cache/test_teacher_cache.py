@@ -28,7 +28,8 @@ from sakd.errors import UserError
 from sakd.losses.lm import _bucket_divergence, _sparse_forward_kl, sparse_teacher_divergence
 from sakd.models.load import freeze, lm_head, load_model, load_tokenizer
 from sakd.train.loop import train
-from sakd.train.objective import DistillObjective, TokenCounts
+from sakd.train.objective import DistillObjective
+from sakd.train.rows import TokenCounts
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 NO_AUX = {"weights": {"token_weighting": 0.0}}

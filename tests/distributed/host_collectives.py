@@ -7,7 +7,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from sakd.train import collective
-from sakd.train.objective import TokenCounts
+from sakd.train.rows import TokenCounts
 
 
 def check(accelerator: Accelerator) -> None:

@@ -18,7 +18,7 @@ from sakd.config import validate
 from sakd.curriculum import curriculum_at
 from sakd.models.load import load_tokenizer
 from sakd.train.inputs import training_inputs
-from sakd.train.objective import loss_rows
+from sakd.train.rows import loss_rows
 from sakd.train.step import build_training, prepare_batch, step_batches, train_step
 
 READS = {

@@ -31,7 +31,8 @@ from sakd.models.load import lm_head, unwrap
 from sakd.router import StudentAwareRouter, blend_token_weights, knowledge_gap
 
 if TYPE_CHECKING:
-    from sakd.train.objective import TeacherPass, TokenCounts
+    from sakd.train.objective import TeacherPass
+    from sakd.train.rows import TokenCounts
 
 
 class DistillHeads(nn.Module):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from sakd.train.objective import TokenCounts
+from sakd.train.rows import TokenCounts
 
 # Batch-level loss parts are per-process means (averaged by DDP); the token-level ones are shares of sums over
 # all processes.

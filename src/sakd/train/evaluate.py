@@ -10,7 +10,7 @@ from sakd.data.loader import WindowLoader
 from sakd.eval.metrics import lm_sums, metrics_from_sums
 from sakd.models.load import lm_head, unwrap
 from sakd.train.collective import global_sums
-from sakd.train.objective import TokenCounts
+from sakd.train.rows import TokenCounts
 from sakd.train.sharding import is_sharded
 from sakd.train.step import prepare_batch
 

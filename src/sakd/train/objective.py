@@ -39,28 +39,15 @@ from sakd.losses.fused import (
     projected_target,
     same_vocab_target,
 )
-from sakd.losses.lm import IGNORE_INDEX, make_cached_distill_row_loss, sparse_teacher_divergence
+from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
 from sakd.models.attention import capture_attentions
 from sakd.models.load import capture_final_hidden, lm_head, unwrap
 from sakd.train.auxiliary import AuxiliaryLosses, AuxNeeds, DistillHeads
+from sakd.train.rows import TokenCounts, first_rows, loss_rows
 
 
 def same_vocabulary(teacher_tokenizer, student_tokenizer) -> bool:
     return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
-
-
-@dataclass
-class TokenCounts:
-    """Global (all micro-batches of one optimizer step, all processes) counts that normalise the loss sums."""
-
-    lm: int
-    kd: int
-
-    @staticmethod
-    def of(batches: list[dict[str, torch.Tensor]]) -> TokenCounts:
-        lm = sum(int((b["student_labels"] != -100).sum()) for b in batches)
-        kd = sum(int(b["align_mask"].sum()) for b in batches if "align_mask" in b)
-        return TokenCounts(lm, kd)
 
 
 @dataclass
@@ -213,11 +200,11 @@ class DistillObjective:
             t_pass = self.teacher_pass(teacher, batch, sources, needs.attention, needs.layers)
         if use_kd and self.cached:
             teacher_rows = [
-                _first_rows(batch[key].flatten(0, 1), plan["rows_group"], n)
+                first_rows(batch[key].flatten(0, 1), plan["rows_group"], n)
                 for key in ("cache_ids", "cache_probs", "cache_tail")
             ]
         elif use_kd:
-            teacher_rows = [_first_rows(t_pass.hidden.flatten(0, 1), plan["rows_teacher"], n)]
+            teacher_rows = [first_rows(t_pass.hidden.flatten(0, 1), plan["rows_teacher"], n)]
             t_head = lm_head(unwrap(teacher))
         else:
             teacher_rows = [hidden.new_zeros((n, 1))]
@@ -312,41 +299,6 @@ class DistillObjective:
                 attention=attn.maps[0] if attn is not None else None,
                 hidden_states=result.hidden_states if hidden_states else None,
             )
-
-
-def loss_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The rows the objective's chunked loss runs on, as flat indices, best computed on the host (`prepare_batch`)
-    so that the device never selects rows by mask (each such selection waits for the device).
-
-    `rows_student` (N,): the student positions b * Ls + s that carry a label, the K distillation rows first
-    (the ends of aligned groups, in (b, g) order), then the others; `rows_teacher` (K,): the teacher position
-    b * Lt + t of each distillation row's group; `rows_group` (K,): that group, b * G + g (the cached teacher's
-    rows). Without alignment K = 0."""
-    labels = batch["student_labels"]  # (B, Ls)
-    length = labels.shape[1]
-    valid = (labels != IGNORE_INDEX).flatten()
-    empty = torch.zeros(0, dtype=torch.long, device=labels.device)
-    if "align_mask" not in batch:
-        return {"rows_student": valid.nonzero().squeeze(-1), "rows_teacher": empty, "rows_group": empty}
-    mask = batch["align_mask"]  # (B, G)
-    bi, gi = mask.nonzero(as_tuple=True)
-    student = bi * length + batch["align_student_pos"][bi, gi]
-    teacher = bi * batch["teacher_input_ids"].shape[1] + batch["align_teacher_pos"][bi, gi]
-    keep = valid[student]  # every aligned group ends at a labelled position, unless a caller cut its labels
-    distilled = torch.zeros_like(valid)
-    distilled[student[keep]] = True
-    others = (valid & ~distilled).nonzero().squeeze(-1)
-    return {
-        "rows_student": torch.cat([student[keep], others]),
-        "rows_teacher": teacher[keep],
-        "rows_group": (bi * mask.shape[1] + gi)[keep],
-    }
-
-
-def _first_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
-    """values[index] (K, ...) followed by zeros up to `rows` rows."""
-    picked = values.index_select(0, index)
-    return torch.cat([picked, picked.new_zeros((rows - picked.shape[0], *picked.shape[1:]))])
 
 
 def _same_vocab_kd(

@@ -21,7 +21,8 @@ from sakd.models.load import freeze, load_model, unwrap, weights_dtype
 from sakd.train.auxiliary import DistillHeads, build_heads
 from sakd.train.collective import all_finite, average_gradients, global_counts
 from sakd.train.ema import EMA
-from sakd.train.objective import DistillObjective, TokenCounts, loss_rows
+from sakd.train.objective import DistillObjective
+from sakd.train.rows import TokenCounts, loss_rows
 from sakd.train.schedule import make_scheduler
 from sakd.train.sharding import compile_layers, full_tensor, place_teacher, shard
 
