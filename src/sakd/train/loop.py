@@ -171,6 +171,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         verdicts.settle(state, writer, accelerator, tc.nonfinite_window)
         if state.skipped_steps and sum(state.recent_skips) > tc.nonfinite_max_rate * tc.nonfinite_window:
             save(" (non-finite stop)")
+            release_host_groups()  # every process stops here together
             raise TrainingStopped(
                 f"{sum(state.recent_skips)} of the last {len(state.recent_skips)} steps had a non-finite "
                 "loss or gradient (skipped windows are listed in metrics.jsonl); likely causes: a learning "
@@ -225,6 +226,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                 if signum:
                     settle()
                     save(" (emergency)")
+                    release_host_groups()  # every process stops here together
                     name = signal.Signals(signum).name
                     raise TrainingStopped(
                         f"stopped by {name} at step {state.step}; a checkpoint is in {ckpt_root}: resume with "
