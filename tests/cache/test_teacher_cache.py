@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 
-import sakd.cache.keys
 import sakd.data.corpus
 from sakd.cache import TeacherCache, capture_teacher_cache, open_training_cache
 from sakd.cache.keys import keyed_windows
@@ -302,13 +301,12 @@ def test_trains_with_small_k_and_serves_another_tokenizer(raw, assets, sharp_tea
     run["curriculum"] = {}
     run["train"].update(max_steps=12, lr=3e-3, warmup_steps=0, ema_decay=None)
     tokenized = []  # (tokenizer size, documents) of every tokenization
-    for module in (sakd.cache.keys, sakd.data.corpus):
-        plain = module.tokenize_documents
-        monkeypatch.setattr(
-            module,
-            "tokenize_documents",
-            lambda tok, docs, plain=plain: tokenized.append(len(docs)) or plain(tok, docs),
-        )
+    plain = sakd.data.corpus.tokenize_documents  # every tokenization of sources goes through sakd.data.corpus
+    monkeypatch.setattr(
+        sakd.data.corpus,
+        "tokenize_documents",
+        lambda tok, docs: tokenized.append(len(docs)) or plain(tok, docs),
+    )
     summary = train(validate(run))
     # the training documents are tokenized once per tokenizer: keying the cache reuses the training windows
     evaluation = 2 if run["data"].get("eval") else 0

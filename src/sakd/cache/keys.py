@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sakd.data.corpus import tokenized_sources
 from sakd.data.packing import Window, pack_windows
-from sakd.data.sources import load_sources
-from sakd.data.tokenize import TokenizedDoc, require_offsets, tokenize_documents
+from sakd.data.tokenize import TokenizedDoc
 
 
 @dataclass
@@ -63,11 +63,7 @@ def document_keys(doc: TokenizedDoc, length: int, index: int, has_eos: bool) -> 
 def keyed_windows(sources: Sequence, student_tokenizer, teacher_tokenizer, max_length: int) -> KeyedWindows:
     """The windows `build_windows(sources, student_tokenizer, teacher_tokenizer, max_length)` gives, with the
     key of every teacher token."""
-    require_offsets(student_tokenizer, "student")
-    require_offsets(teacher_tokenizer, "teacher")
-    docs = load_sources(sources)
-    student_docs = tokenize_documents(student_tokenizer, docs)
-    teacher_docs = tokenize_documents(teacher_tokenizer, docs)
+    docs, student_docs, teacher_docs = tokenized_sources(sources, student_tokenizer, teacher_tokenizer)
     windows = pack_windows(student_docs, teacher_docs, max_length)
 
     has_eos = teacher_tokenizer.eos_token_id is not None
