@@ -52,10 +52,10 @@ def release_host_groups() -> None:
         dist.destroy_process_group(_host_groups.popitem()[1])
 
 
-def host_reduce(values: list, op: str, dtype: torch.dtype = torch.int64) -> list:
-    """`values` reduced elementwise ("sum" or "max") over all processes, on the host."""
+def host_reduce(values: list, op: dist.ReduceOp, dtype: torch.dtype = torch.int64) -> list:
+    """`values` reduced elementwise by `op` over all processes, on the host."""
     t = torch.tensor(values, dtype=dtype)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=host_group())
+    dist.all_reduce(t, op=op, group=host_group())
     return t.tolist()
 
 
@@ -63,7 +63,7 @@ def global_counts(counts: TokenCounts, tokens: int, accelerator: Accelerator) ->
     """The step's loss-normalising counts and student tokens, added up over all processes."""
     if accelerator.num_processes == 1:
         return counts, tokens
-    lm, kd, tokens = host_reduce([counts.lm, counts.kd, tokens], "sum")
+    lm, kd, tokens = host_reduce([counts.lm, counts.kd, tokens], dist.ReduceOp.SUM)
     return TokenCounts(lm, kd), tokens
 
 
@@ -72,7 +72,7 @@ def global_sums(values: dict[str, float], accelerator: Accelerator) -> dict[str,
     if accelerator.num_processes == 1:
         return values
     names = sorted(values)
-    total = host_reduce([values[k] for k in names], "sum", torch.float64)
+    total = host_reduce([values[k] for k in names], dist.ReduceOp.SUM, torch.float64)
     return dict(zip(names, total, strict=True))
 
 
@@ -94,7 +94,7 @@ def agree_max(value: int, accelerator: Accelerator) -> int:
     """All processes take the same decision (stop, skip): the largest of their values."""
     if accelerator.num_processes == 1:
         return value
-    return int(host_reduce([value], "max")[0])
+    return int(host_reduce([value], dist.ReduceOp.MAX)[0])
 
 
 def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
