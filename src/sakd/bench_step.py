@@ -33,6 +33,7 @@ from sakd.cache.training import open_training_cache
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at
 from sakd.data.corpus import build_windows
+from sakd.data.tokenize import input_format
 from sakd.data.loader import WindowLoader
 from sakd.demo import stdlib_files
 from sakd.errors import UserError
@@ -243,8 +244,8 @@ def _batches(corpus: Path, student_tok, teacher_tok, sizes: StepSizes, count: in
         windows,
         sizes.batch_size,
         seed=0,
-        student_pad_id=student_tok.pad_token_id,
-        teacher_pad_id=teacher_tok.pad_token_id,
+        student=input_format(student_tok),
+        teacher=input_format(teacher_tok),
     )
     return windows, [loader.next_batch() for _ in range(count)]
 
@@ -418,8 +419,8 @@ def run_data_bench(assets: dict[str, Path], sizes: StepSizes) -> dict[str, Any]:
         windows,
         sizes.batch_size,
         seed=0,
-        student_pad_id=student_tok.pad_token_id,
-        teacher_pad_id=teacher_tok.pad_token_id,
+        student=input_format(student_tok),
+        teacher=input_format(teacher_tok),
         drop_last=False,
     )
     batches = sum(1 for _ in loader)

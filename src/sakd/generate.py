@@ -1,7 +1,7 @@
 """Text generation with a trained model: `sakd generate`, and the decoding speed that `sakd eval` reports.
 
-Greedy at temperature 0 (deterministic), sampling otherwise (seeded). An empty prompt starts from the
-tokenizer's BOS token, or EOS when it has none (packed training data puts EOS between documents, so it is
+Greedy at temperature 0 (deterministic), sampling otherwise (seeded). The prompt starts with the special
+tokens the model's tokenizer puts before text; an empty prompt of a model without any starts from EOS (packed training data puts EOS between documents, so it is
 where a document starts).
 """
 
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from sakd.data.tokenize import special_prefix
 from sakd.errors import UserError
 
 # A fixed prompt set, so that speeds of two models (or two runs) are comparable.
@@ -26,7 +27,10 @@ SPEED_PROMPTS = (
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, device: torch.device) -> torch.Tensor:
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    """The model's own prefix tokens (a BOS where its tokenizer adds one), then the prompt's tokens; never the
+    special tokens a tokenizer puts after text (an EOS or separator would end the prompt)."""
+    text_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    ids = [*special_prefix(tokenizer), *text_ids]
     if not ids:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:

@@ -163,7 +163,7 @@ def test_full_vocabulary_cache_equals_live_teacher(raw, assets, tmp_path, vocab)
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "s")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "t")
     windows = build_windows(cfg.data.train, student_tok, teacher_tok, 64)
-    loader = WindowLoader(windows, 4, seed=0, student_pad_id=student_tok.pad_token_id, teacher_pad_id=0)
+    loader = WindowLoader(windows, 4, seed=0, student=student_tok.pad_token_id, teacher=0)
     batch = loader.next_batch()
     opened = open_training_cache(
         root, windows, cfg.data.train, 64, cfg.teacher.model, student_tok, teacher_tok

@@ -4,12 +4,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tokenizer_kinds import KINDS
 
 from sakd.data.align import alignment_groups
 from sakd.data.tokenize import require_offsets, tokenize_documents, utf8_prefix_bytes
 from sakd.errors import UserError
 
-TOKENIZERS = ["byte_level", "byte_level_trimmed", "metaspace", "wordpiece"]
+TOKENIZERS = list(KINDS)
 PAIRS = list(itertools.permutations(TOKENIZERS, 2))
 
 

@@ -23,7 +23,7 @@ def indices(batch) -> list[int]:
 
 
 def test_epoch_order_is_a_seeded_permutation_and_batches_per_epoch():
-    loader = WindowLoader(make_windows(23), batch_size=4, seed=7, teacher_pad_id=0)
+    loader = WindowLoader(make_windows(23), batch_size=4, seed=7, teacher=0)
     assert loader.batches_per_epoch == len(loader) == 5
     first_epoch = [i for _ in range(5) for i in indices(loader.next_batch())]
     assert len(set(first_epoch)) == 20
@@ -35,8 +35,8 @@ def test_epoch_order_is_a_seeded_permutation_and_batches_per_epoch():
 
 def test_same_seed_same_batches_other_seed_other_order():
     windows = make_windows(40)
-    first, second = (WindowLoader(windows, 4, seed=3, teacher_pad_id=0) for _ in range(2))
-    other = WindowLoader(windows, 4, seed=4, teacher_pad_id=0)
+    first, second = (WindowLoader(windows, 4, seed=3, teacher=0) for _ in range(2))
+    other = WindowLoader(windows, 4, seed=4, teacher=0)
     first_batches = [first.next_batch() for _ in range(12)]
     second_batches = [second.next_batch() for _ in range(12)]
     for a, b in zip(first_batches, second_batches, strict=True):
@@ -47,8 +47,8 @@ def test_same_seed_same_batches_other_seed_other_order():
 
 def test_ranks_are_disjoint_and_together_make_the_single_process_batches():
     windows = make_windows(50)
-    single = WindowLoader(windows, batch_size=6, seed=1, teacher_pad_id=0)
-    ranks = [WindowLoader(windows, 3, seed=1, rank=r, world_size=2, teacher_pad_id=0) for r in range(2)]
+    single = WindowLoader(windows, batch_size=6, seed=1, teacher=0)
+    ranks = [WindowLoader(windows, 3, seed=1, rank=r, world_size=2, teacher=0) for r in range(2)]
     assert single.batches_per_epoch == ranks[0].batches_per_epoch == 8
     for _ in range(20):  # across epochs
         rank_indices = [indices(loader.next_batch()) for loader in ranks]
@@ -58,13 +58,13 @@ def test_ranks_are_disjoint_and_together_make_the_single_process_batches():
 
 def test_resumed_loader_continues_with_the_same_batches_across_an_epoch_boundary():
     windows = make_windows(30)
-    uninterrupted = WindowLoader(windows, 4, seed=5, teacher_pad_id=0)
+    uninterrupted = WindowLoader(windows, 4, seed=5, teacher=0)
     expected = [uninterrupted.next_batch() for _ in range(17)]  # 7 batches per epoch
-    interrupted = WindowLoader(windows, 4, seed=5, teacher_pad_id=0)
+    interrupted = WindowLoader(windows, 4, seed=5, teacher=0)
     for _ in range(6):
         interrupted.next_batch()
     state = interrupted.state_dict()
-    resumed = WindowLoader(windows, 4, seed=99, teacher_pad_id=0)
+    resumed = WindowLoader(windows, 4, seed=99, teacher=0)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
     for batch in expected[6:]:
@@ -93,7 +93,7 @@ def test_eval_order_keeps_the_tail_split_between_ranks():
 
 
 def test_iteration_runs_the_rest_of_the_current_epoch():
-    loader = WindowLoader(make_windows(20), 4, seed=2, teacher_pad_id=0)
+    loader = WindowLoader(make_windows(20), 4, seed=2, teacher=0)
     loader.next_batch()
     assert len(list(loader)) == 4
     assert loader.state_dict()["epoch"] == 1

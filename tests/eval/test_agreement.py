@@ -67,8 +67,8 @@ def test_agreement_equals_a_direct_computation(assets, student_name):
         0,
         shuffle=False,
         drop_last=False,
-        student_pad_id=s_tok.pad_token_id,
-        teacher_pad_id=t_tok.pad_token_id,
+        student=s_tok.pad_token_id,
+        teacher=t_tok.pad_token_id,
     )
     batches = list(batches)
     assert (batches[0]["student_attention_mask"] == 0).any() or (

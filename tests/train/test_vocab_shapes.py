@@ -18,7 +18,7 @@ def test_teacher_and_student_windows_differ_in_length_yet_cover_the_same_bytes(a
     assert any(len(w.teacher_ids) != len(w.student_ids) for w in windows)
     for w in windows:
         assert int(w.teacher_bytes.sum()) == int(w.student_bytes.sum())
-    batch = next(iter(WindowLoader(windows, 4, seed=0, student_pad_id=0, teacher_pad_id=0)))
+    batch = next(iter(WindowLoader(windows, 4, seed=0, student=0, teacher=0)))
     assert batch["teacher_input_ids"].shape[1] != batch["student_input_ids"].shape[1]
 
 

@@ -22,6 +22,7 @@ from sakd.cache.keys import keyed_windows
 from sakd.cache.store import CacheWriter, capture_settings, vocab_hash
 from sakd.config import Config
 from sakd.data.packing import collate_windows
+from sakd.data.tokenize import input_format, log_input_format
 from sakd.errors import UserError
 from sakd.losses.chunked import chunk_rows, head_logits
 from sakd.models.attention import attention_implementation
@@ -137,7 +138,8 @@ def capture_teacher_cache(
             torch.autocast(dev.type, dtype=weights_dtype(precision)) if precision != "fp32" else nullcontext()
         )
         batch = batch_size or cfg.train.batch_size
-        student_pad, teacher_pad = student_tok.pad_token_id, teacher_tok.pad_token_id
+        student_format, teacher_format = input_format(student_tok), input_format(teacher_tok)
+        log_input_format(teacher_tok, "teacher")
         chunk = chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, head.weight.shape[0])
         total = sum(min(shard_windows, len(windows) - i * shard_windows) for i in todo)
         bar = tqdm(total=total, desc="caching the teacher", unit="window", disable=not progress)
@@ -146,11 +148,12 @@ def capture_teacher_cache(
             parts: dict[str, list[torch.Tensor]] = {"ids": [], "probs": [], "tail": []}
             for start in range(first, end, batch):
                 stop = min(start + batch, end)
-                collated = collate_windows(windows[start:stop], student_pad, teacher_pad)
+                collated = collate_windows(windows[start:stop], student_format, teacher_format)
                 collated = {k: v.to(dev) for k, v in collated.items()}
                 with torch.no_grad(), autocast:
                     hidden = DistillObjective.teacher_pass(teacher, collated).hidden  # (B, Lt, H)
-                    rows = hidden[collated["teacher_attention_mask"].bool()]  # (n, H), window by window
+                    # (n, H) the windows' own tokens, window by window: not the prefix, not the padding
+                    rows = hidden[collated["teacher_group"] >= 0]
                     ids, probs, tail = top_k_rows(rows, head.weight, head.bias, vocab_size, top_k, chunk)
                 parts["ids"].append(ids.to(torch.int32).cpu())
                 parts["probs"].append(probs.to(PROBS_DTYPES[probs_dtype]).cpu())

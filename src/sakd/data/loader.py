@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from sakd.data.packing import Window, collate_windows
+from sakd.data.tokenize import InputFormat
 from sakd.errors import UserError
 
 
@@ -30,8 +31,8 @@ class WindowLoader:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
-        student_pad_id: int = 0,
-        teacher_pad_id: int | None = None,
+        student: InputFormat | int = 0,
+        teacher: InputFormat | int | None = None,
         drop_last: bool = True,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -48,8 +49,8 @@ class WindowLoader:
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
-        self.student_pad_id = student_pad_id
-        self.teacher_pad_id = teacher_pad_id
+        self.student = student  # each model's input format (`collate_windows`)
+        self.teacher = teacher
         self.drop_last = drop_last
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -91,7 +92,7 @@ class WindowLoader:
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         windows = [self.windows[i] for i in indices]
-        return collate_windows(windows, self.student_pad_id, self.teacher_pad_id)
+        return collate_windows(windows, self.student, self.teacher)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rest of the current epoch's batches, moving the position as `next_batch` does."""

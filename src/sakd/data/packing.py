@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sakd.data.align import alignment_groups
-from sakd.data.tokenize import TokenizedDoc
+from sakd.data.tokenize import InputFormat, TokenizedDoc
 
 IGNORE_INDEX = -100
 
@@ -125,22 +125,25 @@ def _window_spans(streams: list[_Stream], max_length: int) -> list[tuple[int, in
 
 
 def _collate_side(
-    ids: list[np.ndarray], nbytes: list[np.ndarray], groups: list[np.ndarray], pad_id: int
+    ids: list[np.ndarray], nbytes: list[np.ndarray], groups: list[np.ndarray], side: InputFormat
 ) -> dict[str, np.ndarray]:
-    """Pad one model's windows; labels are already shifted (position i predicts token i + 1)."""
-    batch_size, length = len(ids), max((len(x) for x in ids), default=0)
-    input_ids = np.full((batch_size, length), pad_id, dtype=np.int64)  # (B, L)
+    """Pad one model's windows after its prefix tokens; labels are already shifted (position i predicts the
+    token at i + 1). The prefix predicts nothing and belongs to no group (label -100, group -1)."""
+    start = len(side.prefix)
+    batch_size, length = len(ids), start + max((len(x) for x in ids), default=0)
+    input_ids = np.full((batch_size, length), side.pad_id, dtype=np.int64)  # (B, L)
+    input_ids[:, :start] = side.prefix
     attention_mask = np.zeros((batch_size, length), dtype=np.int64)  # (B, L)
     labels = np.full((batch_size, length), IGNORE_INDEX, dtype=np.int64)  # (B, L)
     target_bytes = np.zeros((batch_size, length), dtype=np.int64)  # (B, L)
     group = np.full((batch_size, length), -1, dtype=np.int64)  # (B, L)
     for b, (window_ids, window_bytes, window_group) in enumerate(zip(ids, nbytes, groups, strict=True)):
-        n = len(window_ids)
-        input_ids[b, :n] = window_ids
-        attention_mask[b, :n] = 1
-        labels[b, : n - 1] = window_ids[1:]
-        target_bytes[b, : n - 1] = window_bytes[1:]
-        group[b, :n] = window_group
+        stop = start + len(window_ids)
+        input_ids[b, start:stop] = window_ids
+        attention_mask[b, :stop] = 1
+        labels[b, start : stop - 1] = window_ids[1:]
+        target_bytes[b, start : stop - 1] = window_bytes[1:]
+        group[b, start:stop] = window_group
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -156,47 +159,56 @@ def group_last_positions(group: np.ndarray) -> np.ndarray:
 
 
 def collate_windows(
-    windows: list[Window], student_pad_id: int, teacher_pad_id: int | None
+    windows: list[Window], student: InputFormat | int, teacher: InputFormat | int | None
 ) -> dict[str, torch.Tensor]:
     """Stack windows into a padded batch of long tensors.
 
+    `student`, `teacher`: each model's `InputFormat` (or just its padding id, for a model that takes no
+    special tokens): every row starts with that model's prefix tokens, then the window's tokens, then padding.
     Per model (prefix `student_`, and `teacher_` when the windows have a teacher side): `input_ids`,
     `attention_mask`, `labels` (-100 at the last real position and at padding), `target_bytes` (UTF-8 bytes
     of each label token, 0 where there is no label), `group` (-1 at padding): (B, L). With a teacher side,
     `align_student_pos` and `align_teacher_pos` (B, G) hold the last position of each group on each side,
     and `align_mask` (B, G) bool is True for real groups that are not their window's last one (so both
     next tokens, which start at the same character, are in the window); padding groups point at 0.
-    `window_index` (B,). An empty list gives zero-sized tensors, with teacher keys if `teacher_pad_id`
-    is given.
+    `window_index` (B,). An empty list gives zero-sized tensors, with teacher keys if `teacher` is given.
     """
-    has_teacher = windows[0].teacher_ids is not None if windows else teacher_pad_id is not None
-    if has_teacher and teacher_pad_id is None:
-        raise ValueError("the windows have a teacher side: pass teacher_pad_id")
+    has_teacher = windows[0].teacher_ids is not None if windows else teacher is not None
+    if has_teacher and teacher is None:
+        raise ValueError("the windows have a teacher side: pass the teacher's input format")
+    student, teacher = _input_format(student), _input_format(teacher)
     arrays = {
         f"student_{key}": value
         for key, value in _collate_side(
             [w.student_ids for w in windows],
             [w.student_bytes for w in windows],
             [w.student_group for w in windows],
-            student_pad_id,
+            student,
         ).items()
     }
     if has_teacher:
-        teacher = _collate_side(
+        teacher_arrays = _collate_side(
             [w.teacher_ids for w in windows],
             [w.teacher_bytes for w in windows],
             [w.teacher_group for w in windows],
-            teacher_pad_id,
+            teacher,
         )
-        arrays.update({f"teacher_{key}": value for key, value in teacher.items()})
-        arrays.update(_collate_alignment(windows))
+        arrays.update({f"teacher_{key}": value for key, value in teacher_arrays.items()})
+        arrays.update(_collate_alignment(windows, len(student.prefix), len(teacher.prefix)))
     arrays["window_index"] = np.array([w.index for w in windows], dtype=np.int64)  # (B,)
     return {key: torch.from_numpy(value) for key, value in arrays.items()}
 
 
-def _collate_alignment(windows: list[Window]) -> dict[str, np.ndarray]:
-    student_last = [group_last_positions(w.student_group) for w in windows]
-    teacher_last = [group_last_positions(w.teacher_group) for w in windows]
+def _input_format(side: InputFormat | int | None) -> InputFormat | None:
+    return InputFormat(pad_id=side) if isinstance(side, int) else side
+
+
+def _collate_alignment(
+    windows: list[Window], student_shift: int, teacher_shift: int
+) -> dict[str, np.ndarray]:
+    """Group ends as batch positions: each side's tokens start after its `*_shift` prefix tokens."""
+    student_last = [student_shift + group_last_positions(w.student_group) for w in windows]
+    teacher_last = [teacher_shift + group_last_positions(w.teacher_group) for w in windows]
     batch_size, num_groups = len(windows), max((len(x) for x in student_last), default=0)
     student_pos = np.zeros((batch_size, num_groups), dtype=np.int64)  # (B, G)
     teacher_pos = np.zeros((batch_size, num_groups), dtype=np.int64)  # (B, G)

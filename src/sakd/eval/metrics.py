@@ -1,8 +1,9 @@
 """Held-out language-model metrics: per-token perplexity and bits per byte.
 
 Perplexity is exp of the mean next-token cross-entropy over real target tokens (padding never counts).
-Bits per byte divides the cross-entropy of the targets that carry text by the UTF-8 bytes of that text, so it
-compares models with different tokenizers; special tokens (EOS) carry no bytes and are left out of it.
+Bits per byte divides the cross-entropy of every predicted token, EOS and each byte piece of a split
+character included, by the UTF-8 bytes of the predicted text, so it compares models with different
+tokenizers: a tokenizer that spends several tokens on one character pays for each of them.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ def bits_per_byte(nll_nats: float, nbytes: int) -> float:
     return nll_nats / (math.log(2) * nbytes)
 
 
-def _nll_rows(logits: torch.Tensor, labels: torch.Tensor, nbytes: torch.Tensor) -> dict[str, torch.Tensor]:
-    nll = F.cross_entropy(logits.float(), labels, reduction="none")  # (n,)
-    return {"nll": nll.sum(), "nll_text": nll[nbytes > 0].sum()}
+def _nll_rows(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"nll": F.cross_entropy(logits.float(), labels, reduction="sum")}
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
     return {
         "loss": nll / tokens,
         "perplexity": _exp_or_inf(nll / tokens),
-        "bits_per_byte": bits_per_byte(sums["nll_text"], int(sums["bytes"])),
+        "bits_per_byte": bits_per_byte(nll, int(sums["bytes"])),
         "tokens": tokens,
         "bytes": int(sums["bytes"]),
     }
@@ -68,12 +68,12 @@ def lm_sums(
     progress: str | None = None,
     keep: list[bool] | None = None,
 ) -> dict[str, float]:
-    """Summed cross-entropy (all targets and text targets), tokens and bytes over `batches`; a batch whose
+    """Summed cross-entropy of all targets, their count and their bytes over `batches`; a batch whose
     `keep` entry is False runs but is not counted (a sharded model's processes must run equally many)."""
     was_training = model.training
     model.eval()
     head = lm_head(unwrap(model))
-    nll = nll_text = 0.0
+    nll = 0.0
     tokens = nbytes = 0
     for i, batch in enumerate(tqdm(batches, desc=progress, leave=False, disable=progress is None)):
         ids = batch[f"{side}_input_ids"].to(device) if device else batch[f"{side}_input_ids"]
@@ -87,7 +87,7 @@ def lm_sums(
             out["hidden"][rows],
             head.weight,
             _nll_rows,
-            [labels[rows], target_bytes[rows]],
+            [labels[rows]],
             {},
             chunk_size=chunk_size,
             bias=head.bias,
@@ -95,11 +95,10 @@ def lm_sums(
         if keep is not None and not keep[i]:
             continue
         nll += float(parts["nll"])
-        nll_text += float(parts["nll_text"])
         tokens += int(rows.sum())
         nbytes += int(target_bytes[rows].sum())
     model.train(was_training)
-    return {"nll": nll, "nll_text": nll_text, "tokens": tokens, "bytes": nbytes}
+    return {"nll": nll, "tokens": tokens, "bytes": nbytes}
 
 
 def _exp_or_inf(x: float) -> float:

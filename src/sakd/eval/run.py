@@ -16,6 +16,7 @@ from torch import nn
 
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
+from sakd.data.tokenize import input_format, log_input_format
 from sakd.errors import UserError
 from sakd.eval.agreement import agreement_metrics
 from sakd.eval.metrics import lm_metrics
@@ -60,8 +61,9 @@ def model_metrics(
     windows = build_windows(sources, tokenizer, None, max_length, max_windows)
     if not windows:
         raise UserError(f"the evaluation data gives no window of tokens for the {role}: use more text")
+    log_input_format(tokenizer, role)
     loader = WindowLoader(
-        windows, batch_size, seed=0, shuffle=False, drop_last=False, student_pad_id=tokenizer.pad_token_id
+        windows, batch_size, seed=0, shuffle=False, drop_last=False, student=input_format(tokenizer)
     )
     metrics: dict[str, Any] = lm_metrics(model, loader, "student", device)
     metrics["parameters"] = count_parameters(model)
@@ -114,8 +116,8 @@ def evaluate_agreement(
         seed=0,
         shuffle=False,
         drop_last=False,
-        student_pad_id=student_tokenizer.pad_token_id,
-        teacher_pad_id=teacher_tokenizer.pad_token_id,
+        student=input_format(student_tokenizer),
+        teacher=input_format(teacher_tokenizer),
     )
     same_vocab = teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
     mapping = None if same_vocab else build_vocab_mapping(teacher_tokenizer, student_tokenizer)

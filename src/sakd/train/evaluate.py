@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from sakd.data.loader import WindowLoader
+from sakd.data.tokenize import input_format
 from sakd.eval.metrics import lm_sums, metrics_from_sums
 from sakd.models.load import lm_head, unwrap
 from sakd.train.collective import global_sums
@@ -24,8 +25,8 @@ def eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[dic
         seed=0,
         shuffle=False,
         drop_last=False,
-        student_pad_id=student_tok.pad_token_id,
-        teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
+        student=input_format(student_tok),
+        teacher=input_format(teacher_tok),
     )
     return list(loader)
 

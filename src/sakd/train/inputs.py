@@ -13,6 +13,7 @@ from sakd.config import Config
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.data.packing import Window
+from sakd.data.tokenize import input_format
 from sakd.errors import UserError
 
 
@@ -32,8 +33,8 @@ class TrainingInputs:
             cfg.train.seed,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
-            student_pad_id=student_tok.pad_token_id,
-            teacher_pad_id=teacher_tok.pad_token_id if teacher_tok else None,
+            student=input_format(student_tok),
+            teacher=input_format(teacher_tok),
         )
         return loader if self.cached is None else self.cached.batches(loader)
 

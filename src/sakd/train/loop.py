@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
+from sakd.data.tokenize import log_input_format
 from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
 from sakd.report.trackers import MetricsWriter
@@ -101,6 +102,10 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
 
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher") if cfg.teacher else None
+    if main:
+        log_input_format(student_tok, "student")
+        if teacher_tok is not None:
+            log_input_format(teacher_tok, "teacher")
     inputs = training_inputs(cfg, student_tok, teacher_tok, accelerator.num_processes, main and tc.progress)
     cached = inputs.cached
     t = build_training(cfg, accelerator, precision, student_tok, teacher_tok, cached)
