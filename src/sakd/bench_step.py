@@ -33,8 +33,8 @@ from sakd.cache.training import open_training_cache
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at
 from sakd.data.corpus import build_windows
-from sakd.data.tokenize import input_format
 from sakd.data.loader import WindowLoader
+from sakd.data.tokenize import input_format
 from sakd.demo import stdlib_files
 from sakd.errors import UserError
 from sakd.models.load import load_tokenizer
