@@ -143,9 +143,10 @@ def input_format(tokenizer: Any | None) -> InputFormat | None:
 def log_input_format(tokenizer: Any, role: str) -> None:
     """Say which special tokens the model with this tokenizer gets, as decided from the tokenizer."""
     prefix = special_prefix(tokenizer)
-    log.info(
-        "%s input: %s before each window (its tokenizer adds them), %s after each document",
-        role,
-        " ".join(tokenizer.convert_ids_to_tokens(list(prefix))) if prefix else "no special tokens",
-        repr(tokenizer.eos_token) if tokenizer.eos_token_id is not None else "no EOS",
+    before = (
+        f"{' '.join(tokenizer.convert_ids_to_tokens(list(prefix)))} before each window (its tokenizer adds it)"
+        if prefix
+        else "nothing before each window (its tokenizer adds no special token before text)"
     )
+    after = f"{tokenizer.eos_token!r} after each document" if tokenizer.eos_token_id is not None else "no EOS"
+    log.info("%s input: %s, %s", role, before, after)
