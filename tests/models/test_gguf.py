@@ -11,10 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sakd.cache.store import model_files_hash
 from sakd.cli import main
+from sakd.config import validate
 from sakd.errors import UserError
 from sakd.models.load import count_parameters, load_model, load_tokenizer
 from sakd.models.tiny import EOS, PAD, dense_student_config, train_tokenizer
+from sakd.plan import estimate
+from sakd.train.loop import train
 
 gguf = pytest.importorskip("gguf")
 
@@ -154,3 +158,28 @@ def test_eval_cli_takes_a_gguf_student(tiny_gguf, tmp_path, capsys):
     student = result["student"]
     assert student["bits_per_byte"] > 0 and student["tokens"] > 0
     assert student["size_on_disk_bytes"] == path.stat().st_size
+
+
+def test_training_config_takes_gguf_teacher_and_student(tiny_gguf, base_config, tmp_path):
+    """Config validation, the memory plan and a short run, with both models given as the GGUF file."""
+    path, reference, _ = tiny_gguf
+    data = tmp_path / "train.txt"
+    data.write_text(TEXT * 8)
+    raw = {**base_config, "teacher": {"model": str(path)}, "student": {"model": str(path)}}
+    raw["data"] = {"train": [str(data)], "eval": [], "max_length": 32}
+    raw["train"] = {**raw["train"], "max_steps": 2, "batch_size": 1, "ema_decay": None}
+    cfg = validate(raw)
+    assert estimate(cfg, "fp32").parts  # reads both configs from the file
+    summary = train(cfg)
+    assert summary["step"] == 2
+    final = load_model(str(Path(cfg.output_dir) / "final"), "student")
+    assert count_parameters(final) == count_parameters(reference)
+
+
+def test_teacher_cache_key_follows_the_gguf_file(tiny_gguf, tmp_path):
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(tiny_gguf[0].read_bytes())
+    before = model_files_hash(str(copy))
+    with copy.open("ab") as f:
+        f.write(b"\0" * 32)  # a re-quantized or re-exported file has another size
+    assert model_files_hash(str(copy)) != before
