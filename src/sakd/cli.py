@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="the text a model writes after a prompt (greedy at temperature 0)")
-    p.add_argument("--model", required=True, help="model folder (e.g. RUN_DIR/final) , .gguf file or hub id")
+    p.add_argument("--model", required=True, help="model folder (e.g. RUN_DIR/final), .gguf file or hub id")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
