@@ -112,6 +112,7 @@ def test_gguf_model_casts_saves_and_trains(tiny_gguf, tmp_path):
     assert model.dtype == torch.bfloat16  # dequantized to the requested dtype
     model = model.float()
     model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())
     ids = torch.randint(0, reference.config.vocab_size, (2, 9))
     saved = load_model(str(tmp_path / "saved"), "student").eval()
     model.eval()

@@ -7,13 +7,14 @@ that casts, saves and trains.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from sakd.errors import UserError
@@ -40,7 +41,8 @@ def load_gguf_model(ref: str, dtype: torch.dtype, **model_kwargs: Any) -> nn.Mod
     `model_kwargs` (e.g. `attn_implementation`) go to the rebuilt model."""
     folder, gguf = pretrained_args(ref)
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **gguf)
-    config = AutoConfig.from_pretrained(folder, **gguf)  # without the quantization marker of `loaded.config`
+    config = copy.deepcopy(loaded.config)
+    del config.quantization_config  # the marker that makes transformers refuse to cast or save
     with no_init_weights():  # every weight is overwritten below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **model_kwargs)
     model.tie_weights()  # skipped with the initialisation: untied, the LM head would train apart from the input
