@@ -42,7 +42,8 @@ def load_gguf_model(ref: str, dtype: torch.dtype, **model_kwargs: Any) -> nn.Mod
     folder, gguf = pretrained_args(ref)
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **gguf)
     config = copy.deepcopy(loaded.config)
-    del config.quantization_config  # the marker that makes transformers refuse to cast or save
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the marker that makes transformers refuse to cast or save
     with no_init_weights():  # every weight is overwritten below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **model_kwargs)
     model.tie_weights()  # skipped with the initialisation: untied, the LM head would train apart from the input
