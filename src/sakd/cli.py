@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="perplexity and bits per byte of a student (and a teacher) on text")
-    p.add_argument("--student", required=True, help="model folder or hub id")
-    p.add_argument("--teacher", help="model folder or hub id")
+    p.add_argument("--student", required=True, help="model folder, .gguf file or hub id")
+    p.add_argument("--teacher", help="model folder, .gguf file or hub id")
     p.add_argument("--data", required=True, action="append", help="a .txt/.jsonl file or folder (repeatable)")
     p.add_argument("--output", help="write the results to this JSON file (RUN_DIR/eval.json: in the report)")
     p.add_argument("--max-length", type=int, default=256)
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="the text a model writes after a prompt (greedy at temperature 0)")
-    p.add_argument("--model", required=True, help="model folder (e.g. RUN_DIR/final) or hub id")
+    p.add_argument("--model", required=True, help="model folder (e.g. RUN_DIR/final), .gguf file or hub id")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")

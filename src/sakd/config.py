@@ -38,9 +38,9 @@ Source = str | HFSource
 
 class ModelSpec(Section):
     model: str
-    """Hub id or local folder of a causal LM."""
+    """Hub id, local folder or GGUF file (dequantized on load; needs the gguf package) of a causal LM."""
     tokenizer: str | None = None
-    """Hub id or folder of the tokenizer; defaults to `model`."""
+    """Hub id, folder or GGUF file of the tokenizer; defaults to `model`."""
     dtype: Precision = "auto"
     """Weights' dtype. auto: fp32 on CPU; on GPU bf16 where supported, else fp16 (teacher) / fp32 (student)."""
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"

@@ -73,8 +73,11 @@ class ModelShape:
         """The shape and a meta-device instance (no weights read or allocated) of the model at `ref`."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from sakd.models.gguf import pretrained_args
+
+        name, gguf = pretrained_args(ref)
         try:
-            config = AutoConfig.from_pretrained(ref)
+            config = AutoConfig.from_pretrained(name, **gguf)
         except (OSError, ValueError) as e:
             reason = str(e).splitlines()[0][:160]
             raise UserError(

@@ -57,7 +57,11 @@ def _model_folder(ref: str) -> Path | None:
 
 def model_files_hash(ref: str) -> str:
     """A hash of the model's config.json and of its weight files' names and sizes (not their contents: cheap
-    for a large teacher, and any retrained or re-saved model changes them)."""
+    for a large teacher, and any retrained or re-saved model changes them). A single-file model (GGUF) is
+    hashed by its name and size."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return _digest([path.name, path.stat().st_size])
     folder = _model_folder(ref)
     if folder is None:
         return _digest(["unresolved", ref])

@@ -22,6 +22,7 @@ from sakd.cache.keys import KeyedWindows, keyed_windows, lookup_rows, same_windo
 from sakd.cache.store import TeacherCache, capture_settings
 from sakd.data.packing import Window, group_last_positions
 from sakd.errors import UserError
+from sakd.models.gguf import pretrained_args
 
 log = logging.getLogger("sakd")
 
@@ -135,8 +136,9 @@ def open_training_cache(
 def teacher_skeleton(ref: str) -> nn.Module:
     """The teacher's module structure without weights (meta device): enough to size the distillation heads
     when the teacher itself is not loaded."""
+    name, gguf = pretrained_args(ref)
     try:
-        config = AutoConfig.from_pretrained(ref)
+        config = AutoConfig.from_pretrained(name, **gguf)
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot read the teacher config from '{ref}' ({type(e).__name__}): check teacher.model"

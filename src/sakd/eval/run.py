@@ -32,8 +32,11 @@ def _device(device: str | None) -> torch.device:
 
 
 def weights_size_on_disk(model_ref: str) -> int | None:
-    """Bytes of the weight files of a model folder (or of a hub model in the local cache); None if unknown."""
+    """Bytes of the weight files of a model folder (or of a hub model in the local cache, or of a single GGUF
+    file); None if unknown."""
     folder = Path(model_ref).expanduser()
+    if folder.is_file():
+        return folder.stat().st_size
     if not folder.is_dir():
         try:
             from huggingface_hub import snapshot_download

@@ -1,4 +1,4 @@
-"""Load teachers and students with transformers' Auto classes, from a hub id or a local folder."""
+"""Load teachers and students with transformers' Auto classes, from a hub id, a local folder or a GGUF file."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from sakd.errors import UserError
+from sakd.models.gguf import is_gguf, load_gguf_model, pretrained_args
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,12 +29,13 @@ def weights_dtype(precision: str) -> torch.dtype:
 
 
 def load_tokenizer(ref: str, role: str) -> PreTrainedTokenizerBase:
+    name, gguf = pretrained_args(ref)
     try:
-        tok = AutoTokenizer.from_pretrained(ref)
+        tok = AutoTokenizer.from_pretrained(name, **gguf)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot load the {role} tokenizer from '{ref}' ({type(e).__name__}): "
-            f"give a local folder with tokenizer files or a reachable hub id in {role}.tokenizer"
+            f"cannot load the {role} tokenizer from '{ref}' ({type(e).__name__}): give a local folder with "
+            f"tokenizer files, a GGUF file or a reachable hub id in {role}.tokenizer"
         ) from None
     if not getattr(tok, "is_fast", False):
         raise UserError(
@@ -53,19 +55,23 @@ def load_model(
     random_init: bool = False,
     seed: int = 0,
 ) -> nn.Module:
-    """A causal LM from `ref`; `random_init` builds it from its config with fresh weights (seeded)."""
+    """A causal LM from `ref` (a GGUF file is dequantized to `dtype`); `random_init` builds it from its config
+    with fresh weights (seeded)."""
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    name, gguf = pretrained_args(ref)
     try:
         if random_init:
-            config = AutoConfig.from_pretrained(ref)
+            config = AutoConfig.from_pretrained(name, **gguf)
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        elif is_gguf(ref):
+            model = load_gguf_model(ref, dtype, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot load the {role} model from '{ref}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}): "
-            f"give a local folder saved with save_pretrained or a reachable hub id in {role}.model"
+            f"give a local folder saved with save_pretrained, a GGUF file or a reachable hub id in {role}.model"
         ) from None
     return model
 
