@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from sakd.models.head import ModelHead, as_head, head_logits
+
 RowLoss = Callable[..., dict[str, torch.Tensor]]
 
 
@@ -24,18 +26,6 @@ def _weighted_total(parts: dict[str, torch.Tensor], part_weights: dict[str, floa
         raise ValueError(f"part_weights weight {missing} but the row loss returned only {sorted(parts)}")
     terms = [weight * parts[name] for name, weight in part_weights.items() if weight != 0]
     return sum(terms[1:], terms[0]) if terms else None
-
-
-def head_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """An LM head (weight (V, H), bias (V,) or None) applied to hidden (n, H) in their dtype; fp32 (n, V).
-    `out`: an (n, V) tensor of the weight's dtype to write the logits into."""
-    if bias is None:
-        logits = torch.mm(hidden, weight.T, out=out)
-    else:
-        logits = torch.addmm(bias, hidden, weight.T, out=out)
-    return logits.float()
 
 
 class ChunkBuffers:
@@ -90,19 +80,19 @@ def chunk_rows(chunk_size: int, chunk_logits: int | None, vocab: int) -> int:
 
 def chunked_head_loss(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: ModelHead | torch.Tensor,
     row_loss: RowLoss,
     row_inputs: Sequence[torch.Tensor],
     part_weights: dict[str, float],
     chunk_size: int = 1024,
-    bias: torch.Tensor | None = None,
     kd_rows: int | None = None,
     buffers: ChunkBuffers | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the row-loss parts over all rows, with gradients, computed chunk by chunk.
 
-    hidden (N, H) student hidden states at the rows that carry a loss; weight (V, H) LM head (may be tied to
-    the input embedding); bias (V,) or None; row_inputs: tensors with first dim N passed chunked to row_loss
+    hidden (N, H) student hidden states at the rows that carry a loss; head: the student's `ModelHead` (weight
+    (V, H), possibly tied to the input embedding, bias and the model's logit transform), or a bare weight;
+    row_inputs: tensors with first dim N passed chunked to row_loss
     (no grad). Returns (total fp32 scalar, {part: detached fp32 sum}); total = sum part_weights[k] * parts[k].
     Gradient work is skipped when nothing requires grad (evaluation). N == 0 gives zeros, never NaN.
     A row loss with a `with_grad(logits, part_weights, *row_inputs) -> (parts, grad_logits)` method (e.g.
@@ -122,14 +112,16 @@ def chunked_head_loss(
         raise ValueError(
             f"every row input needs first dim {rows}: got {[tuple(t.shape) for t in row_inputs]}"
         )
+    head = as_head(head)
+    weight, bias, transform = head.weight, head.bias, head.transform
     needs = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
     train = torch.is_grad_enabled() and any(needs)
-    hidden_, weight_ = hidden.detach(), weight.detach()
-    bias_ = None if bias is None else bias.detach()
+    hidden_, frozen = hidden.detach(), head.detach()
+    weight_ = frozen.weight
     grad_hidden = torch.zeros_like(hidden_) if needs[0] and train else None
     # Accumulated over chunks in fp32 so that low-precision weights do not lose small contributions.
     grad_weight = torch.zeros_like(weight_, dtype=torch.float32) if needs[1] and train else None
-    grad_bias = torch.zeros_like(bias_, dtype=torch.float32) if needs[2] and train else None
+    grad_bias = torch.zeros_like(frozen.bias, dtype=torch.float32) if needs[2] and train else None
 
     parts: dict[str, torch.Tensor] = {}
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -140,7 +132,7 @@ def chunked_head_loss(
         n, vocab = stop - start, weight_.shape[0]
         with torch.no_grad():
             out = None if buffers is None else buffers.get("logits", n, vocab, weight_.dtype, weight_.device)
-            logits = head_logits(hidden_chunk, weight_, bias_, out).requires_grad_(train)  # (n, V)
+            logits = head_logits(hidden_chunk, frozen, out).requires_grad_(train)  # (n, V)
         chunk_inputs = [t[start:stop] for t in row_inputs]
         kwargs = {} if kd_rows is None else {"kd_rows": min(max(kd_rows - start, 0), stop - start)}
         fused = train and hasattr(row_loss, "with_grad")  # closed-form gradients (`sakd.losses.fused`)
@@ -164,7 +156,8 @@ def chunked_head_loss(
             if not (train and chunk_total.requires_grad):
                 continue
             (grad_logits,) = torch.autograd.grad(chunk_total, logits)
-        grad_logits = grad_logits.to(weight_.dtype)  # (n, V)
+        # Through the model's logit transform to the linear output (nothing to do for most models).
+        grad_logits = transform.chain_(grad_logits, logits).to(weight_.dtype)  # (n, V)
         if grad_hidden is not None:
             grad_hidden[start:stop] = grad_logits @ weight_
         if grad_weight is not None:
@@ -189,14 +182,14 @@ def chunked_head_loss(
 
 def full_head_loss(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: ModelHead | torch.Tensor,
     row_loss: RowLoss,
     row_inputs: Sequence[torch.Tensor],
     part_weights: dict[str, float],
-    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Plain reference for `chunked_head_loss`: one (N, V) logits tensor and ordinary autograd."""
-    parts = row_loss(head_logits(hidden, weight, bias), *row_inputs)
+    """Plain reference for `chunked_head_loss`: one (N, V) logits tensor and ordinary autograd (through the
+    head's logit transform too)."""
+    parts = row_loss(head_logits(hidden, as_head(head)), *row_inputs)
     total = _weighted_total(parts, part_weights)
     if total is None:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
