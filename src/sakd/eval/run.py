@@ -16,11 +16,13 @@ from torch import nn
 
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
+from sakd.data.packing import collate_windows
 from sakd.errors import UserError
 from sakd.eval.agreement import agreement_metrics
 from sakd.eval.metrics import lm_metrics
 from sakd.generate import generation_speed
 from sakd.losses import build_vocab_mapping
+from sakd.models.head import check_head
 from sakd.models.load import count_parameters, load_model, load_tokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -60,6 +62,8 @@ def model_metrics(
     windows = build_windows(sources, tokenizer, None, max_length, max_windows)
     if not windows:
         raise UserError(f"the evaluation data gives no window of tokens for the {role}: use more text")
+    probe = collate_windows(windows[:2], tokenizer.pad_token_id, None)
+    check_head(model, probe["student_input_ids"].to(device), probe["student_attention_mask"].to(device), role)
     loader = WindowLoader(
         windows, batch_size, seed=0, shuffle=False, drop_last=False, student_pad_id=tokenizer.pad_token_id
     )
