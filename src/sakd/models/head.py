@@ -149,7 +149,6 @@ def check_head(
     logits with sakd's head applied to the final hidden state; a mismatch is a UserError, never a silent run.
     Every process of a sharded model must call it (the forward is collective). Returns the head."""
     inner = unwrap(model)
-    head = model_head(inner)
     ids = input_ids[:rows, :tokens]
     mask = None if attention_mask is None else attention_mask[:rows, :tokens]
     was_training = inner.training
@@ -158,6 +157,7 @@ def check_head(
         with capture_final_hidden(model) as out:
             expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         hidden = out["hidden"]
+        head = model_head(inner)  # after the forward: a sharded model's head is whole only then
         real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         ours = head_logits(hidden[real].to(head.weight.dtype), head)  # (n, V)
         expected = expected[real]
