@@ -1,5 +1,6 @@
 """The start-up head check through the real entry points: a model whose forward transforms its logits in a
-way sakd's head does not reproduce is refused before the first step (training) or before any metric (eval)."""
+way sakd's head does not reproduce is refused before the first step (training), before any metric (eval) and
+before anything is cached (cache-teacher)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 
 import pytest
 
+from sakd.cache import capture as capture_module
+from sakd.cache import capture_teacher_cache
 from sakd.cli import main
 from sakd.config import validate
 from sakd.errors import UserError
@@ -60,3 +63,15 @@ def test_eval_refuses_a_student_whose_logits_sakd_cannot_reproduce(assets, monke
     assert code == 2 and err.startswith(
         "error: the student's (LlamaForCausalLM) logits differ from sakd's head"
     )
+
+
+def test_cache_capture_refuses_a_teacher_whose_logits_sakd_cannot_reproduce(
+    base_config, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(capture_module, "load_model", _with_extra_scale(capture_module.load_model, "teacher"))
+    base_config["output_dir"] = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"the teacher's \(Qwen3MoeForCausalLM\) logits differ"):
+        capture_teacher_cache(
+            validate(base_config), top_k=4, path=tmp_path / "c", device="cpu", progress=False
+        )
+    assert not list((tmp_path / "c").glob("shard-*"))

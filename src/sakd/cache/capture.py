@@ -25,7 +25,7 @@ from sakd.data.packing import collate_windows
 from sakd.errors import UserError
 from sakd.losses.chunked import chunk_rows
 from sakd.models.attention import attention_implementation
-from sakd.models.head import ModelHead, as_head, head_logits, model_head
+from sakd.models.head import ModelHead, as_head, check_head, head_logits, model_head
 from sakd.models.load import (
     freeze,
     load_model,
@@ -139,6 +139,8 @@ def capture_teacher_cache(
         )
         batch = batch_size or cfg.train.batch_size
         student_pad, teacher_pad = student_tok.pad_token_id, teacher_tok.pad_token_id
+        probe = {k: v.to(dev) for k, v in collate_windows(windows[:1], student_pad, teacher_pad).items()}
+        check_head(teacher, probe["teacher_input_ids"], probe["teacher_attention_mask"], "teacher")
         chunk = chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, head.weight.shape[0])
         total = sum(min(shard_windows, len(windows) - i * shard_windows) for i in todo)
         bar = tqdm(total=total, desc="caching the teacher", unit="window", disable=not progress)

@@ -102,8 +102,6 @@ def agreement_metrics(
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
-    student_head, teacher_head = model_head(student), model_head(teacher)
-    row_loss = _agreement_row_loss(teacher_head, mapping, vocab_size, top_k)
     sums = {"top1": 0.0, "overlap": 0.0, "kl": 0.0, "scored": 0.0}
     positions = 0
     for batch in batches:
@@ -114,9 +112,11 @@ def agreement_metrics(
         student_hidden = _final_hidden(student, batch["student_input_ids"], batch["student_attention_mask"])
         teacher_hidden = _final_hidden(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
         rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
+        # the heads after the forwards: a sharded model's head is whole only then
+        row_loss = _agreement_row_loss(model_head(teacher), mapping, vocab_size, top_k)
         _, parts = chunked_head_loss(
             student_hidden[rows, batch["align_student_pos"][mask]],  # (N, Hs)
-            student_head,
+            model_head(student),
             row_loss,
             [teacher_hidden[rows, batch["align_teacher_pos"][mask]]],  # (N, Ht)
             {},

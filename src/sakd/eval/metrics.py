@@ -73,7 +73,6 @@ def lm_sums(
     `keep` entry is False runs but is not counted (a sharded model's processes must run equally many)."""
     was_training = model.training
     model.eval()
-    head = model_head(model)
     nll = nll_text = 0.0
     tokens = nbytes = 0
     for i, batch in enumerate(tqdm(batches, desc=progress, leave=False, disable=progress is None)):
@@ -83,6 +82,7 @@ def lm_sums(
         target_bytes = batch[f"{side}_target_bytes"].to(ids.device)
         with capture_final_hidden(model) as out:
             model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
+        head = model_head(model)  # after the forward: a sharded model's head is whole only then
         rows = labels != -100
         _, parts = chunked_head_loss(
             out["hidden"][rows],
