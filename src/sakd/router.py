@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sakd.losses.auxiliary import group_mean, standardise
+from sakd.models.head import ModelHead, as_head, head_logits
 
 
 @dataclass
@@ -141,8 +142,8 @@ def aligned_group_states(
 def knowledge_gap(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
-    student_head_weight: torch.Tensor,
-    teacher_head_weight: torch.Tensor,
+    student_head: ModelHead | torch.Tensor,
+    teacher_head: ModelHead | torch.Tensor,
     kd_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     chunk_size: int = 1024,
     student_head_bias: torch.Tensor | None = None,
@@ -150,16 +151,17 @@ def knowledge_gap(
 ) -> torch.Tensor:
     """Detached per-row divergence between teacher and student next-token predictions, chunked.
 
-    student_hidden (N, Hs), teacher_hidden (N, Ht) final hidden states at the aligned rows; head weights
-    (V_s, Hs), (V_t, Ht); kd_fn the objective's per-row KD function ((n, V_s) fp32, (n, V_t) fp32) -> (n,).
+    student_hidden (N, Hs), teacher_hidden (N, Ht) final hidden states at the aligned rows; the heads
+    (`ModelHead`s, or bare weights (V_s, Hs), (V_t, Ht) with the biases given apart); kd_fn the objective's per-row KD function ((n, V_s) fp32, (n, V_t) fp32) -> (n,).
     Returns (N,) fp32. Only chunk_size rows of logits exist at a time.
     """
+    s_head, t_head = as_head(student_head, student_head_bias), as_head(teacher_head, teacher_head_bias)
     gaps = []
     for start in range(0, student_hidden.shape[0], chunk_size):
-        s_rows = student_hidden[start : start + chunk_size].to(student_head_weight.dtype)
-        t_rows = teacher_hidden[start : start + chunk_size].to(teacher_head_weight.dtype)
-        s_logits = F.linear(s_rows, student_head_weight, student_head_bias).float()  # (n, V_s)
-        t_logits = F.linear(t_rows, teacher_head_weight, teacher_head_bias).float()  # (n, V_t)
+        s_rows = student_hidden[start : start + chunk_size].to(s_head.weight.dtype)
+        t_rows = teacher_hidden[start : start + chunk_size].to(t_head.weight.dtype)
+        s_logits = head_logits(s_rows, s_head)  # (n, V_s)
+        t_logits = head_logits(t_rows, t_head)  # (n, V_t)
         gaps.append(kd_fn(s_logits, t_logits).float())
     return torch.cat(gaps) if gaps else student_hidden.new_zeros(0, dtype=torch.float32)
 

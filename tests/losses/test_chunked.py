@@ -7,6 +7,7 @@ import torch
 from sakd.losses.chunked import chunked_head_loss, full_head_loss
 from sakd.losses.divergence import forward_kl
 from sakd.losses.lm import lm_row_loss, make_distill_row_loss
+from sakd.models.head import ModelHead
 
 ROWS, HIDDEN, VOCAB, TEACHER_HIDDEN, TEACHER_VOCAB = 37, 16, 50, 12, 70
 
@@ -57,8 +58,9 @@ def _grads(total, tensors):
 def test_chunked_equals_full(chunk_size: int, bias: bool) -> None:
     hidden, weight, head_bias = _params(bias=bias)
     row_loss, inputs = _row_loss(), _batch()
-    total, parts = chunked_head_loss(hidden, weight, row_loss, inputs, WEIGHTS, chunk_size, bias=head_bias)
-    ref_total, ref_parts = full_head_loss(hidden, weight, row_loss, inputs, WEIGHTS, bias=head_bias)
+    head = ModelHead(weight, head_bias)
+    total, parts = chunked_head_loss(hidden, head, row_loss, inputs, WEIGHTS, chunk_size)
+    ref_total, ref_parts = full_head_loss(hidden, head, row_loss, inputs, WEIGHTS)
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
     assert parts.keys() == ref_parts.keys() == {"lm", "kd"}
     for name in parts:

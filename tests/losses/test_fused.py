@@ -12,6 +12,7 @@ from sakd.losses.cross_vocab import projected_divergence
 from sakd.losses.fused import FusedForwardKL, projected_target, same_vocab_target
 from sakd.losses.lm import make_distill_row_loss
 from sakd.losses.vocab_mapping import VocabMapping
+from sakd.models.head import ModelHead
 from sakd.train.objective import _same_vocab_kd
 
 ROWS, HIDDEN, TEACHER_HIDDEN = 41, 16, 12
@@ -43,7 +44,7 @@ def _mapping(teacher_vocab: int) -> VocabMapping:
 
 def _run(row_loss, params, row_inputs, weights, chunk):
     hidden, weight, bias = params
-    total, parts = chunked_head_loss(hidden, weight, row_loss, row_inputs, weights, chunk, bias=bias)
+    total, parts = chunked_head_loss(hidden, ModelHead(weight, bias), row_loss, row_inputs, weights, chunk)
     return total, parts, torch.autograd.grad(total, [hidden, weight, bias])
 
 
@@ -205,12 +206,11 @@ def test_chunk_buffers_change_nothing_and_are_kept(fused):
         for chunk_buffers in (None, buffers):
             total, parts = chunked_head_loss(
                 hidden[:rows],
-                weight,
+                ModelHead(weight, bias),
                 row_loss,
                 inputs,
                 {"lm": 0.7, "kd": 1.3},
                 7,
-                bias,
                 buffers=chunk_buffers,
             )
             results.append((total, parts, torch.autograd.grad(total, [hidden, weight, bias])))

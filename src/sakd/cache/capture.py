@@ -24,15 +24,14 @@ from sakd.config import Config
 from sakd.data.packing import collate_windows
 from sakd.data.tokenize import input_format, log_input_format
 from sakd.errors import UserError
-from sakd.losses.chunked import chunk_rows, head_logits
+from sakd.losses.chunked import chunk_rows
 from sakd.models.attention import attention_implementation
+from sakd.models.head import ModelHead, as_head, check_head, head_logits, model_head
 from sakd.models.load import (
     freeze,
-    lm_head,
     load_model,
     load_tokenizer,
     resolve_precision,
-    unwrap,
     weights_dtype,
 )
 from sakd.train.objective import DistillObjective
@@ -54,7 +53,7 @@ def data_sources(cfg: Config) -> list:
 
 def top_k_rows(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: ModelHead | torch.Tensor,
     bias: torch.Tensor | None,
     vocab_size: int,
     top_k: int,
@@ -62,13 +61,15 @@ def top_k_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's next-token distribution at temperature 1 over its tokenizer's ids, top-k only.
 
-    hidden (n, H) final hidden states; weight (V_model, H), bias: the LM head. Returns ids (n, k) int64 and
+    hidden (n, H) final hidden states; head: the teacher's `ModelHead` (its logit transform applied), or a bare
+    weight (V_model, H) with `bias`. Returns ids (n, k) int64 and
     probs (n, k) fp32 (descending), tail (n,) fp32 = 1 - sum of the top-k (0 when k covers the vocabulary).
     Logits are computed the way the live objective computes them (in the head's dtype, then fp32).
     """
+    head = as_head(head, bias)
     ids, probs, tails = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = head_logits(hidden[start : start + chunk_size].to(weight.dtype), weight, bias)
+        logits = head_logits(hidden[start : start + chunk_size].to(head.weight.dtype), head)
         p = torch.softmax(logits[:, :vocab_size], dim=-1)  # (n, V)
         top = p.topk(top_k, dim=-1)
         tail = (1.0 - top.values.sum(-1)).clamp_min(0.0)
@@ -133,13 +134,17 @@ def capture_teacher_cache(
         teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
         attn = attention_implementation(False, cfg.teacher.attn_implementation)
         teacher = freeze(load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), attn)).to(dev)
-        head = lm_head(unwrap(teacher))
+        head = model_head(teacher)
         autocast = (
             torch.autocast(dev.type, dtype=weights_dtype(precision)) if precision != "fp32" else nullcontext()
         )
         batch = batch_size or cfg.train.batch_size
         student_format, teacher_format = input_format(student_tok), input_format(teacher_tok)
         log_input_format(teacher_tok, "teacher")
+        probe = {
+            k: v.to(dev) for k, v in collate_windows(windows[:1], student_format, teacher_format).items()
+        }
+        check_head(teacher, probe["teacher_input_ids"], probe["teacher_attention_mask"], "teacher")
         chunk = chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, head.weight.shape[0])
         total = sum(min(shard_windows, len(windows) - i * shard_windows) for i in todo)
         bar = tqdm(total=total, desc="caching the teacher", unit="window", disable=not progress)
@@ -154,7 +159,7 @@ def capture_teacher_cache(
                     hidden = DistillObjective.teacher_pass(teacher, collated).hidden  # (B, Lt, H)
                     # (n, H) the windows' own tokens, window by window: not the prefix, not the padding
                     rows = hidden[collated["teacher_group"] >= 0]
-                    ids, probs, tail = top_k_rows(rows, head.weight, head.bias, vocab_size, top_k, chunk)
+                    ids, probs, tail = top_k_rows(rows, head, None, vocab_size, top_k, chunk)
                 parts["ids"].append(ids.to(torch.int32).cpu())
                 parts["probs"].append(probs.to(PROBS_DTYPES[probs_dtype]).cpu())
                 parts["tail"].append(tail.float().cpu())

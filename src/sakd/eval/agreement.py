@@ -21,7 +21,8 @@ from torch import nn
 
 from sakd.losses import VocabMapping, chunked_head_loss, projected_teacher_probs
 from sakd.losses.divergence import forward_kl_logprobs
-from sakd.models.load import capture_final_hidden, lm_head, unwrap
+from sakd.models.head import ModelHead, head_logits, model_head
+from sakd.models.load import capture_final_hidden
 
 EXACT_KL = "exact (same vocabulary)"
 PROJECTED_KL = "teacher projected onto the student vocabulary"
@@ -67,10 +68,9 @@ def agreement_rows(
     }
 
 
-def _agreement_row_loss(teacher_head: nn.Linear, mapping, vocab_size, top_k):
+def _agreement_row_loss(teacher_head: ModelHead, mapping, vocab_size, top_k):
     def row_loss(student_logits: torch.Tensor, teacher_hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        weight = teacher_head.weight
-        teacher_logits = nn.functional.linear(teacher_hidden.to(weight.dtype), weight, teacher_head.bias)
+        teacher_logits = head_logits(teacher_hidden.to(teacher_head.weight.dtype), teacher_head)
         rows = agreement_rows(student_logits, teacher_logits, mapping, vocab_size, top_k)
         return {name: value.float().sum() for name, value in rows.items()}
 
@@ -102,8 +102,6 @@ def agreement_metrics(
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
-    student_head, teacher_head = lm_head(unwrap(student)), lm_head(unwrap(teacher))
-    row_loss = _agreement_row_loss(teacher_head, mapping, vocab_size, top_k)
     sums = {"top1": 0.0, "overlap": 0.0, "kl": 0.0, "scored": 0.0}
     positions = 0
     for batch in batches:
@@ -114,14 +112,15 @@ def agreement_metrics(
         student_hidden = _final_hidden(student, batch["student_input_ids"], batch["student_attention_mask"])
         teacher_hidden = _final_hidden(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
         rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
+        # the heads after the forwards: a sharded model's head is whole only then
+        row_loss = _agreement_row_loss(model_head(teacher), mapping, vocab_size, top_k)
         _, parts = chunked_head_loss(
             student_hidden[rows, batch["align_student_pos"][mask]],  # (N, Hs)
-            student_head.weight,
+            model_head(student),
             row_loss,
             [teacher_hidden[rows, batch["align_teacher_pos"][mask]]],  # (N, Ht)
             {},
             chunk_size=chunk_size,
-            bias=student_head.bias,
         )
         for name in sums:
             sums[name] += float(parts[name])

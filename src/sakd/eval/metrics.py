@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sakd.losses import chunked_head_loss
-from sakd.models.load import capture_final_hidden, lm_head, unwrap
+from sakd.models.head import model_head
+from sakd.models.load import capture_final_hidden
 
 
 def bits_per_byte(nll_nats: float, nbytes: int) -> float:
@@ -72,7 +73,6 @@ def lm_sums(
     `keep` entry is False runs but is not counted (a sharded model's processes must run equally many)."""
     was_training = model.training
     model.eval()
-    head = lm_head(unwrap(model))
     nll = 0.0
     tokens = nbytes = 0
     for i, batch in enumerate(tqdm(batches, desc=progress, leave=False, disable=progress is None)):
@@ -82,15 +82,15 @@ def lm_sums(
         target_bytes = batch[f"{side}_target_bytes"].to(ids.device)
         with capture_final_hidden(model) as out:
             model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
+        head = model_head(model)  # after the forward: a sharded model's head is whole only then
         rows = labels != -100
         _, parts = chunked_head_loss(
             out["hidden"][rows],
-            head.weight,
+            head,
             _nll_rows,
             [labels[rows]],
             {},
             chunk_size=chunk_size,
-            bias=head.bias,
         )
         if keep is not None and not keep[i]:
             continue

@@ -16,12 +16,14 @@ from torch import nn
 
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
+from sakd.data.packing import collate_windows
 from sakd.data.tokenize import input_format, log_input_format
 from sakd.errors import UserError
 from sakd.eval.agreement import agreement_metrics
 from sakd.eval.metrics import lm_metrics
 from sakd.generate import generation_speed
 from sakd.losses import build_vocab_mapping
+from sakd.models.head import check_head
 from sakd.models.load import count_parameters, load_model, load_tokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -65,9 +67,10 @@ def model_metrics(
     if not windows:
         raise UserError(f"the evaluation data gives no window of tokens for the {role}: use more text")
     log_input_format(tokenizer, role)
-    loader = WindowLoader(
-        windows, batch_size, seed=0, shuffle=False, drop_last=False, student=input_format(tokenizer)
-    )
+    fmt = input_format(tokenizer)
+    probe = collate_windows(windows[:2], fmt, None)
+    check_head(model, probe["student_input_ids"].to(device), probe["student_attention_mask"].to(device), role)
+    loader = WindowLoader(windows, batch_size, seed=0, shuffle=False, drop_last=False, student=fmt)
     metrics: dict[str, Any] = lm_metrics(model, loader, "student", device)
     metrics["parameters"] = count_parameters(model)
     metrics["windows"] = len(windows)

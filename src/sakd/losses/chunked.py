@@ -4,7 +4,8 @@
 immediately turns d(total)/d(logits) into gradients for the hidden states, the head weight and bias (as Liger
 Kernel's fused linear cross-entropy does). Only those gradients are kept for backward, so peak memory is
 O(chunk_size x V) instead of O(N x V) and the logits are computed once. `full_head_loss` is the plain
-reference it is tested against.
+reference it is tested against. The logits are the model's own: the head's logit transform (a scale, a
+soft-cap; `sakd.models.head`) is applied to them, and d(total)/d(logits) is chained back through it.
 
 A row loss maps (logits (n, V) fp32, *row_chunks) to {part name: scalar SUM over the n rows}; parts are sums
 so that chunks add up and the caller divides by its global count of valid tokens.
@@ -13,6 +14,8 @@ so that chunks add up and the caller divides by its global count of valid tokens
 from collections.abc import Callable, Sequence
 
 import torch
+
+from sakd.models.head import ModelHead, as_head, head_logits
 
 RowLoss = Callable[..., dict[str, torch.Tensor]]
 
@@ -24,18 +27,6 @@ def _weighted_total(parts: dict[str, torch.Tensor], part_weights: dict[str, floa
         raise ValueError(f"part_weights weight {missing} but the row loss returned only {sorted(parts)}")
     terms = [weight * parts[name] for name, weight in part_weights.items() if weight != 0]
     return sum(terms[1:], terms[0]) if terms else None
-
-
-def head_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """An LM head (weight (V, H), bias (V,) or None) applied to hidden (n, H) in their dtype; fp32 (n, V).
-    `out`: an (n, V) tensor of the weight's dtype to write the logits into."""
-    if bias is None:
-        logits = torch.mm(hidden, weight.T, out=out)
-    else:
-        logits = torch.addmm(bias, hidden, weight.T, out=out)
-    return logits.float()
 
 
 class ChunkBuffers:
@@ -88,21 +79,43 @@ def chunk_rows(chunk_size: int, chunk_logits: int | None, vocab: int) -> int:
     return max(1, min(chunk_size, chunk_logits // max(vocab, 1)))
 
 
+def _chunk_loss(
+    row_loss: RowLoss,
+    logits: torch.Tensor,
+    chunk_inputs: list[torch.Tensor],
+    part_weights: dict[str, float],
+    kwargs: dict,
+    train: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """A chunk's parts, their weighted total (None: every weight 0) and d(total)/d(logits) (None when not
+    training): in closed form from a fused row loss's `with_grad`, else by autograd."""
+    if train and hasattr(row_loss, "with_grad"):  # closed-form gradients (`sakd.losses.fused`)
+        chunk_parts, grad_logits = row_loss.with_grad(logits.detach(), part_weights, *chunk_inputs, **kwargs)
+        return chunk_parts, _weighted_total(chunk_parts, part_weights), grad_logits
+    with torch.enable_grad() if train else torch.no_grad():
+        chunk_parts = row_loss(logits, *chunk_inputs, **kwargs)
+        chunk_total = _weighted_total(chunk_parts, part_weights)
+    grad_logits = None
+    if train and chunk_total is not None and chunk_total.requires_grad:
+        (grad_logits,) = torch.autograd.grad(chunk_total, logits)
+    return chunk_parts, chunk_total, grad_logits
+
+
 def chunked_head_loss(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: ModelHead | torch.Tensor,
     row_loss: RowLoss,
     row_inputs: Sequence[torch.Tensor],
     part_weights: dict[str, float],
     chunk_size: int = 1024,
-    bias: torch.Tensor | None = None,
     kd_rows: int | None = None,
     buffers: ChunkBuffers | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the row-loss parts over all rows, with gradients, computed chunk by chunk.
 
-    hidden (N, H) student hidden states at the rows that carry a loss; weight (V, H) LM head (may be tied to
-    the input embedding); bias (V,) or None; row_inputs: tensors with first dim N passed chunked to row_loss
+    hidden (N, H) student hidden states at the rows that carry a loss; head: the student's `ModelHead` (weight
+    (V, H), possibly tied to the input embedding, bias and the model's logit transform, through which the
+    gradients are chained), or a bare weight; row_inputs: tensors with first dim N passed chunked to row_loss
     (no grad). Returns (total fp32 scalar, {part: detached fp32 sum}); total = sum part_weights[k] * parts[k].
     Gradient work is skipped when nothing requires grad (evaluation). N == 0 gives zeros, never NaN.
     A row loss with a `with_grad(logits, part_weights, *row_inputs) -> (parts, grad_logits)` method (e.g.
@@ -122,14 +135,15 @@ def chunked_head_loss(
         raise ValueError(
             f"every row input needs first dim {rows}: got {[tuple(t.shape) for t in row_inputs]}"
         )
-    needs = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    head = as_head(head)
+    needs = [t is not None and t.requires_grad for t in (hidden, head.weight, head.bias)]
     train = torch.is_grad_enabled() and any(needs)
-    hidden_, weight_ = hidden.detach(), weight.detach()
-    bias_ = None if bias is None else bias.detach()
+    hidden_, frozen = hidden.detach(), head.detach()
+    weight_ = frozen.weight
     grad_hidden = torch.zeros_like(hidden_) if needs[0] and train else None
     # Accumulated over chunks in fp32 so that low-precision weights do not lose small contributions.
     grad_weight = torch.zeros_like(weight_, dtype=torch.float32) if needs[1] and train else None
-    grad_bias = torch.zeros_like(bias_, dtype=torch.float32) if needs[2] and train else None
+    grad_bias = torch.zeros_like(frozen.bias, dtype=torch.float32) if needs[2] and train else None
 
     parts: dict[str, torch.Tensor] = {}
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -140,31 +154,23 @@ def chunked_head_loss(
         n, vocab = stop - start, weight_.shape[0]
         with torch.no_grad():
             out = None if buffers is None else buffers.get("logits", n, vocab, weight_.dtype, weight_.device)
-            logits = head_logits(hidden_chunk, weight_, bias_, out).requires_grad_(train)  # (n, V)
+            logits = head_logits(hidden_chunk, frozen, out).requires_grad_(train)  # (n, V)
         chunk_inputs = [t[start:stop] for t in row_inputs]
         kwargs = {} if kd_rows is None else {"kd_rows": min(max(kd_rows - start, 0), stop - start)}
-        fused = train and hasattr(row_loss, "with_grad")  # closed-form gradients (`sakd.losses.fused`)
-        if fused:
-            if buffers is not None:
-                kwargs["grad_out"] = buffers.get("grad", n, vocab, torch.float32, weight_.device)
-            chunk_parts, grad_logits = row_loss.with_grad(
-                logits.detach(), part_weights, *chunk_inputs, **kwargs
-            )
-            chunk_total = _weighted_total(chunk_parts, part_weights)
-        else:
-            with torch.enable_grad() if train else torch.no_grad():
-                chunk_parts = row_loss(logits, *chunk_inputs, **kwargs)
-                chunk_total = _weighted_total(chunk_parts, part_weights)
+        if train and buffers is not None and hasattr(row_loss, "with_grad"):
+            kwargs["grad_out"] = buffers.get("grad", n, vocab, torch.float32, weight_.device)
+        chunk_parts, chunk_total, grad_logits = _chunk_loss(
+            row_loss, logits, chunk_inputs, part_weights, kwargs, train
+        )
         for name, value in chunk_parts.items():
             parts[name] = parts.get(name, 0.0) + value.detach().float()
         if chunk_total is None:
             continue
         total = total + chunk_total.detach().float()
-        if not fused:
-            if not (train and chunk_total.requires_grad):
-                continue
-            (grad_logits,) = torch.autograd.grad(chunk_total, logits)
-        grad_logits = grad_logits.to(weight_.dtype)  # (n, V)
+        if grad_logits is None:
+            continue
+        # Through the model's logit transform to the linear output (nothing to do for most models).
+        grad_logits = head.transform.chain_(grad_logits, logits).to(weight_.dtype)  # (n, V)
         if grad_hidden is not None:
             grad_hidden[start:stop] = grad_logits @ weight_
         if grad_weight is not None:
@@ -174,29 +180,43 @@ def chunked_head_loss(
         # Free this chunk's (n, V) tensors before the next chunk allocates its own: the peak stays one chunk.
         del logits, grad_logits, chunk_parts, chunk_total
 
+    return _finish(total, parts, hidden, head, (grad_hidden, grad_weight, grad_bias) if train else None)
+
+
+def _finish(
+    total: torch.Tensor,
+    parts: dict[str, torch.Tensor | float],
+    hidden: torch.Tensor,
+    head: ModelHead,
+    grads: tuple[torch.Tensor | None, ...] | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The parts as fp32 tensors, and the total with the accumulated `grads` (hidden, weight, bias) attached
+    in the dtypes of the tensors they belong to (None: not training)."""
     parts = {
         name: torch.as_tensor(value, dtype=torch.float32, device=hidden.device)
         for name, value in parts.items()
     }
-    if not train:
+    if grads is None:
         return total, parts
+    grad_hidden, grad_weight, grad_bias = grads
     if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
+        grad_weight = grad_weight.to(head.weight.dtype)
     if grad_bias is not None:
-        grad_bias = grad_bias.to(bias.dtype)
-    return _AttachGrads.apply(total, hidden, weight, bias, grad_hidden, grad_weight, grad_bias), parts
+        grad_bias = grad_bias.to(head.bias.dtype)
+    attached = _AttachGrads.apply(total, hidden, head.weight, head.bias, grad_hidden, grad_weight, grad_bias)
+    return attached, parts
 
 
 def full_head_loss(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: ModelHead | torch.Tensor,
     row_loss: RowLoss,
     row_inputs: Sequence[torch.Tensor],
     part_weights: dict[str, float],
-    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Plain reference for `chunked_head_loss`: one (N, V) logits tensor and ordinary autograd."""
-    parts = row_loss(head_logits(hidden, weight, bias), *row_inputs)
+    """Plain reference for `chunked_head_loss`: one (N, V) logits tensor and ordinary autograd (through the
+    head's logit transform too)."""
+    parts = row_loss(head_logits(hidden, as_head(head)), *row_inputs)
     total = _weighted_total(parts, part_weights)
     if total is None:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)

@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from sakd.losses.chunked import RowLoss, head_logits
+from sakd.losses.chunked import RowLoss
 from sakd.losses.lm import IGNORE_INDEX, kd_count, kd_selection
+from sakd.models.head import ModelHead, as_head, head_logits
 
 # (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C))
 TargetFn = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -86,21 +87,22 @@ class FusedForwardKL(_FusedRowLoss):
 
     `reference` is the plain row loss with the same meaning (`make_distill_row_loss` of the same KD);
     `target` gives the teacher's distribution over the first C student logits (C = its width), which is where
-    the student's softmax at T is taken too.
+    the student's softmax at T is taken too. `teacher_head`: the teacher's `ModelHead` (its logit transform
+    applied), or a bare weight with `teacher_bias`. The student's transform is chained by `chunked_head_loss`:
+    the gradient here is with respect to the student's final logits.
     """
 
     def __init__(
         self,
         reference: RowLoss,
         target: TargetFn,
-        teacher_weight: torch.Tensor,
+        teacher_head: ModelHead | torch.Tensor,
         teacher_bias: torch.Tensor | None,
         temperature: float,
     ):
         self.reference = reference
         self.target = target
-        self.teacher_weight = teacher_weight
-        self.teacher_bias = teacher_bias
+        self.teacher = as_head(teacher_head, teacher_bias)
         self.temperature = temperature
 
     @torch.no_grad()
@@ -130,8 +132,8 @@ class FusedForwardKL(_FusedRowLoss):
             grad = logsm.exp_().mul_(lm_coef[:, None])
             grad.scatter_add_(1, column, -lm_coef[:, None])
             return parts, grad
-        hidden = teacher_hidden[rows].to(self.teacher_weight.dtype)
-        p, logp = self.target(head_logits(hidden, self.teacher_weight, self.teacher_bias), t)  # (k, C)
+        hidden = teacher_hidden[rows].to(self.teacher.weight.dtype)
+        p, logp = self.target(head_logits(hidden, self.teacher), t)  # (k, C)
         cols = p.shape[-1]
         shared = _shares_softmax(s, cols, t)
         logq = logsm[rows] if shared else _tempered_logprobs(s[rows], cols, t)  # (k, C)

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sakd.losses.chunked import RowLoss, head_logits
+from sakd.losses.chunked import RowLoss
 from sakd.losses.divergence import divergence_from_logprobs, student_logprobs_at
+from sakd.models.head import ModelHead, as_head, head_logits
 
 IGNORE_INDEX = -100
 
@@ -28,20 +29,21 @@ def lm_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.T
 
 def make_distill_row_loss(
     kd: KDRowFn | None,
-    teacher_weight: torch.Tensor | None,
+    teacher_head: ModelHead | torch.Tensor | None,
     teacher_bias: torch.Tensor | None = None,
 ) -> RowLoss:
     """A row loss with row_inputs (labels (N,), teacher_hidden (N, H_t), kd_mask (N,) bool, kd_weight (N,)).
 
     Returns {"lm": CE sum over labels != -100, "kd": sum over kd_mask rows of kd_weight * kd(student, teacher)}
     where kd maps (student_logits (k, V_s) fp32, teacher_logits (k, V_t) fp32) to (k,), e.g. a partial of a
-    divergence or a cross-vocabulary loss. Teacher logits = teacher_hidden @ teacher_weight.T (+ bias),
-    computed without grad in the teacher weight's dtype and upcast to fp32, only for the kd rows of the chunk,
-    so the teacher's full logits never exist either. With kd None only "lm" is returned. `kd_rows` (host int):
+    divergence or a cross-vocabulary loss. Teacher logits: `teacher_head` (a `ModelHead`, or a bare weight with
+    `teacher_bias`) applied to teacher_hidden, computed without grad in the weight's dtype and upcast to fp32,
+    only for the kd rows of the chunk, so the teacher's full logits never exist either. With kd None only "lm" is returned. `kd_rows` (host int):
     the kd rows are the chunk's first `kd_rows` (see `kd_selection`).
     """
-    if kd is not None and teacher_weight is None:
+    if kd is not None and teacher_head is None:
         raise ValueError("a kd loss needs the teacher's LM-head weight")
+    teacher = None if teacher_head is None else as_head(teacher_head, teacher_bias)
 
     def row_loss(
         logits: torch.Tensor,
@@ -60,9 +62,7 @@ def make_distill_row_loss(
             return parts
         student_rows = logits[rows]
         with torch.no_grad():
-            teacher_logits = head_logits(
-                teacher_hidden[rows].to(teacher_weight.dtype), teacher_weight, teacher_bias
-            )
+            teacher_logits = head_logits(teacher_hidden[rows].to(teacher.weight.dtype), teacher)
         per_row = kd(student_rows.float(), teacher_logits)  # (k,)
         parts["kd"] = (kd_weight[rows].float() * per_row).sum()
         return parts

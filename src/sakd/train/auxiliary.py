@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sakd.curriculum import CurriculumPoint
@@ -27,7 +26,8 @@ from sakd.losses.auxiliary import (
     pooled_groups,
 )
 from sakd.models.experts import knowledge_sources
-from sakd.models.load import lm_head, unwrap
+from sakd.models.head import head_logits, model_head
+from sakd.models.load import unwrap
 from sakd.router import StudentAwareRouter, blend_token_weights, knowledge_gap
 
 if TYPE_CHECKING:
@@ -223,16 +223,14 @@ class AuxiliaryLosses:
         """The detached per-group divergence between teacher and student predictions (N,)."""
         mask = batch["align_mask"]
         bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-        s_head, t_head = lm_head(unwrap(student)), lm_head(unwrap(teacher))
+        s_head, t_head = model_head(student), model_head(teacher)
         return knowledge_gap(
             hidden[bi, batch["align_student_pos"][mask]].detach(),
             t_pass.hidden[bi, batch["align_teacher_pos"][mask]],
-            s_head.weight.detach(),
-            t_head.weight,
+            s_head.detach(),
+            t_head,
             self.kd_fn(point.temperature),
             self.rows_per_chunk(s_head, t_head),
-            None if s_head.bias is None else s_head.bias.detach(),
-            t_head.bias,
         )
 
     @torch.no_grad()
@@ -242,12 +240,12 @@ class AuxiliaryLosses:
         bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
         s_rows = hidden[bi, batch["align_student_pos"][mask]].detach()  # (N, Hs)
         teacher = [batch[k][mask] for k in ("cache_ids", "cache_probs", "cache_tail")]
-        head, kd = lm_head(unwrap(student)), self.kd_fn(point.temperature)
+        head, kd = model_head(student), self.kd_fn(point.temperature)
         gaps = []
         step = self.rows_per_chunk(head)
         for start in range(0, s_rows.shape[0], step):
             stop = start + step
-            logits = F.linear(s_rows[start:stop].to(head.weight.dtype), head.weight, head.bias).float()
+            logits = head_logits(s_rows[start:stop].to(head.weight.dtype), head)
             gaps.append(kd(logits, *(t[start:stop] for t in teacher)).float())
         return torch.cat(gaps) if gaps else hidden.new_zeros(0, dtype=torch.float32)
 

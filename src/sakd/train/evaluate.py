@@ -9,7 +9,8 @@ import torch
 from sakd.data.loader import WindowLoader
 from sakd.data.tokenize import input_format
 from sakd.eval.metrics import lm_sums, metrics_from_sums
-from sakd.models.load import lm_head, unwrap
+from sakd.models.head import model_head
+from sakd.models.load import unwrap
 from sakd.train.collective import global_sums
 from sakd.train.rows import TokenCounts
 from sakd.train.sharding import is_sharded
@@ -51,7 +52,7 @@ def evaluate_student(
     same weights as training. Each process evaluates its share of the batches; the sums are added up."""
     model = unwrap(student)
     device = accelerator.device
-    chunk = objective.rows_per_chunk(lm_head(model))
+    chunk = objective.rows_per_chunk(model_head(model))
     sharded = is_sharded(model) or (teacher is not None and is_sharded(teacher))
     mine, keep = _share(batches, accelerator, sharded)
 

@@ -33,7 +33,7 @@ from sakd.train.inputs import training_inputs
 from sakd.train.persist import export_final, load_checkpoint, save_checkpoint
 from sakd.train.sharding import is_sharded
 from sakd.train.skips import SkipVerdicts
-from sakd.train.step import build_training, step_batches, train_step
+from sakd.train.step import build_training, check_heads, step_batches, train_step
 from sakd.train.tracking import LogInterval, LoopState, early_stop_due
 
 log = logging.getLogger("sakd")
@@ -192,6 +192,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
     t_segment = time.perf_counter()
     elapsed_at_start = state.elapsed_s
     stop_reason = None
+    heads_checked = False
     boundary = (loader.state_dict(), checkpoint.rng_state())
     with StopFlag() as stop:
         try:
@@ -199,6 +200,9 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
                 boundary = (loader.state_dict(), checkpoint.rng_state())
                 host_batches = [loader.next_batch() for _ in range(tc.grad_accum)]
                 batches = step_batches(host_batches, accelerator)
+                if not heads_checked:
+                    check_heads(t, batches.batches[0])
+                    heads_checked = True
                 point = curriculum_point(cfg, state.step)
                 result = train_step(t, batches, point)
                 state.step += 1

@@ -41,7 +41,8 @@ from sakd.losses.fused import (
 )
 from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
 from sakd.models.attention import capture_attentions
-from sakd.models.load import capture_final_hidden, lm_head, unwrap
+from sakd.models.head import model_head
+from sakd.models.load import capture_final_hidden, unwrap
 from sakd.train.auxiliary import AuxiliaryLosses, AuxNeeds, DistillHeads
 from sakd.train.rows import TokenCounts, first_rows, loss_rows
 
@@ -205,7 +206,7 @@ class DistillObjective:
             ]
         elif use_kd:
             teacher_rows = [first_rows(t_pass.hidden.flatten(0, 1), plan["rows_teacher"], n)]
-            t_head = lm_head(unwrap(teacher))
+            t_head = model_head(teacher)
         else:
             teacher_rows = [hidden.new_zeros((n, 1))]
         kd_mask = torch.arange(n, device=hidden.device) < k  # (N,)
@@ -231,22 +232,20 @@ class DistillObjective:
             order = batch["align_mask"].flatten().cumsum(0) - 1  # (B * G,) rank of each aligned group
             kd_weight[:k] = group_weights.index_select(0, order.index_select(0, plan["rows_group"]))
 
-        s_head = lm_head(unwrap(student))
+        s_head = model_head(student)
         kd = self.kd_fn(point.temperature) if use_kd else None
         if self.cached and use_kd:
             row_loss = make_cached_distill_row_loss(kd)
             if self._fused_cached is not None:
                 row_loss = FusedCachedForwardKL(row_loss, point.temperature, **self._fused_cached)
         else:
-            row_loss = make_distill_row_loss(
-                kd, t_head.weight if use_kd else None, t_head.bias if use_kd else None
-            )
+            row_loss = make_distill_row_loss(kd, t_head if use_kd else None)
             if use_kd and self._fused_target is not None:
                 row_loss = FusedForwardKL(
                     row_loss,
                     self._fused_target(s_head.weight.shape[0]),
-                    t_head.weight,
-                    t_head.bias,
+                    t_head,
+                    None,
                     point.temperature,
                 )
         part_weights = {"lm": scale * w["lm"] / max(counts.lm, 1)}
@@ -254,12 +253,11 @@ class DistillObjective:
             part_weights["kd"] = scale * w["kd"] / max(counts.kd, 1)
         total, sums = chunked_head_loss(
             hidden.flatten(0, 1).index_select(0, rows),
-            s_head.weight,
+            s_head,
             row_loss,
             [labels.flatten().index_select(0, rows), *teacher_rows, kd_mask, kd_weight],
             part_weights,
             chunk_size=self.rows_per_chunk(s_head, t_head if use_kd and not self.cached else None),
-            bias=s_head.bias,
             kd_rows=k,
             buffers=self.buffers,
         )

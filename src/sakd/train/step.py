@@ -17,6 +17,7 @@ from sakd.config import Config
 from sakd.curriculum import AUX_LOSSES, CurriculumPoint
 from sakd.errors import UserError
 from sakd.models.attention import attention_implementation
+from sakd.models.head import check_head
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
 from sakd.train.auxiliary import DistillHeads, build_heads
 from sakd.train.collective import all_finite, average_gradients, global_counts
@@ -159,6 +160,14 @@ def build_training(
         student, optimizer = accelerator.prepare(student, optimizer)
     ema = EMA(unwrap(student), tc.ema_decay) if tc.ema_decay else None
     return Training(cfg, accelerator, teacher, student, heads, objective, optimizer, scheduler, ema, attn)
+
+
+def check_heads(t: Training, batch: dict[str, torch.Tensor]) -> None:
+    """Before the first step: each model's own logits against sakd's head on a probe of the first real batch
+    (`check_head`), for the student and the live teacher (a cache was captured by the same head)."""
+    for role, model in (("student", t.student), ("teacher", t.teacher)):
+        if model is not None:
+            check_head(model, batch[f"{role}_input_ids"], batch.get(f"{role}_attention_mask"), role)
 
 
 def step_batches(
