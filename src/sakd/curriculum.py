@@ -153,8 +153,9 @@ class CurriculumSpec(_Section):
 class CurriculumPoint:
     """The curriculum at one progress value.
 
-    weights: each loss's weight now (LOSS_NAMES keys); fraction: how far each loss has ramped in, in [0, 1]
-    (the strength to blend the router's KD token weights with); temperature: distillation temperature;
+    weights: each loss's weight now (LOSS_NAMES keys; token_weighting's is the strength with which the
+    router's KD token weights replace uniform ones); fraction: how far each loss has ramped in, in [0, 1];
+    temperature: distillation temperature;
     router_temperature and top_k: the router's softmax temperature and number of sources; phase: 1-based.
     """
 
