@@ -57,8 +57,8 @@ class LossWeights(_Section):
     """Each loss's full weight once ramped in; 0 switches a loss off for the whole run. The defaults follow
     the ablation on the demo (`sakd ablate`, see the README): plain KD + LM. The routed-feature, feature,
     attention, layer-wise and contrastive losses did not beat plain KD there; the student-aware token
-    weights gained 0.007 bits per byte (one seed) for a third more time per step. All are off unless given a
-    weight."""
+    weights gained 0.007 bits per byte (one seed, before they were made to rise with the knowledge gap) for
+    a third more time per step. All are off unless given a weight."""
 
     kd: float = Field(1.0, ge=0.0)
     """Distillation loss on the teacher's next-token distribution."""
