@@ -177,7 +177,7 @@ def test_token_weights_follow_the_gap_once_the_capacity_probe_has_learned():
     assert weights[hardest].mean() > 1.5 * weights[easiest].mean()
     assert weights.mean().item() == pytest.approx(1.0, abs=1e-5)
     assert weights.min() >= 0.25 - 1e-6 and weights.max() <= 4.0 + 1e-6
-    # the same order with padding rows and through the full router
+    # the full router gives the same weights
     sources = torch.randn(256, E, HT, generator=g)
     full = router(states, sources, gap, top_k=2, temperature=1.0).token_weights
     torch.testing.assert_close(full, weights)

@@ -128,7 +128,8 @@ def gap_weights(
 
 def blend_token_weights(token_weights: torch.Tensor, strength: float) -> torch.Tensor:
     """1 + strength * (w - 1): plain KD at strength 0, the router's weights at 1; the mean stays 1 and the
-    bounds hold for any strength in [0, 1] (used to ramp the weights in with the curriculum)."""
+    bounds hold for any strength in [0, 1] (the curriculum's token_weighting weight: the configured strength
+    times its ramp)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     return 1.0 + strength * (token_weights - 1.0)
