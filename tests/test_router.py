@@ -5,12 +5,14 @@ from functools import partial
 import pytest
 import torch
 
+from sakd.losses.auxiliary import standardise
 from sakd.losses.divergence import forward_kl
 from sakd.router import (
     StudentAwareRouter,
     aligned_group_states,
     blend_token_weights,
     bounded_unit_mean,
+    gap_weights,
     knowledge_gap,
     switch_balance_loss,
 )
@@ -148,6 +150,49 @@ def test_token_weights_grow_with_gap_at_equal_capacity():
     gap = torch.linspace(0.0, 3.0, 8)
     w = router(same_state, sources, gap, top_k=1, temperature=1.0).token_weights
     assert (w[1:] > w[:-1]).all()
+
+
+def test_token_weights_follow_the_gap_once_the_capacity_probe_has_learned():
+    """A probe trained to its target exp(-g / mean g) predicts low capacity exactly where the gap is large; the
+    weights must still rise with the gap (a per-row capacity factor would invert them), with mean 1, bounded."""
+    router = _router(min_weight=0.25, max_weight=4.0)
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(256, HS, generator=g)
+    gap = torch.nn.functional.softplus(3.0 * states[:, 0]) + 0.01  # the state says how far behind it is
+    optimizer = torch.optim.Adam(router.capacity_head.parameters(), lr=1e-2)
+    for _ in range(300):
+        _, capacity_loss = router.token_weights(states, gap)
+        optimizer.zero_grad()
+        capacity_loss.backward()
+        optimizer.step()
+    order = gap.argsort()
+    easiest, hardest = order[:64], order[-64:]
+    capacity = router.capacity_head(standardise(states)).squeeze(-1).sigmoid().detach()
+    target = torch.exp(-gap / gap.mean())
+    assert (capacity - target).abs().mean() < 0.05  # the probe has learned its target
+    assert capacity[hardest].mean() < 0.5 * capacity[easiest].mean()
+
+    weights, _ = router.token_weights(states, gap)
+    assert (weights[order][1:] >= weights[order][:-1]).all()
+    assert weights[hardest].mean() > 1.5 * weights[easiest].mean()
+    assert weights.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert weights.min() >= 0.25 - 1e-6 and weights.max() <= 4.0 + 1e-6
+    # the full router gives the same weights
+    sources = torch.randn(256, E, HT, generator=g)
+    full = router(states, sources, gap, top_k=2, temperature=1.0).token_weights
+    torch.testing.assert_close(full, weights)
+
+
+def test_gap_weights_keep_the_order_whatever_the_capacities():
+    gap = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0, 9.0])
+    valid = torch.tensor([True, True, True, True, True, False])
+    for capacity in (torch.tensor([0.99, 0.9, 0.5, 0.1, 0.01, 0.5]), torch.full((6,), 0.5), torch.zeros(6)):
+        raw = gap_weights(gap, capacity, valid, valid.sum().float())
+        assert (raw[:5][1:] >= raw[:5][:-1]).all() and (raw >= 1).all()
+    steep = gap_weights(gap, torch.full((6,), 0.9), valid, torch.tensor(5.0))
+    flat = gap_weights(gap, torch.full((6,), 0.1), valid, torch.tensor(5.0))
+    assert (steep[1:5] > flat[1:5]).all()  # capacity sets the steepness only
+    torch.testing.assert_close(gap_weights(gap, torch.zeros(6), valid, torch.tensor(5.0)), torch.ones(6))
 
 
 def test_bounded_unit_mean():

@@ -2,12 +2,16 @@
 
 Every variant distils the same teacher into the same student with the same steps, data and seed; only the
 loss configuration differs. The table reports held-out bits per byte (the better of raw and EMA weights, as
-`final/` exports) and training tokens/s.
+`final/` exports) and training tokens/s. With several seeds (`--seeds N`: 0..N-1) every variant runs on each;
+the table gives mean +- standard deviation and the paired difference against plain KD on the same seed, whose
+standard error says whether a gain is more than seed noise.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -38,30 +42,114 @@ def _tokens_per_s(run: Path) -> float:
     return sum(rates) / len(rates)
 
 
-def run_ablation(workdir: str | Path, quick: bool = False, variants: list[str] | None = None) -> list[dict]:
+REFERENCE = "plain KD"
+BASELINE = "LM only (baseline)"
+
+
+def run_ablation(
+    workdir: str | Path, quick: bool = False, variants: list[str] | None = None, seeds: int = 1
+) -> list[dict] | dict[str, Any]:
+    """Run the LM-only baseline and each variant on seeds 0..seeds-1; write ablation.json and ablation.md in
+    the work folder and print the table. One seed: a row per variant. Several: `aggregate_seeds`' summary
+    (plain KD always runs then, as the reference of the paired differences)."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     setup = prepare(workdir, quick)
+    names = [BASELINE, *(variants or VARIANTS)]
+    if seeds > 1 and REFERENCE not in names:
+        names.insert(1, REFERENCE)
     rows = []
-    names = ["LM only (baseline)", *(variants or VARIANTS)]
-    for i, name in enumerate(names):
-        slug = "ablate-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-        print(f"[{i + 1}/{len(names)}] {name}")
-        if name.startswith("LM only"):
-            summary = setup.student_run(slug, teacher=False)
-        else:
-            summary = setup.student_run(slug, curriculum=VARIANTS[name])
-        rows.append(
-            {
-                "variant": name,
-                "bits_per_byte": summary["final"]["bits_per_byte"],
-                "weights": summary["final"]["weights"],
-                "tokens_per_s": round(_tokens_per_s(setup.work / slug)),
-            }
-        )
+    for seed in range(seeds):
+        for i, name in enumerate(names):
+            slug = "ablate-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+            slug += f"-seed{seed}" if seed else ""  # seed 0 keeps the folders of single-seed ablations
+            print(f"[{i + 1}/{len(names)}] {name}" + (f" (seed {seed})" if seeds > 1 else ""))
+            if name == BASELINE:
+                summary = setup.student_run(slug, teacher=False, seed=seed)
+            else:
+                summary = setup.student_run(slug, curriculum=VARIANTS[name], seed=seed)
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "bits_per_byte": summary["final"]["bits_per_byte"],
+                    "weights": summary["final"]["weights"],
+                    "tokens_per_s": round(_tokens_per_s(setup.work / slug)),
+                }
+            )
+    if seeds > 1:
+        result = aggregate_seeds(rows)
+        table = seeds_table(result)
+    else:
+        result = [{k: v for k, v in r.items() if k != "seed"} for r in rows]
+        table = _single_seed_table(result)
+    (setup.work / "ablation.json").write_text(json.dumps(result, indent=1))
+    (setup.work / "ablation.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return result
+
+
+def _single_seed_table(rows: list[dict]) -> list[str]:
     table = ["| variant | held-out bits per byte | tokens/s |", "|---|---|---|"]
     table += [
         f"| {r['variant']} | {r['bits_per_byte']:.4f} ({r['weights']}) | {r['tokens_per_s']} |" for r in rows
     ]
-    (setup.work / "ablation.json").write_text(json.dumps(rows, indent=1))
-    (setup.work / "ablation.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
-    return rows
+    return table
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and standard error of the mean (0 for a single value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "stderr": std / math.sqrt(len(values))}
+
+
+def aggregate_seeds(rows: list[dict], reference: str = REFERENCE) -> dict[str, Any]:
+    """Per variant over seeds: held-out bits per byte per seed, mean and standard deviation, and the paired
+    difference against `reference` on the same seed (variant - reference: negative is a gain) with its mean,
+    standard deviation and standard error; `significant_gain`: the mean gain exceeds two standard errors.
+
+    rows: {"variant", "seed", "bits_per_byte", "tokens_per_s", ...} per run; every variant must have run on
+    the reference's seeds."""
+    by_variant: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = r
+    if reference not in by_variant:
+        raise ValueError(f"the reference variant {reference!r} has no runs")
+    seeds = sorted(by_variant[reference])
+    variants = []
+    for name, runs in by_variant.items():
+        if sorted(runs) != seeds:
+            raise ValueError(f"{name!r} ran on seeds {sorted(runs)}, the reference on {seeds}")
+        bpb = [runs[s]["bits_per_byte"] for s in seeds]
+        diffs = [runs[s]["bits_per_byte"] - by_variant[reference][s]["bits_per_byte"] for s in seeds]
+        spread, paired = _spread(bpb), _spread(diffs)
+        variants.append(
+            {
+                "variant": name,
+                "bits_per_byte": bpb,
+                "mean": spread["mean"],
+                "std": spread["std"],
+                "tokens_per_s": round(statistics.fmean(runs[s]["tokens_per_s"] for s in seeds)),
+                "vs_reference": {"per_seed": diffs, **paired},
+                # a single seed has no standard error: no gain can be told from noise
+                "significant_gain": len(seeds) > 1 and -paired["mean"] > 2 * paired["stderr"],
+            }
+        )
+    return {"seeds": seeds, "reference": reference, "variants": variants}
+
+
+def seeds_table(result: dict[str, Any]) -> list[str]:
+    """The Markdown table of `aggregate_seeds`' result."""
+    n, reference = len(result["seeds"]), result["reference"]
+    table = [
+        f"| variant | held-out bits per byte, mean +- std ({n} seeds) | vs {reference}, paired mean +- std "
+        "error | gain > 2 std errors | tokens/s |",
+        "|---|---|---|---|---|",
+    ]
+    for v in result["variants"]:
+        d = v["vs_reference"]
+        table.append(
+            f"| {v['variant']} | {v['mean']:.4f} +- {v['std']:.4f} | {d['mean']:+.4f} +- {d['stderr']:.4f} | "
+            f"{'yes' if v['significant_gain'] else 'no'} | {v['tokens_per_s']} |"
+        )
+    return table

@@ -89,7 +89,9 @@ def _ablate(args: argparse.Namespace) -> int:
     unknown = [v for v in args.variant if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
-    run_ablation(args.workdir, quick=args.quick, variants=args.variant or None)
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    run_ablation(args.workdir, quick=args.quick, variants=args.variant or None, seeds=args.seeds)
     return 0
 
 
@@ -197,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the quick demo's sizes")
     p.add_argument("--workdir", default="demo-runs", help="shared with `sakd demo` (the teacher is reused)")
     p.add_argument("--variant", action="append", default=[], help="run only these variants (repeatable)")
+    p.add_argument(
+        "--seeds", type=int, default=1, help="run each variant on seeds 0..N-1, paired with plain KD"
+    )
     p.set_defaults(func=_ablate)
     p = sub.add_parser(
         "cache-teacher", help="run the teacher once over the training data and store its top-k"

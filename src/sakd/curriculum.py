@@ -57,8 +57,8 @@ class LossWeights(_Section):
     """Each loss's full weight once ramped in; 0 switches a loss off for the whole run. The defaults follow
     the ablation on the demo (`sakd ablate`, see the README): plain KD + LM. The routed-feature, feature,
     attention, layer-wise and contrastive losses did not beat plain KD there; the student-aware token
-    weights gained 0.007 bits per byte (one seed) for a third more time per step. All are off unless given a
-    weight."""
+    weights gained 0.007 bits per byte (one seed, before they were made to rise with the knowledge gap) for
+    a third more time per step. All are off unless given a weight."""
 
     kd: float = Field(1.0, ge=0.0)
     """Distillation loss on the teacher's next-token distribution."""
@@ -153,8 +153,9 @@ class CurriculumSpec(_Section):
 class CurriculumPoint:
     """The curriculum at one progress value.
 
-    weights: each loss's weight now (LOSS_NAMES keys); fraction: how far each loss has ramped in, in [0, 1]
-    (the strength to blend the router's KD token weights with); temperature: distillation temperature;
+    weights: each loss's weight now (LOSS_NAMES keys; token_weighting's is the strength with which the
+    router's KD token weights replace uniform ones); fraction: how far each loss has ramped in, in [0, 1];
+    temperature: distillation temperature;
     router_temperature and top_k: the router's softmax temperature and number of sources; phase: 1-based.
     """
 

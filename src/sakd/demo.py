@@ -127,20 +127,22 @@ class DemoSetup:
     student_init: Path
     data: dict[str, Any]
 
-    def student_config(self, teacher: bool = True, **sections: Any) -> dict[str, Any]:
-        """The raw config of a student run (without output_dir): random init, the demo's data and steps."""
+    def student_config(self, teacher: bool = True, seed: int = 0, **sections: Any) -> dict[str, Any]:
+        """The raw config of a student run (without output_dir): random init, the demo's data and steps;
+        `seed` sets the student's initialisation and data order."""
+        train_section = {**_common_train(self.size), "max_steps": self.size.student_steps, "lr": 3e-3}
         raw = {
             "student": {"model": str(self.student_init), "init": "random"},
             "data": self.data,
-            "train": {**_common_train(self.size), "max_steps": self.size.student_steps, "lr": 3e-3},
+            "train": {**train_section, "seed": seed},
             **sections,
         }
         if teacher:
             raw["teacher"] = {"model": str(self.teacher)}
         return raw
 
-    def student_run(self, name: str, teacher: bool = True, **sections: Any) -> dict[str, Any]:
-        return _run(name, self.work, self.student_config(teacher, **sections))
+    def student_run(self, name: str, teacher: bool = True, seed: int = 0, **sections: Any) -> dict[str, Any]:
+        return _run(name, self.work, self.student_config(teacher, seed, **sections))
 
     def score(self, model: Path, role: str) -> dict[str, Any]:
         return evaluate_model(

@@ -18,9 +18,13 @@ Per aligned group t (a row here), with the student's group state s_t, the teache
 - capacity c_t = sigmoid(MLP(LN(s_t))) in (0, 1), a probe on the DETACHED student state trained (binary
   cross-entropy) to predict the agreement exp(-g_t / mean g) from the student's state alone: how much of the
   teacher the student absorbs at a state like this one;
-- KD token weights w_t proportional to (1 + g_t / mean g) * c_t: more weight where the student is far from the
-  teacher, less where its state says such rows are beyond it. Detached, and scaled to mean exactly 1 over the
-  valid rows while bounded to [min_weight, max_weight] (`bounded_unit_mean`).
+- KD token weights w_t proportional to (1 + g_t / mean g) ** c, c the mean capacity over the valid rows: more
+  weight where the student is far from the teacher, always in the order of the gap. The capacity only tempers
+  how steeply: a student that absorbs little of the teacher is pushed less hard toward its largest gaps. A
+  per-row capacity factor would invert the order, since a trained probe predicts exp(-g / mean g) and so
+  falls where the gap grows. Detached, and scaled to mean exactly 1 over the valid rows while bounded to
+  [min_weight, max_weight] (`bounded_unit_mean`); the configured strength blends them with uniform weights
+  (`blend_token_weights`).
 
 Teacher and student sequences differ in length; both are pooled onto the aligned groups first
 (`aligned_group_states`), so the router only ever sees rows that correspond (FAILURE_MODES 9).
@@ -111,9 +115,22 @@ def bounded_unit_mean(
     return torch.where(valid, (scale * x).clamp(min_weight, max_weight), 0.0).float()
 
 
+def gap_weights(
+    relative_gap: torch.Tensor, capacity: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Raw KD token weights (1 + relative_gap) ** mean capacity, monotone non-decreasing in the gap.
+
+    relative_gap (N,) >= 0 (g / mean g), capacity (N,) in (0, 1), valid (N,) bool, rows: the number of valid
+    rows -> (N,) >= 1. One exponent for all rows keeps the order of the gap whatever the capacities.
+    """
+    steepness = torch.where(valid, capacity, 0.0).sum() / rows  # () in [0, 1)
+    return (1.0 + relative_gap).pow(steepness)
+
+
 def blend_token_weights(token_weights: torch.Tensor, strength: float) -> torch.Tensor:
     """1 + strength * (w - 1): plain KD at strength 0, the router's weights at 1; the mean stays 1 and the
-    bounds hold for any strength in [0, 1] (used to ramp the weights in with the curriculum)."""
+    bounds hold for any strength in [0, 1] (the curriculum's token_weighting weight: the configured strength
+    times its ramp)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     return 1.0 + strength * (token_weights - 1.0)
@@ -217,7 +234,7 @@ class StudentAwareRouter(nn.Module):
         capacity_rows = F.binary_cross_entropy_with_logits(capacity_logits, agreement, reduction="none")
         capacity_loss = torch.where(valid, capacity_rows, 0.0).sum() / divisor
         token_weights = bounded_unit_mean(
-            (1.0 + relative_gap) * capacity.detach(), valid, self.min_weight, self.max_weight
+            gap_weights(relative_gap, capacity.detach(), valid, rows), valid, self.min_weight, self.max_weight
         )  # (N,)
         return capacity, capacity_loss, token_weights
 

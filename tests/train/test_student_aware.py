@@ -7,12 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from sakd.ablate import VARIANTS
 from sakd.config import validate
-from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, CurriculumSpec
+from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, CurriculumSpec, curriculum_at
+from sakd.models.load import load_tokenizer
+from sakd.router import blend_token_weights
+from sakd.train import auxiliary
+from sakd.train.inputs import training_inputs
 from sakd.train.loop import curriculum_point, train
+from sakd.train.step import build_training, step_batches
 
 
 def _records(run: Path) -> list[dict]:
@@ -60,3 +66,36 @@ def test_curriculum_phases_losses_and_router_heads(base_config):
 def test_ablation_variants_are_valid_curricula(name):
     spec = CurriculumSpec.model_validate(VARIANTS[name])
     assert spec.weights.kd > 0 and spec.weights.lm > 0
+
+
+def test_token_weighting_strength_is_honoured(base_config, monkeypatch):
+    """The configured strength s blends the router's KD token weights with ones: s = 0 is plain KD, and the KD
+    loss is linear in s (0.3 is not 1.0)."""
+    raw = {**base_config, "curriculum": {"enabled": False, "weights": {"token_weighting": 1.0}}}
+    cfg = validate(raw)
+    accelerator = Accelerator(cpu=True)
+    student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
+    teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
+    inputs = training_inputs(cfg, student_tok, teacher_tok, processes=1, progress=False)
+    t = build_training(cfg, accelerator, "fp32", student_tok, teacher_tok, inputs.cached)
+    batch = inputs.loader(cfg, accelerator, student_tok, teacher_tok).next_batch()
+    counts = step_batches([batch], accelerator).counts
+    blended = []
+
+    def spy(weights, strength):
+        blended.append(blend_token_weights(weights, strength))
+        return blended[-1]
+
+    monkeypatch.setattr(auxiliary, "blend_token_weights", spy)
+
+    def kd_at(strength: float) -> torch.Tensor:
+        spec = CurriculumSpec.model_validate({"enabled": False, "weights": {"token_weighting": strength}})
+        return t.objective(t.student, t.teacher, batch, curriculum_at(0.5, spec), counts)[1]["kd"]
+
+    plain, full, part = kd_at(0.0), kd_at(1.0), kd_at(0.3)
+    assert not blended[0].equal(torch.ones_like(blended[0]))  # the full weights are not uniform
+    torch.testing.assert_close(blended[1], 1.0 + 0.3 * (blended[0] - 1.0))
+    assert (blended[1] - 1).abs().max() < (blended[0] - 1).abs().max()
+    assert blended[1].mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert not torch.isclose(full, plain) and not torch.isclose(part, full)
+    torch.testing.assert_close(part, plain + 0.3 * (full - plain))

@@ -159,6 +159,9 @@ def _timeline(doc: Document, run: RunFolder) -> None:
     doc.heading("Timeline")
     segments = run.segments()
     doc.items([_segment_line(s, i == len(segments) - 1) for i, s in enumerate(segments)])
+    before = _before_training_line(run)
+    if before:
+        doc.paragraph(before)
     evals = latest_by_step(run.of("eval"))
     if evals:
         rows = [
@@ -186,6 +189,24 @@ def _timeline(doc: Document, run: RunFolder) -> None:
             f"End: step {end.get('step')}, {end.get('stop_reason')}, training time {elapsed} s "
             f"({_duration(elapsed)}), {end.get('tokens_seen')} student tokens seen."
         )
+
+
+def _before_training(run: RunFolder) -> tuple[Any, Any] | None:
+    """(teacher, student) held-out bits per byte measured when the run started; the teacher's is None
+    without a loaded teacher (a cache, or no teacher); None when the run did not measure them."""
+    records = run.of("before_training")
+    if not records:
+        return None
+    return _bpb(records[0], "teacher"), _bpb(records[0], "student")
+
+
+def _before_training_line(run: RunFolder) -> str | None:
+    measured = _before_training(run)
+    if measured is None:
+        return None
+    teacher, student = measured
+    line = "before training: " + (f"teacher {teacher:.4f} bpb, " if teacher is not None else "")
+    return line + f"student {student:.4f} bpb (held-out bits per byte)"
 
 
 def _duration(seconds: Any) -> str:
@@ -257,7 +278,8 @@ def _nonfinite(value: Any) -> bool:
 
 def run_warnings(run: RunFolder) -> list[str]:
     """What a reader must not miss: skipped steps (with window ids), resumes and repeated steps, stops before
-    max_steps, a run without an end, non-finite evaluations, unreadable log lines."""
+    max_steps, a run without an end, non-finite evaluations, a teacher that was not better than the student
+    before training, unreadable log lines."""
     warnings = []
     skips = run.of("skip")
     if skips:
@@ -295,6 +317,12 @@ def run_warnings(run: RunFolder) -> list[str]:
             warnings.append(
                 f"non-finite held-out bits per byte at step {e.get('step')} ({', '.join(bad)} weights)"
             )
+    measured = _before_training(run)
+    if measured is not None and measured[0] is not None and not measured[0] < measured[1]:
+        warnings.append(
+            f"the teacher ({measured[0]:.4f} bits per byte) was not better than the student ({measured[1]:.4f}) "
+            "before training: distillation from it will likely make the student worse"
+        )
     if run.bad_lines:
         warnings.append(f"{run.bad_lines} unreadable line(s) in metrics.jsonl (a record cut short by a kill)")
     return warnings

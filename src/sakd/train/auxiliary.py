@@ -178,7 +178,7 @@ class AuxiliaryLosses:
                     s_groups[mask], gap, count=counts.kd
                 )
             if needs.token_weights:
-                group_weights = blend_token_weights(token_weights, point.fraction["token_weighting"])
+                group_weights = blend_token_weights(token_weights, w["token_weighting"])
                 extra = extra + scale * w["token_weighting"] * parts["capacity"]
             if w["feature"] > 0:
                 parts["feature"] = feature_loss(

@@ -1,7 +1,9 @@
-"""Held-out evaluation during training: bits per byte of the raw and EMA student, and the distillation loss."""
+"""Held-out evaluation during training: bits per byte of the raw and EMA student, and the distillation loss;
+before training, the bits per byte of both models."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -14,7 +16,11 @@ from sakd.models.load import unwrap
 from sakd.train.collective import global_sums
 from sakd.train.rows import TokenCounts
 from sakd.train.sharding import is_sharded
-from sakd.train.step import prepare_batch
+from sakd.train.step import Training, prepare_batch
+
+log = logging.getLogger("sakd")
+# Enough text for a stable comparison, little enough that it costs seconds before a run.
+BEFORE_TRAINING_WINDOWS = 16
 
 
 def eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[dict[str, torch.Tensor]]:
@@ -88,3 +94,54 @@ def evaluate_student(
     )
     result["best_bits_per_byte"] = result[result["best"]]["bits_per_byte"]
     return result
+
+
+@torch.no_grad()
+def measure_before_training(
+    t: Training, windows, batch_size: int, student_tok, teacher_tok, writer
+) -> dict[str, Any] | None:
+    """Held-out bits per byte of the teacher (when one is loaded) and of the student before any step, on the
+    first `BEFORE_TRAINING_WINDOWS` evaluation windows, each model on its own tokenization of the same text.
+    Writes and returns the `before_training` record of metrics.jsonl (None without held-out data), logs both
+    numbers, and a warning when the teacher is not better than the student."""
+    batches = eval_batches(windows[:BEFORE_TRAINING_WINDOWS], batch_size, student_tok, teacher_tok)
+    if not batches:
+        return None
+    accelerator = t.accelerator
+    count = min(len(windows), BEFORE_TRAINING_WINDOWS)
+    record: dict[str, Any] = {"event": "before_training", "step": 0, "windows": count}
+    models = {"teacher": t.teacher} if t.teacher is not None else {}
+    models["student"] = unwrap(t.student)
+    sharded = any(is_sharded(m) for m in models.values())
+    mine, keep = _share(batches, accelerator, sharded)
+    for side, model in models.items():
+        chunk = t.objective.rows_per_chunk(lm_head(unwrap(model)))
+        sums = lm_sums(model, mine, side, accelerator.device, chunk, None, keep)
+        record[side] = metrics_from_sums(global_sums(sums, accelerator))
+    writer.log(record)
+    if accelerator.is_main_process:
+        _log_before_training(record)
+    return record
+
+
+def _log_before_training(record: dict[str, Any]) -> None:
+    student = record["student"]["bits_per_byte"]
+    if "teacher" not in record:
+        log.info(
+            "before training: student %.4f bits per byte (held-out, %d windows)", student, record["windows"]
+        )
+        return
+    teacher = record["teacher"]["bits_per_byte"]
+    log.info(
+        "before training: teacher %.4f bits per byte, student %.4f bits per byte (held-out, %d windows)",
+        teacher,
+        student,
+        record["windows"],
+    )
+    if not teacher < student:
+        log.warning(
+            "WARNING: the teacher (%.4f bits per byte) is not better than the student (%.4f) on held-out "
+            "data: distillation from it will likely make the student worse",
+            teacher,
+            student,
+        )

@@ -28,7 +28,7 @@ from sakd.report.trackers import MetricsWriter
 from sakd.train import checkpoint, rundir
 from sakd.train.collective import agree_max, global_losses, release_host_groups
 from sakd.train.evaluate import eval_batches as make_eval_batches
-from sakd.train.evaluate import evaluate_student
+from sakd.train.evaluate import evaluate_student, measure_before_training
 from sakd.train.inputs import training_inputs
 from sakd.train.persist import export_final, load_checkpoint, save_checkpoint
 from sakd.train.sharding import is_sharded
@@ -149,6 +149,8 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         if start_path is not None:
             writer.log({"event": "resume", "step": state.step, "from": str(start_path)})
     eval_batches = make_eval_batches(inputs.eval_windows, tc.batch_size, student_tok, teacher_tok)
+    if start_path is None:  # a resumed run measured its models when it started
+        measure_before_training(t, inputs.eval_windows, tc.batch_size, student_tok, teacher_tok, writer)
 
     def evaluate() -> dict[str, Any]:
         point = curriculum_point(cfg, state.step)
