@@ -115,7 +115,7 @@ def measure_before_training(
     sharded = any(is_sharded(m) for m in models.values())
     mine, keep = _share(batches, accelerator, sharded)
     for side, model in models.items():
-        chunk = t.objective.rows_per_chunk(lm_head(unwrap(model)))
+        chunk = t.objective.rows_per_chunk(model_head(model))
         sums = lm_sums(model, mine, side, accelerator.device, chunk, None, keep)
         record[side] = metrics_from_sums(global_sums(sums, accelerator))
     writer.log(record)
