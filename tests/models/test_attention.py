@@ -31,7 +31,7 @@ def test_attention_implementation_choice():
     assert attention_implementation(needs_maps=True, requested="auto") == "eager"
     assert attention_implementation(needs_maps=True, requested=None) == "eager"
     assert attention_implementation(needs_maps=True, requested="eager") == "eager"
-    assert attention_implementation(needs_maps=False, requested="auto") == "sdpa"
+    assert attention_implementation(needs_maps=False, requested="auto") is None  # the model's own default
     assert attention_implementation(needs_maps=False, requested="flash_attention_2") == "flash_attention_2"
     with pytest.raises(UserError, match="sdpa computes attention without materialising"):
         attention_implementation(needs_maps=True, requested="sdpa")
@@ -111,3 +111,14 @@ def test_capture_on_moe_teacher_is_detached():
         teacher(input_ids=torch.randint(0, 64, (2, 5)))
     (attn,) = capture.maps
     assert attn.shape == (2, 4, 5, 5) and not attn.requires_grad
+
+
+def test_auto_keeps_the_models_own_default(tmp_path):
+    """ "auto" loads a Llama with sdpa, and a Gemma 2 (which refuses sdpa) with its own eager attention."""
+    from sakd.models.load import load_model
+    from sakd.models.tiny import tiny_family_model
+
+    for family, expected in (("llama", "sdpa"), ("gemma2", "eager")):
+        tiny_family_model(family, 64).save_pretrained(tmp_path / family)
+        model = load_model(str(tmp_path / family), "student", torch.float32, attention_implementation(False))
+        assert current_attention_implementation(model) == expected

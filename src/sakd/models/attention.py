@@ -22,11 +22,12 @@ from sakd.models.load import unwrap
 MAP_IMPLEMENTATIONS = frozenset({"eager"})
 
 
-def attention_implementation(needs_maps: bool, requested: str | None = "auto") -> str:
-    """The `attn_implementation` to load a model with: eager when attention maps are needed, else sdpa for
-    "auto" (or None); an explicit request is kept unless it cannot give the maps that are needed."""
+def attention_implementation(needs_maps: bool, requested: str | None = "auto") -> str | None:
+    """The `attn_implementation` to load a model with: eager when attention maps are needed, else for "auto"
+    (or None) None, the model's own default (sdpa where its family supports it: Gemma 2, for one, does not and
+    refuses a request for it); an explicit request is kept unless it cannot give the maps that are needed."""
     if requested in (None, "auto"):
-        return "eager" if needs_maps else "sdpa"
+        return "eager" if needs_maps else None
     if needs_maps and requested not in MAP_IMPLEMENTATIONS:
         raise UserError(
             f"attention maps are needed (an attention-transfer loss has a nonzero weight) but attention "
