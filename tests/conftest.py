@@ -13,6 +13,26 @@ from transformers import AutoModelForCausalLM
 from sakd.models.tiny import dense_student_config, moe_teacher_config, train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TESTS = Path(__file__).parent
+# Modules that start processes (torchrun, the CLI in a subprocess) or train several runs end to end: the
+# `slow` marker, so that `pytest -m "not slow"` is a fast subset.
+SLOW_MODULES = {
+    "distributed/test_configs.py",
+    "distributed/test_data_parallel.py",
+    "distributed/test_fsdp.py",
+    "e2e/test_cli_e2e.py",
+    "report/test_report_resume.py",
+    "train/test_before_training.py",
+    "train/test_resume.py",
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.path.relative_to(TESTS).as_posix() in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 TRAIN_FILES = ["argparse.py", "textwrap.py", "shlex.py", "string.py", "heapq.py", "bisect.py", "fnmatch.py"]
 EVAL_FILES = ["colorsys.py", "keyword.py"]
 
