@@ -166,7 +166,7 @@ class FusedCachedForwardKL(_FusedRowLoss):
     gradient with respect to u = student logits / T is, with q = softmax(u), P the teacher's entries, S the
     distinct student columns they land on and c = tail / (1 - q(S)),
 
-        T * (q_j (sum P - c q(S)) + c q_j [j in S] - P_j)
+        T * (q_j (sum P + tail - c [j not in S]) - P_j)
 
     `reference` is the plain row loss (`make_cached_distill_row_loss` of the same divergence)."""
 
@@ -217,21 +217,26 @@ class FusedCachedForwardKL(_FusedRowLoss):
         kd_coef = torch.where(kd_mask & ~terms["no_mass"], kd_w * t * kd_weight.float(), 0.0)  # (n,)
         entry_p, c = terms["entry_p"], terms["rest_coef"]
         q = logq.exp_()  # (n, C) the student's softmax at T
-        # q_j (sum P - c q(S)) over all columns, then + c q_j on S and - P_j at each entry's column.
+        # q_j (sum P + tail) on S, q_j (sum P + tail - c) outside it, then - P_j at each entry's column. S's
+        # values are written, not added to the outside ones: c is huge when the student leaves almost nothing
+        # outside S, and q_j (... - c) + c q_j would cancel to noise.
         # (where, not a product with 0: rows outside kd_mask never pass their cache entries on)
         kd_rows = kd_coef != 0
-        kd_scale = torch.where(kd_rows, kd_coef * (entry_p.sum(-1) - c * terms["inside"]), 0.0)
+        mass = entry_p.sum(-1) + terms["tail_p"]
+        kd_outside = torch.where(kd_rows, kd_coef * (mass - c), 0.0)  # (n,)
+        kd_inside = torch.where(kd_rows & terms["has_members"], kd_coef * mass, kd_outside)
         members = terms["member_column"]
-        member = terms["member"] & kd_rows[:, None]
-        on_members = torch.where(member, (kd_coef * c)[:, None] * q.gather(1, members), 0.0)
         on_entries = torch.where(kd_rows[:, None], -kd_coef[:, None] * entry_p, 0.0)
         if shared:
-            grad = q.mul_((lm_coef + kd_scale)[:, None])
+            kd_outside, kd_inside = lm_coef + kd_outside, lm_coef + kd_inside
+        on_members = q.gather(1, members).mul_(kd_inside[:, None])
+        q.mul_(kd_outside[:, None]).scatter_(1, members, on_members)
+        if shared:
+            grad = q
         else:
             grad = logsm.exp_().mul_(lm_coef[:, None])
-            grad[:, :cols] += q.mul_(kd_scale[:, None])
+            grad[:, :cols] += q
         target = grad if shared else grad[:, :cols]
-        target.scatter_add_(1, members, on_members)
         target.scatter_add_(1, terms["column"], on_entries)
         grad.scatter_add_(1, column, -lm_coef[:, None])
         return parts, grad

@@ -205,8 +205,8 @@ def _sparse_forward_kl(
 ) -> torch.Tensor:
     """`_bucket_divergence` for forward KL without any (n, W) tensor besides the student's log-softmax:
     sum_j P_j log P_j + tail log tail - sum_i P_i log q_(t_i) - tail log(1 - sum_(j in S) q_j), with P the
-    projected teacher (duplicate targets add up), S the distinct targets, 1 - sum q in float64 (clamped at
-    1e-12: the tail's log is only that exact when the student leaves more than ~1e-7 outside S)."""
+    projected teacher (duplicate targets add up), S the distinct targets, log(1 - sum q) a logsumexp over the
+    columns outside S."""
     return _sparse_forward_kl_terms(student_logprobs, targets, logp, log_tail, temperature)[0]
 
 
@@ -239,9 +239,9 @@ def _sparse_forward_kl_terms(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`_sparse_forward_kl`'s rows (n,) and the terms its closed-form gradient needs (`sakd.losses.fused`):
     entry_p (n, k) teacher probability of each top-k entry (0 unmapped), column (n, k) its student column
-    (clamped), member_column (n, k) the distinct student columns S (clamped), member (n, k) which of those
-    are real, rest_coef (n,) tail / (1 - sum_S q) where that term has a gradient (else 0), inside (n,) the
-    student's mass on S, no_mass (n,) rows without teacher mass.
+    (clamped), member_column (n, k) columns of S only (every column of S at least once) where has_members
+    (n,), rest_coef (n,) tail / (1 - sum_S q) where the tail has mass (else 0), tail_p (n,) the teacher's
+    normalised tail, no_mass (n,) rows without teacher mass.
 
     `own_columns`: every target is its own column (one vocabulary: a top-k never repeats an id), so the
     entries need no sorting to merge duplicates. Rows without teacher mass (all ids 0) may repeat; nothing
@@ -272,22 +272,46 @@ def _sparse_forward_kl_terms(
     logq = student_logprobs.gather(1, column)  # (n, k)
     entry_p = mass / total[:, None]
     cross = (entry_p * logq).sum(-1)
-    logq_sorted = logq if order is None else logq.gather(1, order)
-    inside = torch.where(distinct, logq_sorted.exp(), 0.0).double().sum(-1)  # student mass on S
-    rest = 1.0 - inside
-    log_rest = rest.clamp_min(1e-12).log().float()
+    member_column, has_members, log_rest = _log_mass_outside(student_logprobs, sorted_columns, no_rest)
     rows = entropy_part - cross - torch.where(tail_p > 0, tail_p * log_rest, 0.0)
-    live = (tail_p > 0) & (rest > 1e-12)  # where the tail term's gradient is not cut by the clamp
+    # tail / (1 - q(S)), from logs: huge when the student leaves almost nothing outside S; the exponent is
+    # capped so that it stays finite in fp32.
+    log_coef = (tail_p.log() - log_rest.detach()).clamp_max(_MAX_LOG_REST_COEF)
     terms = {
         "entry_p": entry_p,
         "column": column,
-        "member_column": sorted_columns.clamp_max(width - 1),
-        "member": distinct,
-        "rest_coef": torch.where(live, tail_p.double() / rest.clamp_min(1e-12), 0.0).float(),
-        "inside": inside.float(),
+        "member_column": member_column,
+        "has_members": has_members,
+        "rest_coef": torch.where(tail_p > 0, log_coef.exp(), 0.0),
+        "tail_p": tail_p,
         "no_mass": no_mass,
     }
     return torch.where(no_mass, 0.0, rows * temperature**2), terms
+
+
+_MAX_LOG_REST_COEF = 80.0
+
+
+def _log_mass_outside(
+    student_logprobs: torch.Tensor, sorted_columns: torch.Tensor, no_rest: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log(1 - q(S)) (n,) as a logsumexp over the columns outside S, with the columns (n, k) that mark S
+    and whether a row has any member (n,). sorted_columns (n, k): each entry's student column, `width` for
+    unmapped ones, which come after the mapped ones when sorted (the first entry is mapped if any is).
+
+    1 - sum of probabilities loses every digit once the student leaves less than ~1e-7 outside S, which
+    dropped the tail term (value and gradient) exactly where the student ignores the teacher's tail."""
+    width = student_logprobs.shape[-1]
+    mapped = sorted_columns < width
+    has_members = mapped[:, 0]
+    # Unmapped entries point at the row's first column, a member whenever the row has one, so that every
+    # write below hits S; a row without members (or whose S is every column) rewrites its own values.
+    member_column = torch.where(mapped, sorted_columns, sorted_columns[:, :1]).clamp_max(width - 1)
+    unchanged = (no_rest | ~has_members)[:, None]
+    outside = student_logprobs.scatter(
+        1, member_column, torch.where(unchanged, student_logprobs.gather(1, member_column), float("-inf"))
+    )
+    return member_column, has_members, torch.logsumexp(outside, dim=-1)
 
 
 def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:
