@@ -50,7 +50,7 @@ def test_curriculum_phases_losses_and_router_heads(base_config):
     assert not any(
         k.startswith("router.") for k in load_file(str(ckpts / "step-000009" / "student.safetensors"))
     )
-    state = torch.load(ckpts / "step-000009" / "training_state.pt", weights_only=False)
+    state = torch.load(ckpts / "step-000009" / "training_state.pt", weights_only=True)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]][-1] != state["optimizer"]["param_groups"][0][
         "lr"
     ]
