@@ -111,7 +111,9 @@ def capture_teacher_cache(
     top_k = min(top_k, vocab_size)
     keyed = keyed_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
     windows = keyed.windows
-    settings = capture_settings(cfg.teacher.model, teacher_tok, data_sources(cfg), cfg.data.max_length)
+    settings = capture_settings(
+        cfg.teacher.model, teacher_tok, data_sources(cfg), cfg.data.max_length, keyed.data_fingerprint
+    )
     layout = {
         "top_k": top_k,
         "probs_dtype": probs_dtype,
