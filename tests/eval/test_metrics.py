@@ -1,4 +1,4 @@
-"""Perplexity and bits per byte against a direct computation (FAILURE_MODES 6: padding never counts)."""
+"""Perplexity and bits per byte against a direct computation (padding never counts)."""
 
 from __future__ import annotations
 

@@ -167,7 +167,8 @@ def test_save_load_roundtrip(mapping, tmp_path) -> None:
 
 
 def test_projection_sums_to_one_and_conserves_mass(mapping) -> None:
-    # Model widths padded beyond the tokenizers (failure mode 8: 151,936 vs 49,152 and 152,064 padding).
+    # Model widths padded beyond the tokenizers (real models pad, e.g. 151,936 or 152,064 logits for smaller
+    # tokenizers): the padding columns must not take teacher mass.
     teacher_logits = _logits(5, mapping.teacher_vocab_size + 37, 0)
     projected = projected_teacher_probs(teacher_logits, mapping, 2.0, mapping.student_vocab_size + 20)
     assert projected.shape == (5, mapping.student_vocab_size + 20)
@@ -348,7 +349,7 @@ def test_coverage_without_byte_fallback_reports_unmapped_fragments(lines) -> Non
 
 @pytest.mark.parametrize("name", ["projection", "uld", "hybrid"])
 def test_nan_teacher_propagates(mapping, name: str) -> None:
-    """FAILURE_MODES 14: a NaN teacher row is reported as NaN, never turned into a zero loss."""
+    """A NaN teacher row is reported as NaN, never turned into a zero loss."""
     student = torch.randn(3, mapping.student_vocab_size)
     teacher = torch.randn(3, mapping.teacher_vocab_size)
     teacher[1] = float("nan")

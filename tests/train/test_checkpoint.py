@@ -1,5 +1,5 @@
 """Checkpoint folders: manifest with sizes and checksums, keep-last-N, damaged folders detected and skipped,
-never a copy of the teacher (FAILURE_MODES 16)."""
+never a copy of the teacher, and never a file whose loading could run code."""
 
 from __future__ import annotations
 

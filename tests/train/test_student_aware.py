@@ -39,7 +39,7 @@ def test_curriculum_phases_losses_and_router_heads(base_config):
     for part in ("kd", "lm", "feature", "attention", "router", "balance", "layerwise", "contrastive"):
         value = phase3[f"loss_{part}"]
         assert value == value and abs(value) < float("inf"), part  # logged and finite
-    # Evaluation at step 8 weighs the losses as training does at step 8 (FAILURE_MODES 5).
+    # Evaluation at step 8 weighs the losses as training does at step 8 (else the two are not comparable).
     ev = next(r for r in _records(run) if r.get("event") == "eval" and r["step"] == 8)
     assert set(ev["parts"]) >= {"kd", "lm", "feature", "router"}
     # The router and projection heads train (phase 3) and are checkpointed beside the student.
