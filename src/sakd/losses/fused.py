@@ -198,7 +198,12 @@ class FusedCachedForwardKL(_FusedRowLoss):
         kd_rows: int | None = None,  # not needed: rows outside kd_mask are masked, not selected
         grad_out: torch.Tensor | None = None,  # as for FusedForwardKL
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        from sakd.losses.lm import _sparse_forward_kl_terms, sparse_teacher_buckets
+        from sakd.losses.lm import (
+            log_mass_outside_from_probs,
+            sparse_kl_buckets,
+            sparse_kl_rows,
+            sparse_teacher_buckets,
+        )
 
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
@@ -211,12 +216,13 @@ class FusedCachedForwardKL(_FusedRowLoss):
         shared = _shares_softmax(s, cols, t)
         logq = logsm if shared else _tempered_logprobs(s, cols, t)  # (n, C)
         own = self.teacher_to_student is None  # one vocabulary: the top-k ids are distinct columns
-        rows, terms = _sparse_forward_kl_terms(logq, targets, logp, log_tail, t, own_columns=own)
+        terms = sparse_kl_buckets(logq, targets, logp, log_tail, own_columns=own)
+        q = logq.exp_()  # (n, C) the student's softmax at T
+        rows, c = sparse_kl_rows(terms, log_mass_outside_from_probs(q, terms), t)
         parts["kd"] = torch.where(kd_mask, kd_weight.float() * rows, 0.0).sum()
 
         kd_coef = torch.where(kd_mask & ~terms["no_mass"], kd_w * t * kd_weight.float(), 0.0)  # (n,)
-        entry_p, c = terms["entry_p"], terms["rest_coef"]
-        q = logq.exp_()  # (n, C) the student's softmax at T
+        entry_p = terms["entry_p"]
         # q_j (sum P + tail) on S, q_j (sum P + tail - c) outside it, then - P_j at each entry's column. S's
         # values are written, not added to the outside ones: c is huge when the student leaves almost nothing
         # outside S, and q_j (... - c) + c q_j would cancel to noise.

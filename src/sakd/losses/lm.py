@@ -237,11 +237,25 @@ def _sparse_forward_kl_terms(
     temperature: float,
     own_columns: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`_sparse_forward_kl`'s rows (n,) and the terms its closed-form gradient needs (`sakd.losses.fused`):
-    entry_p (n, k) teacher probability of each top-k entry (0 unmapped), column (n, k) its student column
-    (clamped), member_column (n, k) columns of S only (every column of S at least once) where has_members
-    (n,), rest_coef (n,) tail / (1 - sum_S q) where the tail has mass (else 0), tail_p (n,) the teacher's
-    normalised tail, no_mass (n,) rows without teacher mass.
+    """`_sparse_forward_kl`'s rows (n,) and the terms of `sparse_kl_buckets` with rest_coef (n,): tail / (1 -
+    sum_S q) where the tail has mass (else 0), which the closed-form gradient needs (`sakd.losses.fused`)."""
+    terms = sparse_kl_buckets(student_logprobs, targets, logp, log_tail, own_columns)
+    rows, terms["rest_coef"] = sparse_kl_rows(terms, log_mass_outside(student_logprobs, terms), temperature)
+    return rows, terms
+
+
+def sparse_kl_buckets(
+    student_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    own_columns: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Everything of `_sparse_forward_kl` but the student's mass outside S: entry_p (n, k) teacher probability
+    of each top-k entry (0 unmapped), column (n, k) its student column (clamped), member_column (n, k) columns
+    of S only (every column of S at least once) where has_members (n,), keep_outside (n,) rows where marking
+    S leaves nothing (no member, or S is every column), tail_p (n,) the teacher's normalised tail, no_mass
+    (n,) rows without teacher mass, partial_rows (n,) the KL without the -tail_p log(1 - q(S)) term.
 
     `own_columns`: every target is its own column (one vocabulary: a top-k never repeats an id), so the
     entries need no sorting to merge duplicates. Rows without teacher mass (all ids 0) may repeat; nothing
@@ -269,49 +283,60 @@ def _sparse_forward_kl_terms(
     tail_p = tail / total
     entropy_part = _xlogx(merged).sum(-1) + _xlogx(tail_p)  # sum P log P over the buckets
 
-    logq = student_logprobs.gather(1, column)  # (n, k)
     entry_p = mass / total[:, None]
-    cross = (entry_p * logq).sum(-1)
-    member_column, has_members, log_rest = _log_mass_outside(student_logprobs, sorted_columns, no_rest)
-    rows = entropy_part - cross - torch.where(tail_p > 0, tail_p * log_rest, 0.0)
-    # tail / (1 - q(S)), from logs: huge when the student leaves almost nothing outside S; the exponent is
-    # capped so that it stays finite in fp32.
-    log_coef = (tail_p.log() - log_rest.detach()).clamp_max(_MAX_LOG_REST_COEF)
-    terms = {
+    cross = (entry_p * student_logprobs.gather(1, column)).sum(-1)
+    # Unmapped entries (sorted last) point at the row's first column, a member whenever the row has one, so
+    # that marking S through member_column never hits a column outside S.
+    has_members = sorted_columns[:, 0] < width
+    member_column = torch.where(sorted_columns < width, sorted_columns, sorted_columns[:, :1])
+    return {
         "entry_p": entry_p,
         "column": column,
-        "member_column": member_column,
+        "member_column": member_column.clamp_max(width - 1),
         "has_members": has_members,
-        "rest_coef": torch.where(tail_p > 0, log_coef.exp(), 0.0),
+        "keep_outside": no_rest | ~has_members,
         "tail_p": tail_p,
         "no_mass": no_mass,
+        "partial_rows": entropy_part - cross,
     }
-    return torch.where(no_mass, 0.0, rows * temperature**2), terms
+
+
+def log_mass_outside(student_logprobs: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log(1 - q(S)) (n,) as a logsumexp over the columns outside S (differentiable).
+
+    1 - the sum of the probabilities on S loses every digit once the student leaves less than ~1e-7 outside
+    S, which dropped the tail term (value and gradient) exactly where the student ignores the teacher's tail."""
+    columns, keep = terms["member_column"], terms["keep_outside"][:, None]
+    marked = torch.where(keep, student_logprobs.gather(1, columns), float("-inf"))
+    return torch.logsumexp(student_logprobs.scatter(1, columns, marked), dim=-1)
+
+
+@torch.no_grad()
+def log_mass_outside_from_probs(student_probs: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`log_mass_outside` from the probabilities (n, C) instead, without a copy: S is zeroed in place for the
+    sum and restored. Exact while the columns outside S keep some fp32 mass (at least ~1e-38)."""
+    columns, keep = terms["member_column"], terms["keep_outside"][:, None]
+    on_members = student_probs.gather(1, columns)
+    student_probs.scatter_(1, columns, torch.where(keep, on_members, 0.0))
+    outside = student_probs.sum(-1)
+    student_probs.scatter_(1, columns, on_members)
+    return outside.clamp_min(torch.finfo(outside.dtype).tiny).log()
+
+
+def sparse_kl_rows(
+    terms: dict[str, torch.Tensor], log_rest: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (n,) of `_sparse_forward_kl` from `sparse_kl_buckets` and log(1 - q(S)) (n,), and tail / (1 -
+    q(S)) (n,) where the tail has mass, else 0: huge when the student leaves almost nothing outside S (its
+    exponent capped to stay finite in fp32)."""
+    tail_p = terms["tail_p"]
+    rows = terms["partial_rows"] - torch.where(tail_p > 0, tail_p * log_rest, 0.0)
+    log_coef = (tail_p.log() - log_rest.detach()).clamp_max(_MAX_LOG_REST_COEF)
+    rest_coef = torch.where(tail_p > 0, log_coef.exp(), 0.0)
+    return torch.where(terms["no_mass"], 0.0, rows * temperature**2), rest_coef
 
 
 _MAX_LOG_REST_COEF = 80.0
-
-
-def _log_mass_outside(
-    student_logprobs: torch.Tensor, sorted_columns: torch.Tensor, no_rest: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log(1 - q(S)) (n,) as a logsumexp over the columns outside S, with the columns (n, k) that mark S
-    and whether a row has any member (n,). sorted_columns (n, k): each entry's student column, `width` for
-    unmapped ones, which come after the mapped ones when sorted (the first entry is mapped if any is).
-
-    1 - sum of probabilities loses every digit once the student leaves less than ~1e-7 outside S, which
-    dropped the tail term (value and gradient) exactly where the student ignores the teacher's tail."""
-    width = student_logprobs.shape[-1]
-    mapped = sorted_columns < width
-    has_members = mapped[:, 0]
-    # Unmapped entries point at the row's first column, a member whenever the row has one, so that every
-    # write below hits S; a row without members (or whose S is every column) rewrites its own values.
-    member_column = torch.where(mapped, sorted_columns, sorted_columns[:, :1]).clamp_max(width - 1)
-    unchanged = (no_rest | ~has_members)[:, None]
-    outside = student_logprobs.scatter(
-        1, member_column, torch.where(unchanged, student_logprobs.gather(1, member_column), float("-inf"))
-    )
-    return member_column, has_members, torch.logsumexp(outside, dim=-1)
 
 
 def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:
