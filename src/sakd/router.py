@@ -11,8 +11,8 @@ Per aligned group t (a row here), with the student's group state s_t, the teache
   side has no learned parameters, so the feature loss cannot be met by collapsing both sides onto a constant
   vector, as it could if m were projected by a learned map too;
 - feature rows = mean over dims of (LN(proj(s_t)) - LN(m_t))^2 = 2 * (1 - corr), in [0, 4] whatever the
-  widths (576 vs 1024) or activation scales: O(1) by construction, not by an arbitrary division
-  (FAILURE_MODES 17); the rows are weighted by the token weights below, so features are taught where KD is;
+  widths (576 vs 1024) or activation scales: O(1) by construction, not by an arbitrary division, so it
+  cannot swamp the KD loss on a model with large activations; the rows are weighted by the token weights below, so features are taught where KD is;
 - balance loss (Switch Transformer): E * sum_j f_j p_j, f_j the fraction of rows whose top-1 source is j,
   p_j the mean full-softmax probability of j; 1 at uniform routing, E at total collapse;
 - capacity c_t = sigmoid(MLP(LN(s_t))) in (0, 1), a probe on the DETACHED student state trained (binary
@@ -27,7 +27,8 @@ Per aligned group t (a row here), with the student's group state s_t, the teache
   (`blend_token_weights`).
 
 Teacher and student sequences differ in length; both are pooled onto the aligned groups first
-(`aligned_group_states`), so the router only ever sees rows that correspond (FAILURE_MODES 9).
+(`aligned_group_states`), so the router only ever sees rows that correspond, never token i of one side
+against token i of the other.
 """
 
 from __future__ import annotations

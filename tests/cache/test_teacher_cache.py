@@ -152,6 +152,75 @@ def test_mismatch_refused(raw, tmp_path, capsys):
         validate(aux)
 
 
+def test_data_changed_under_the_same_path_is_refused(raw, data, tmp_path, capsys):
+    """The sources are named by path: rewriting the data file in place must not let training join another
+    text's positions to the cached teacher."""
+    moved = tmp_path / "train.jsonl"
+    moved.write_text(data.read_text())
+    raw = copy.deepcopy(raw)
+    raw["data"]["train"] = [str(moved)]
+    root = tmp_path / "c"
+    capture_teacher_cache(validate(raw), top_k=4, path=root, shard_windows=64, progress=False)
+    raw["teacher"]["cache"] = str(root)
+    config = tmp_path / "cached.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    lines = moved.read_text().splitlines()
+    lines[1] = json.dumps({"text": json.loads(lines[1])["text"].replace("Café", "Cafe")})
+    moved.write_text("\n".join(lines) + "\n")
+
+    capsys.readouterr()
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training data changed" in err[0] and str(root) in err[0], err
+    with pytest.raises(UserError, match="training data changed"):
+        capture_teacher_cache(validate(raw), top_k=4, path=root, shard_windows=64, progress=False)
+
+
+def test_a_cache_captured_without_a_data_fingerprint_keeps_its_other_checks(raw, assets, tmp_path):
+    cfg = validate(raw)
+    root = tmp_path / "c"
+    capture_teacher_cache(cfg, top_k=4, path=root, shard_windows=64, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["settings"]["data_fingerprint"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    student_tok = load_tokenizer(str(assets["student"]), "s")
+    teacher_tok = load_tokenizer(str(assets["teacher"]), "t")
+    windows = build_windows(cfg.data.train, student_tok, teacher_tok, 64)
+    args = (cfg.data.train, 64, cfg.teacher.model, student_tok, teacher_tok)
+    assert open_training_cache(root, windows, *args).cache.num_rows > 0
+    with pytest.raises(UserError, match="max_length"):
+        open_training_cache(root, windows, cfg.data.train, 48, *args[2:])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/tmp/shard.safetensors",
+        "../shard.safetensors",
+        "sub/shard.safetensors",
+        "sub\\shard.safetensors",
+        "..",
+        "link.safetensors",
+    ],
+)
+def test_manifest_naming_a_file_outside_the_cache_is_refused(raw, tmp_path, name):
+    """Neither training nor a resumed capture reads or replaces files the manifest names outside the
+    folder: absolute names, separators, '..', or a link that resolves elsewhere."""
+    cfg = validate(raw)
+    root = tmp_path / "c"
+    capture_teacher_cache(cfg, top_k=4, path=root, shard_windows=64, progress=False)
+    (tmp_path / "elsewhere.safetensors").write_bytes((root / "shard-00000.safetensors").read_bytes())
+    (root / "link.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"]["0"]["file"] = name
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(UserError, match="not a file of the cache folder"):
+        TeacherCache.open(root, manifest["settings"])
+    with pytest.raises(UserError, match="not a file of the cache folder"):
+        capture_teacher_cache(cfg, top_k=4, path=root, shard_windows=64, progress=False)
+
+
 @pytest.mark.parametrize("vocab", ["same", "cross"])
 def test_full_vocabulary_cache_equals_live_teacher(raw, assets, tmp_path, vocab):
     """With k = the teacher's vocabulary the cached KD part of a batch equals the live one (same student

@@ -39,7 +39,7 @@ def _ckpt(run: Path, step: int) -> Path:
 
 
 def _state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+    return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
 
 
 def _max_diff(a: Path, b: Path) -> float:

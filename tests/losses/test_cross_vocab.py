@@ -167,7 +167,8 @@ def test_save_load_roundtrip(mapping, tmp_path) -> None:
 
 
 def test_projection_sums_to_one_and_conserves_mass(mapping) -> None:
-    # Model widths padded beyond the tokenizers (failure mode 8: 151,936 vs 49,152 and 152,064 padding).
+    # Model widths padded beyond the tokenizers (real models pad, e.g. 151,936 or 152,064 logits for smaller
+    # tokenizers): the padding columns must not take teacher mass.
     teacher_logits = _logits(5, mapping.teacher_vocab_size + 37, 0)
     projected = projected_teacher_probs(teacher_logits, mapping, 2.0, mapping.student_vocab_size + 20)
     assert projected.shape == (5, mapping.student_vocab_size + 20)
@@ -284,10 +285,49 @@ def test_hybrid_matches_formula(mapping) -> None:
     width = max(rest_p.shape[1], rest_q.shape[1])
     rest_p = torch.nn.functional.pad(rest_p, (0, width - rest_p.shape[1]))
     rest_q = torch.nn.functional.pad(rest_q, (0, width - rest_q.shape[1]))
-    expected = exact + (rest_p - rest_q).abs().sum(-1)
+    mass_gap = (shared_q.sum(-1) - shared_p.sum(-1)) * 4.0  # KL of unnormalised measures
+    expected = exact + mass_gap + (rest_p - rest_q).abs().sum(-1)
     torch.testing.assert_close(
         hybrid_loss(student_logits, teacher_logits, mapping, 2.0).double(), expected, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("divergence_name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_hybrid_is_a_divergence_at_every_temperature(
+    mapping, temperature: float, divergence_name: str
+) -> None:
+    """Restricted to the shared tokens, a plain KL is negative where the student holds more shared mass than
+    the teacher, and T^2 lets that outweigh the unscaled ULD part: the loss must still be >= 0."""
+    for seed in range(3):
+        teacher_logits = _logits(64, mapping.teacher_vocab_size, 200 + seed) * (1 + seed)
+        student_logits = _logits(64, mapping.student_vocab_size + 4, 100 + seed) * (1 + seed)
+        # The student copies the teacher on shared tokens, shifted by a per-row amount: from less shared mass
+        # than the teacher to much more, where a restricted KL goes negative.
+        shift = torch.linspace(-1, 3, 64)[:, None]
+        student_logits[:, mapping.shared_student_ids] = teacher_logits[:, mapping.shared_teacher_ids] + shift
+        rows = hybrid_loss(student_logits, teacher_logits, mapping, temperature, divergence_name)
+        assert rows.min() >= -1e-5 * temperature**2, (seed, rows.min().item())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_hybrid_is_zero_for_equal_distributions(temperature: float) -> None:
+    """Two tokenizers whose shared tokens sit at other ids: the same distribution gives 0 at every T."""
+    student_ids = torch.tensor([3, 0, 5, 1])  # student twin of teacher tokens 0..3
+    mapping = VocabMapping(
+        teacher_to_student=torch.cat([student_ids, torch.tensor([2, 4])]),
+        shared_teacher_ids=torch.arange(4),
+        shared_student_ids=student_ids,
+        teacher_vocab_size=6,
+        student_vocab_size=6,
+        coverage=1.0,
+    )
+    teacher_logits = _logits(8, 6, 17)
+    student_logits = torch.empty_like(teacher_logits)
+    student_logits[:, student_ids] = teacher_logits[:, :4]
+    student_logits[:, [4, 2]] = teacher_logits[:, 4:]  # the unshared rest, in another order
+    rows = hybrid_loss(student_logits, teacher_logits, mapping, temperature)
+    torch.testing.assert_close(rows, torch.zeros(8), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["projection", "uld", "hybrid"])
@@ -309,7 +349,7 @@ def test_coverage_without_byte_fallback_reports_unmapped_fragments(lines) -> Non
 
 @pytest.mark.parametrize("name", ["projection", "uld", "hybrid"])
 def test_nan_teacher_propagates(mapping, name: str) -> None:
-    """FAILURE_MODES 14: a NaN teacher row is reported as NaN, never turned into a zero loss."""
+    """A NaN teacher row is reported as NaN, never turned into a zero loss."""
     student = torch.randn(3, mapping.student_vocab_size)
     teacher = torch.randn(3, mapping.teacher_vocab_size)
     teacher[1] = float("nan")

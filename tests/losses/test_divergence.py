@@ -172,7 +172,8 @@ def test_errors() -> None:
 
 
 def test_nan_teacher_is_never_hidden():
-    """FAILURE_MODES 14: a NaN in the teacher propagates to the loss (the trainer then skips the step)."""
+    """A NaN in the teacher propagates to the loss, never turned into a finite value (the trainer then skips
+    the step)."""
     import torch
 
     from sakd.losses.divergence import DIVERGENCES

@@ -222,3 +222,73 @@ def test_chunk_buffers_change_nothing_and_are_kept(fused):
         assert set(pointers) == ({"logits", "grad"} if fused else {"logits"})
         assert kept is None or pointers == kept
         kept = pointers
+
+
+def _brute_force_bucket_kl(logits, ids, probs, tail, temperature, teacher_vocab, student_vocab, to_student):
+    """T^2 * forward KL on the k + 1 buckets in float64, student tail as a sum over the columns outside the
+    top-k's: the definition `sparse_teacher_divergence` approximates in fp32. -> rows (n,)."""
+    from sakd.losses.lm import sparse_teacher_buckets
+
+    logp, log_tail, targets = sparse_teacher_buckets(ids, probs, tail, temperature, teacher_vocab, to_student)
+    student = logits.double() if to_student is not None else logits.double()[:, :student_vocab]
+    logq = torch.log_softmax(student / temperature, dim=-1)
+    rows = []
+    for r in range(logits.shape[0]):
+        mass: dict[int, torch.Tensor] = {}
+        for column, lp in zip(targets[r].tolist(), logp[r].double(), strict=True):
+            if column >= 0:
+                mass[column] = mass.get(column, 0.0) + lp.exp()
+        outside = [j for j in range(logq.shape[1]) if j not in mass]
+        teacher_tail = log_tail[r].double().exp() if outside else torch.zeros((), dtype=torch.float64)
+        total = sum(mass.values()) + teacher_tail
+        kl = sum(m / total * ((m / total).log() - logq[r, j]) for j, m in mass.items())
+        if teacher_tail > 0:
+            tail_p = teacher_tail / total
+            kl = kl + tail_p * (tail_p.log() - torch.logsumexp(logq[r, outside], dim=0))
+        rows.append(kl * temperature**2)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cached_tail_term_survives_a_student_confident_on_the_top_k(projection, temperature):
+    """A student with ~1e-9 of its mass outside the cached top-k: 1 - sum q over the top-k is pure fp32
+    noise there, which lost the teacher's tail term (value and gradient). Both the reference and the fused
+    path must match a float64 evaluation."""
+    from sakd.losses.fused import FusedCachedForwardKL
+    from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
+
+    g = torch.Generator().manual_seed(3)
+    rows, k, teacher_vocab = 9, 8, 60 if projection else VOCAB
+    to_student = _mapping(teacher_vocab).teacher_to_student if projection else None
+    kwargs = {"teacher_to_student": to_student} if projection else {"student_vocab": VOCAB}
+    ids = torch.stack([torch.randperm(teacher_vocab, generator=g)[:k] for _ in range(rows)])
+    probs = torch.rand(rows, k, generator=g).sort(dim=-1, descending=True).values
+    probs = probs / probs.sum(-1, keepdim=True) * 0.9
+    tail = 1.0 - probs.sum(-1)
+    logits = torch.randn(rows, STUDENT_WIDTH, generator=g)
+    columns = ids if to_student is None else to_student[ids]
+    logits.scatter_add_(1, columns.clamp_min(0), torch.where(columns >= 0, 20.0 * temperature, 0.0))
+    kd_mask, kd_weight = torch.ones(rows, dtype=torch.bool), torch.rand(rows, generator=g) + 0.5
+    labels = torch.full((rows,), -100)
+
+    student = logits.double().requires_grad_()
+    expected_rows = _brute_force_bucket_kl(
+        student, ids, probs, tail, temperature, teacher_vocab, VOCAB, to_student
+    )
+    expected = (kd_weight.double() * expected_rows).sum()
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert (expected_grad[:, :VOCAB].abs() > 1e-3).any()  # the tail term's pull on the columns outside
+
+    kd = functools.partial(sparse_teacher_divergence, teacher_vocab_size=teacher_vocab, **kwargs)
+    reference = make_cached_distill_row_loss(functools.partial(kd, temperature=temperature))
+    student = logits.clone().requires_grad_()
+    ref_kd = reference(student, labels, ids, probs, tail, kd_mask, kd_weight)["kd"]
+    (ref_grad,) = torch.autograd.grad(ref_kd, student)
+    fused = FusedCachedForwardKL(reference, temperature, teacher_vocab, **kwargs)
+    parts, fused_grad = fused.with_grad(
+        logits.clone(), {"lm": 0.0, "kd": 1.0}, labels, ids, probs, tail, kd_mask, kd_weight
+    )
+    for value, grad in ((ref_kd, ref_grad), (parts["kd"], fused_grad)):
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)

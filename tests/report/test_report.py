@@ -123,8 +123,8 @@ def test_report_of_a_folder_that_is_no_run_is_a_user_error(tmp_path, capsys):
 
 
 def test_a_long_log_gives_a_short_report_quickly(tmp_path):
-    """FAILURE_MODES 18: a run's per-step records stay in metrics.jsonl; the report summarises them (evals,
-    segments, capped warnings) and the plots thin long series."""
+    """A long run must not give a report as long as its log: per-step records stay in metrics.jsonl; the
+    report summarises them (evals, segments, capped warnings) and the plots thin long series."""
     run = tmp_path / "run"
     run.mkdir()
     steps = 30_000

@@ -133,7 +133,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def training_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+    return torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
 
 
 def assert_tensors_equal(a, b, where: str = "") -> None:
@@ -168,7 +168,7 @@ def assert_same_state(ckpt: Path, ref: Path) -> None:
     for key in ("step", "skipped_steps", "tokens_seen"):
         assert mine["loop"][key] == theirs["loop"][key], key
     assert_tensors_equal(
-        torch.load(ckpt / "rng-rank0.pt", weights_only=False),
-        torch.load(ref / "rng-rank0.pt", weights_only=False),
+        torch.load(ckpt / "rng-rank0.pt", weights_only=True),
+        torch.load(ref / "rng-rank0.pt", weights_only=True),
         "rng",
     )

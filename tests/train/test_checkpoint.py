@@ -1,5 +1,5 @@
 """Checkpoint folders: manifest with sizes and checksums, keep-last-N, damaged folders detected and skipped,
-never a copy of the teacher (FAILURE_MODES 16)."""
+never a copy of the teacher, and never a file whose loading could run code."""
 
 from __future__ import annotations
 
@@ -203,6 +203,48 @@ def test_rng_state_round_trips(tmp_path):
     torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False))
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls exec, which here writes a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def _rewrite_manifest(ckpt: Path) -> None:
+    """The manifest made to match the files again, as a checkpoint written elsewhere would be."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (ckpt / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("file", ["training_state.pt", "rng-rank0.pt"])
+def test_a_checkpoint_that_would_run_code_when_loaded_is_refused(three_checkpoints, capsys, tmp_path, file):
+    """Checkpoint state is unpickled with weights_only=True: an object whose unpickling runs code is refused
+    with one error line, and the code never runs."""
+    raw, run = three_checkpoints
+    newest = checkpoint_dir(run, 3)
+    marker = tmp_path / "code-ran"
+    state = torch.load(newest / file, weights_only=True)
+    state["payload"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(state, newest / file)
+    _rewrite_manifest(newest)
+    assert checkpoint.verify(newest) is None
+    config = write_yaml(raw, run.parent / "config.yaml")
+
+    code = main(["train", str(config), "--resume", str(newest)])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and "not loadable safely" in line and file in line
+    assert not marker.exists()

@@ -1,4 +1,4 @@
-"""EMA of the student's weights (FAILURE_MODES 3): warmup, updates only after real optimizer steps, raw and EMA
+"""EMA of the student's weights: warmup, updates only after real optimizer steps, raw and EMA
 both evaluated, and final/ holds exactly the weights it says it holds."""
 
 from __future__ import annotations

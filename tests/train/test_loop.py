@@ -30,7 +30,7 @@ def _with(raw: dict, **train_overrides) -> dict:
 
 @pytest.mark.parametrize("grad_accum", [1, 2, 3, 4, 8])
 def test_every_accumulation_cycle_steps_the_optimizer(base_config, grad_accum):
-    """FAILURE_MODES 1: weights and LR change after every optimizer step, whatever the accumulation."""
+    """Weights and LR change after every optimizer step, whatever the accumulation (no cycle is lost)."""
     raw = _with(
         base_config,
         max_steps=3,
@@ -56,7 +56,7 @@ def test_every_accumulation_cycle_steps_the_optimizer(base_config, grad_accum):
 
 
 def test_schedule_is_sized_in_optimizer_steps(base_config):
-    """FAILURE_MODES 2: warmup and cosine decay follow optimizer steps, not micro-batches."""
+    """Warmup and cosine decay follow optimizer steps, not micro-batches."""
     raw = _with(
         base_config, max_steps=8, grad_accum=4, batch_size=1, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1
     )
@@ -77,7 +77,7 @@ def test_warmup_cosine_shape():
 
 
 def test_periodic_evaluation_at_any_step(base_config):
-    """FAILURE_MODES 4 and 5: evaluation runs at every eval point; its distillation loss uses the training
+    """Evaluation runs at every eval point; its distillation loss uses the training
     weights (so it is on the training loss's scale)."""
     raw = _with(base_config, max_steps=3, eval_every=1)
     summary = train(validate(raw))
@@ -141,7 +141,7 @@ def test_same_vocabulary_distillation(base_config, assets):
 
 
 def test_nonfinite_teacher_skips_steps_and_leaves_weights_finite(base_config, monkeypatch):
-    """FAILURE_MODES 14: a NaN is never hidden (no nan_to_num): the step is skipped and counted."""
+    """A NaN is never hidden (no nan_to_num): the step is skipped and counted."""
     from sakd.train import objective as objective_module
 
     real = objective_module.DistillObjective.teacher_pass

@@ -1,4 +1,4 @@
-"""Dtypes (FAILURE_MODES 10, 11): trainable weights stay fp32 whatever the teacher's dtype, the teacher is
+"""Dtypes: trainable weights stay fp32 whatever the teacher's dtype, the teacher is
 never touched, no cast leaks through a shared tensor; fp16 with a GradScaler on a GPU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exact resume (DESIGN "Reliability", FAILURE_MODES 16): a run killed at any point and resumed with
+"""Exact resume: a run killed at any point and resumed with
 `--resume auto` ends with the same weights, optimizer, EMA and data position, bit for bit, as an uninterrupted
 one; the teacher never re-reads skipped batches; a config that changes the run is refused."""
 

@@ -1,5 +1,5 @@
 """Stopping early and cleanly: SIGINT, the time budget, an exception, early stopping. Each leaves a checkpoint
-that resumes to the same weights as an uninterrupted run (FAILURE_MODES 15, 16). SIGTERM to the real CLI is
+that resumes to the same weights as an uninterrupted run. SIGTERM to the real CLI is
 in test_resume.py."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _constant_eval(monkeypatch, bits_per_byte) -> None:
 
 @pytest.mark.parametrize(("min_steps", "stop_step"), [(0, 3), (5, 5)])
 def test_early_stop_mid_epoch_respects_min_steps(make_raw, small_data, monkeypatch, min_steps, stop_step):
-    """FAILURE_MODES 15: with no improvement after the first evaluation and patience 2, the run stops cleanly
+    """With no improvement after the first evaluation and patience 2, the run stops cleanly
     at step 3 (or at early_stop_min_steps), mid-epoch, with a checkpoint and final/."""
     _constant_eval(monkeypatch, lambda: 5.0)
     raw = make_raw(

@@ -1,4 +1,5 @@
-"""FAILURE_MODES 7 and 8: sequences of different lengths and vocabularies of different (padded) sizes."""
+"""Teacher and student with sequences of different lengths and vocabularies of different (padded) sizes: nothing
+may assume that position i or column j means the same on both sides."""
 
 from __future__ import annotations
 

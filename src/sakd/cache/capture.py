@@ -84,6 +84,17 @@ def top_k_rows(
     return torch.cat(ids), torch.cat(probs), torch.cat(tails)
 
 
+def _check_capture_arguments(cfg: Config, top_k: int, shard_windows: int, probs_dtype: str) -> None:
+    if cfg.teacher is None:
+        raise UserError("cache-teacher needs a teacher: set teacher.model in the config")
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    if shard_windows < 1:
+        raise UserError(f"--shard-windows must be at least 1, got {shard_windows}")
+    if probs_dtype not in PROBS_DTYPES:
+        raise UserError(f"unknown probability dtype {probs_dtype!r}: choose one of {sorted(PROBS_DTYPES)}")
+
+
 def capture_teacher_cache(
     cfg: Config,
     top_k: int = 64,
@@ -97,14 +108,7 @@ def capture_teacher_cache(
 ) -> dict[str, Any]:
     """Write (or continue) the teacher cache of `cfg`; returns a summary. `max_shards` stops after writing
     that many shards (an interrupted capture, for tests); re-running continues with the missing ones."""
-    if cfg.teacher is None:
-        raise UserError("cache-teacher needs a teacher: set teacher.model in the config")
-    if top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
-    if shard_windows < 1:
-        raise UserError(f"--shard-windows must be at least 1, got {shard_windows}")
-    if probs_dtype not in PROBS_DTYPES:
-        raise UserError(f"unknown probability dtype {probs_dtype!r}: choose one of {sorted(PROBS_DTYPES)}")
+    _check_capture_arguments(cfg, top_k, shard_windows, probs_dtype)
     t0 = time.perf_counter()
     root = Path(path).expanduser() if path else cache_path(cfg)
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
@@ -113,7 +117,9 @@ def capture_teacher_cache(
     top_k = min(top_k, vocab_size)
     keyed = keyed_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
     windows = keyed.windows
-    settings = capture_settings(cfg.teacher.model, teacher_tok, data_sources(cfg), cfg.data.max_length)
+    settings = capture_settings(
+        cfg.teacher.model, teacher_tok, data_sources(cfg), cfg.data.max_length, keyed.data_fingerprint
+    )
     layout = {
         "top_k": top_k,
         "probs_dtype": probs_dtype,
@@ -171,19 +177,24 @@ def capture_teacher_cache(
                 raise RuntimeError(f"shard {index}: {len(keys)} keys for {tensors['ids'].shape[0]} rows")
             writer.write(index, tensors, (first, end))
         bar.close()
-    manifest = writer.manifest
-    rows = sum(s["rows"] for s in manifest["shards"].values())
-    tails = [s.get("tail_sum") for s in manifest["shards"].values()]
-    kept = 1 - sum(tails) / rows if rows and None not in tails else None
     return {
         "path": str(root),
-        "complete": manifest["complete"],
-        "shards": len(manifest["shards"]),
+        **_shards_summary(writer.manifest),
         "num_shards": num_shards,
         "written_now": len(todo),
-        "rows": rows,
         "windows": len(windows),
         "top_k": top_k,
-        "top_k_mass": kept,  # the teacher's mean probability inside the stored top-k (None: not recorded)
         "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _shards_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    rows = sum(s["rows"] for s in manifest["shards"].values())
+    tails = [s.get("tail_sum") for s in manifest["shards"].values()]
+    return {
+        "complete": manifest["complete"],
+        "shards": len(manifest["shards"]),
+        "rows": rows,
+        # the teacher's mean probability inside the stored top-k (None: not recorded)
+        "top_k_mass": 1 - sum(tails) / rows if rows and None not in tails else None,
     }

@@ -13,6 +13,7 @@ Document indices count the documents of `load_sources(data.train)`, so the data 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,18 +30,31 @@ class KeyedWindows:
 
     windows: as `build_windows` gives them; teacher_keys (N_t, 3) int64: the key of each token of the teacher
     stream (all kept documents, concatenated); teacher_starts (W,) int64: stream index of each window's first
-    teacher token; num_documents: documents read from the sources.
+    teacher token; num_documents: documents read from the sources; data_fingerprint: `documents_fingerprint`
+    of them.
     """
 
     windows: list[Window]
     teacher_keys: np.ndarray
     teacher_starts: np.ndarray
     num_documents: int
+    data_fingerprint: str
 
     def window_keys(self, window: int) -> np.ndarray:
         """(Lt, 3) int64: the keys of one window's teacher tokens."""
         start = self.teacher_starts[window]
         return self.teacher_keys[start : start + len(self.windows[window].teacher_ids)]
+
+
+def documents_fingerprint(docs: Sequence[str]) -> str:
+    """sha256 over the documents' text, in order: a data file rewritten in place under the same path changes
+    it, while the sources' paths alone would not."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        data = doc.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))  # the length keeps document boundaries in the hash
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def document_keys(doc: TokenizedDoc, length: int, index: int, has_eos: bool) -> np.ndarray:
@@ -72,7 +86,7 @@ def keyed_windows(sources: Sequence, student_tokenizer, teacher_tokenizer, max_l
     keys = [document_keys(teacher_docs[i], len(docs[i]), i, has_eos) for i in kept]
     teacher_keys = np.concatenate(keys) if keys else np.zeros((0, 3), dtype=np.int64)
     teacher_starts = np.array([w.teacher_start for w in windows], dtype=np.int64)
-    return KeyedWindows(windows, teacher_keys, teacher_starts, len(docs))
+    return KeyedWindows(windows, teacher_keys, teacher_starts, len(docs), documents_fingerprint(docs))
 
 
 def same_windows(a: list[Window], b: list[Window]) -> bool:

@@ -75,20 +75,53 @@ def vocab_hash(tokenizer) -> str:
     return _digest(sorted(tokenizer.get_vocab().items()))
 
 
-def capture_settings(teacher_model: str, teacher_tokenizer, sources: list, max_length: int) -> dict[str, Any]:
-    """What the cached distributions depend on (the same values must hold when training reads the cache)."""
+def capture_settings(
+    teacher_model: str, teacher_tokenizer, sources: list, max_length: int, data_fingerprint: str
+) -> dict[str, Any]:
+    """What the cached distributions depend on (the same values must hold when training reads the cache).
+    `data_fingerprint`: the documents' content (`sakd.cache.keys.documents_fingerprint`), since `sources`
+    names only where they are."""
     return {
         "teacher_model": str(teacher_model),
         "teacher_files": model_files_hash(teacher_model),
         "teacher_vocab": vocab_hash(teacher_tokenizer),
         "teacher_vocab_size": len(teacher_tokenizer),
         "data": sources,
+        "data_fingerprint": data_fingerprint,
         "max_length": max_length,
     }
 
 
 def settings_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    """The settings that differ. A cache captured before the data's fingerprint was recorded has none to
+    compare: its other settings are still checked."""
+    keys = saved.keys() | now.keys()
+    if "data_fingerprint" not in saved:
+        keys -= {"data_fingerprint"}
+    return sorted(k for k in keys if saved.get(k) != now.get(k))
+
+
+def _refuse_changed_data(root: Path, diff: list[str]) -> None:
+    if "data_fingerprint" in diff and "data" not in diff:
+        raise UserError(
+            f"the training data changed since the teacher cache '{root}' was captured: data.train names the "
+            "same sources, but their content differs; restore the data, or delete the cache and capture it "
+            "again (`sakd cache-teacher`)"
+        )
+
+
+def manifest_file(root: Path, name: Any) -> Path:
+    """The path of a file the manifest names: a plain file name inside the cache folder, nothing else (an
+    edited or foreign manifest must not make the cache read or replace files elsewhere)."""
+    plain = isinstance(name, str) and name not in ("", ".") and ".." not in name
+    plain = plain and not any(sep in name for sep in ("/", "\\", os.sep)) and not Path(name).is_absolute()
+    path = root / name if plain else None
+    if path is None or path.resolve().parent != root.resolve():
+        raise UserError(
+            f"the teacher cache manifest '{root / MANIFEST}' names the file {name!r}, which is not a file of the "
+            "cache folder: delete the folder and run `sakd cache-teacher` again"
+        )
+    return path
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
@@ -123,6 +156,7 @@ class CacheWriter:
             diff = settings_mismatch(
                 {**manifest.get("settings", {}), **manifest.get("layout", {})}, {**settings, **layout}
             )
+            _refuse_changed_data(self.root, diff)
             if diff or manifest.get("format") != FORMAT:
                 raise UserError(
                     f"the teacher cache in '{self.root}' was captured with other settings ({', '.join(diff) or 'format'}): "
@@ -130,7 +164,7 @@ class CacheWriter:
                 )
             # a shard listed but missing on disk is captured again
             manifest["shards"] = {
-                i: s for i, s in manifest["shards"].items() if (self.root / s["file"]).exists()
+                i: s for i, s in manifest["shards"].items() if manifest_file(self.root, s["file"]).exists()
             }
         else:
             manifest = {"format": FORMAT, "settings": settings, "layout": layout, "shards": {}}
@@ -181,7 +215,7 @@ class TeacherCache:
         self.root = root
         self.manifest = manifest
         order = sorted(manifest["shards"], key=int)
-        self.shards = [_memmap_safetensors(root / manifest["shards"][i]["file"]) for i in order]
+        self.shards = [_memmap_safetensors(manifest_file(root, manifest["shards"][i]["file"])) for i in order]
         rows = [manifest["shards"][i]["rows"] for i in order]
         self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)  # (S + 1,)
         self.top_k = int(manifest["layout"]["top_k"])
@@ -196,6 +230,7 @@ class TeacherCache:
                 f"no teacher cache in '{root}' (teacher.cache): run `sakd cache-teacher CONFIG` first"
             )
         diff = settings_mismatch(manifest.get("settings", {}), settings)
+        _refuse_changed_data(root, diff)
         if diff or manifest.get("format") != FORMAT:
             raise UserError(
                 f"the teacher cache '{root}' was captured with other settings ({', '.join(diff) or 'format'} "

@@ -109,12 +109,15 @@ def open_training_cache(
     `max_length`): a UserError if it is missing, incomplete or was captured with other settings. `keyed`:
     the `keyed_windows` that gave `windows` (None: the sources are tokenized again to key them)."""
     plain_sources = [s if isinstance(s, str) else s.model_dump(mode="json") for s in sources]
-    settings = capture_settings(teacher_model, teacher_tokenizer, plain_sources, max_length)
-    cache = TeacherCache.open(path, settings)
-    if keyed is None or keyed.windows is not windows:
+    checked = keyed is not None and keyed.windows is windows
+    if not checked:
         keyed = keyed_windows(sources, student_tokenizer, teacher_tokenizer, max_length)
-        if not same_windows(keyed.windows, windows):
-            raise UserError("the training windows differ from the windows the teacher cache was keyed for")
+    settings = capture_settings(
+        teacher_model, teacher_tokenizer, plain_sources, max_length, keyed.data_fingerprint
+    )
+    cache = TeacherCache.open(path, settings)
+    if not checked and not same_windows(keyed.windows, windows):
+        raise UserError("the training windows differ from the windows the teacher cache was keyed for")
     stream_rows = lookup_rows(cache.keys(), keyed.teacher_keys)  # (N_t,)
     group_rows = [
         stream_rows[start + group_last_positions(w.teacher_group)]

@@ -128,6 +128,24 @@ def _unshared(width: int, shared: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def _mass_gap(
+    divergence: str,
+    beta: float,
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """T^2 * (mass of the second KL argument - mass of the first) over restricted vectors (N, S) -> (N,): the
+    term that makes KL(a || b) = sum a log(a / b) - a + b a divergence of unnormalised measures. 0 for tvd
+    and jsd with 0 < beta < 1 (termwise >= 0 already); jsd's ends are forward and reverse KL."""
+    forward = divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0)
+    reverse = divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0)
+    if not (forward or reverse):
+        return student_logprobs.new_zeros(student_logprobs.shape[:-1])
+    gap = student_logprobs.exp().sum(-1) - teacher_logprobs.float().exp().sum(-1)  # Q - P
+    return (gap if forward else -gap) * temperature**2
+
+
 def hybrid_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -139,22 +157,24 @@ def hybrid_loss(
     """Exact divergence on shared tokens plus ULD on the rest of both vocabularies. -> (N,).
 
     The shared part compares the two distributions restricted to the shared ids as they are, without
-    renormalising (for forward KL: sum over shared of p_t * (log p_t - log q_s)), scaled by T^2 like every
-    KL-family divergence; the ULD part (no T^2) compares the sorted leftover probabilities, student columns
-    beyond the tokenizer included.
+    renormalising, scaled by T^2 like every KL-family divergence; the ULD part (no T^2) compares the sorted
+    leftover probabilities, student columns beyond the tokenizer included. A KL between restricted vectors
+    is negative wherever the student holds more shared mass than the teacher, so KL takes the form for
+    unnormalised measures, e.g. forward: sum over shared of p_t * (log p_t - log q_s) - p_t + q_s, whose every
+    term is >= 0 (jsd and tvd already are termwise). The sum is then >= 0 at any T and 0 when the two
+    distributions agree.
     """
     _check_student(student_logits, teacher_logits, mapping)
     teacher_logprobs = torch.log_softmax(_teacher_logits(teacher_logits, mapping, temperature), dim=-1)
     student_logprobs = student_logprobs_at(student_logits, temperature)
     shared_teacher = mapping.shared_teacher_ids.to(teacher_logprobs.device)
     shared_student = mapping.shared_student_ids.to(student_logprobs.device)
-    exact = divergence_from_logprobs(
-        divergence,
+    student_shared, teacher_shared = (
         student_logprobs[..., shared_student],
         teacher_logprobs[..., shared_teacher],
-        temperature,
-        beta,
     )
+    exact = divergence_from_logprobs(divergence, student_shared, teacher_shared, temperature, beta)
+    exact = exact + _mass_gap(divergence, beta, student_shared, teacher_shared, temperature)
     rest_teacher = teacher_logprobs[..., _unshared(teacher_logprobs.shape[-1], shared_teacher)].exp()
     rest_student = student_logprobs[..., _unshared(student_logprobs.shape[-1], shared_student)].exp()
     return exact + _sorted_l1(rest_student, rest_teacher)

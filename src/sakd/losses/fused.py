@@ -168,7 +168,7 @@ class FusedCachedForwardKL(_FusedRowLoss):
     gradient with respect to u = student logits / T is, with q = softmax(u), P the teacher's entries, S the
     distinct student columns they land on and c = tail / (1 - q(S)),
 
-        T * (q_j (sum P - c q(S)) + c q_j [j in S] - P_j)
+        T * (q_j (sum P + tail - c [j not in S]) - P_j)
 
     `reference` is the plain row loss (`make_cached_distill_row_loss` of the same divergence)."""
 
@@ -200,7 +200,12 @@ class FusedCachedForwardKL(_FusedRowLoss):
         kd_rows: int | None = None,  # not needed: rows outside kd_mask are masked, not selected
         grad_out: torch.Tensor | None = None,  # as for FusedForwardKL
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        from sakd.losses.lm import _sparse_forward_kl_terms, sparse_teacher_buckets
+        from sakd.losses.lm import (
+            log_mass_outside_from_probs,
+            sparse_kl_buckets,
+            sparse_kl_rows,
+            sparse_teacher_buckets,
+        )
 
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
@@ -213,27 +218,33 @@ class FusedCachedForwardKL(_FusedRowLoss):
         shared = _shares_softmax(s, cols, t)
         logq = logsm if shared else _tempered_logprobs(s, cols, t)  # (n, C)
         own = self.teacher_to_student is None  # one vocabulary: the top-k ids are distinct columns
-        rows, terms = _sparse_forward_kl_terms(logq, targets, logp, log_tail, t, own_columns=own)
+        terms = sparse_kl_buckets(logq, targets, logp, log_tail, own_columns=own)
+        q = logq.exp_()  # (n, C) the student's softmax at T
+        rows, c = sparse_kl_rows(terms, log_mass_outside_from_probs(q, terms), t)
         parts["kd"] = torch.where(kd_mask, kd_weight.float() * rows, 0.0).sum()
 
         kd_coef = torch.where(kd_mask & ~terms["no_mass"], kd_w * t * kd_weight.float(), 0.0)  # (n,)
-        entry_p, c = terms["entry_p"], terms["rest_coef"]
-        q = logq.exp_()  # (n, C) the student's softmax at T
-        # q_j (sum P - c q(S)) over all columns, then + c q_j on S and - P_j at each entry's column.
+        entry_p = terms["entry_p"]
+        # q_j (sum P + tail) on S, q_j (sum P + tail - c) outside it, then - P_j at each entry's column. S's
+        # values are written, not added to the outside ones: c is huge when the student leaves almost nothing
+        # outside S, and q_j (... - c) + c q_j would cancel to noise.
         # (where, not a product with 0: rows outside kd_mask never pass their cache entries on)
         kd_rows = kd_coef != 0
-        kd_scale = torch.where(kd_rows, kd_coef * (entry_p.sum(-1) - c * terms["inside"]), 0.0)
+        mass = entry_p.sum(-1) + terms["tail_p"]
+        kd_outside = torch.where(kd_rows, kd_coef * (mass - c), 0.0)  # (n,)
+        kd_inside = torch.where(kd_rows & terms["has_members"], kd_coef * mass, kd_outside)
         members = terms["member_column"]
-        member = terms["member"] & kd_rows[:, None]
-        on_members = torch.where(member, (kd_coef * c)[:, None] * q.gather(1, members), 0.0)
         on_entries = torch.where(kd_rows[:, None], -kd_coef[:, None] * entry_p, 0.0)
         if shared:
-            grad = q.mul_((lm_coef + kd_scale)[:, None])
+            kd_outside, kd_inside = lm_coef + kd_outside, lm_coef + kd_inside
+        on_members = q.gather(1, members).mul_(kd_inside[:, None])
+        q.mul_(kd_outside[:, None]).scatter_(1, members, on_members)
+        if shared:
+            grad = q
         else:
             grad = logsm.exp_().mul_(lm_coef[:, None])
-            grad[:, :cols] += q.mul_(kd_scale[:, None])
+            grad[:, :cols] += q
         target = grad if shared else grad[:, :cols]
-        target.scatter_add_(1, members, on_members)
         target.scatter_add_(1, terms["column"], on_entries)
         grad.scatter_add_(1, column, -lm_coef[:, None])
         return parts, grad

@@ -205,8 +205,8 @@ def _sparse_forward_kl(
 ) -> torch.Tensor:
     """`_bucket_divergence` for forward KL without any (n, W) tensor besides the student's log-softmax:
     sum_j P_j log P_j + tail log tail - sum_i P_i log q_(t_i) - tail log(1 - sum_(j in S) q_j), with P the
-    projected teacher (duplicate targets add up), S the distinct targets, 1 - sum q in float64 (clamped at
-    1e-12: the tail's log is only that exact when the student leaves more than ~1e-7 outside S)."""
+    projected teacher (duplicate targets add up), S the distinct targets, log(1 - sum q) a logsumexp over the
+    columns outside S."""
     return _sparse_forward_kl_terms(student_logprobs, targets, logp, log_tail, temperature)[0]
 
 
@@ -237,11 +237,25 @@ def _sparse_forward_kl_terms(
     temperature: float,
     own_columns: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`_sparse_forward_kl`'s rows (n,) and the terms its closed-form gradient needs (`sakd.losses.fused`):
-    entry_p (n, k) teacher probability of each top-k entry (0 unmapped), column (n, k) its student column
-    (clamped), member_column (n, k) the distinct student columns S (clamped), member (n, k) which of those
-    are real, rest_coef (n,) tail / (1 - sum_S q) where that term has a gradient (else 0), inside (n,) the
-    student's mass on S, no_mass (n,) rows without teacher mass.
+    """`_sparse_forward_kl`'s rows (n,) and the terms of `sparse_kl_buckets` with rest_coef (n,): tail / (1 -
+    sum_S q) where the tail has mass (else 0), which the closed-form gradient needs (`sakd.losses.fused`)."""
+    terms = sparse_kl_buckets(student_logprobs, targets, logp, log_tail, own_columns)
+    rows, terms["rest_coef"] = sparse_kl_rows(terms, log_mass_outside(student_logprobs, terms), temperature)
+    return rows, terms
+
+
+def sparse_kl_buckets(
+    student_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    logp: torch.Tensor,
+    log_tail: torch.Tensor,
+    own_columns: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Everything of `_sparse_forward_kl` but the student's mass outside S: entry_p (n, k) teacher probability
+    of each top-k entry (0 unmapped), column (n, k) its student column (clamped), member_column (n, k) columns
+    of S only (every column of S at least once) where has_members (n,), keep_outside (n,) rows where marking
+    S leaves nothing (no member, or S is every column), tail_p (n,) the teacher's normalised tail, no_mass
+    (n,) rows without teacher mass, partial_rows (n,) the KL without the -tail_p log(1 - q(S)) term.
 
     `own_columns`: every target is its own column (one vocabulary: a top-k never repeats an id), so the
     entries need no sorting to merge duplicates. Rows without teacher mass (all ids 0) may repeat; nothing
@@ -269,25 +283,60 @@ def _sparse_forward_kl_terms(
     tail_p = tail / total
     entropy_part = _xlogx(merged).sum(-1) + _xlogx(tail_p)  # sum P log P over the buckets
 
-    logq = student_logprobs.gather(1, column)  # (n, k)
     entry_p = mass / total[:, None]
-    cross = (entry_p * logq).sum(-1)
-    logq_sorted = logq if order is None else logq.gather(1, order)
-    inside = torch.where(distinct, logq_sorted.exp(), 0.0).double().sum(-1)  # student mass on S
-    rest = 1.0 - inside
-    log_rest = rest.clamp_min(1e-12).log().float()
-    rows = entropy_part - cross - torch.where(tail_p > 0, tail_p * log_rest, 0.0)
-    live = (tail_p > 0) & (rest > 1e-12)  # where the tail term's gradient is not cut by the clamp
-    terms = {
+    cross = (entry_p * student_logprobs.gather(1, column)).sum(-1)
+    # Unmapped entries (sorted last) point at the row's first column, a member whenever the row has one, so
+    # that marking S through member_column never hits a column outside S.
+    has_members = sorted_columns[:, 0] < width
+    member_column = torch.where(sorted_columns < width, sorted_columns, sorted_columns[:, :1])
+    return {
         "entry_p": entry_p,
         "column": column,
-        "member_column": sorted_columns.clamp_max(width - 1),
-        "member": distinct,
-        "rest_coef": torch.where(live, tail_p.double() / rest.clamp_min(1e-12), 0.0).float(),
-        "inside": inside.float(),
+        "member_column": member_column.clamp_max(width - 1),
+        "has_members": has_members,
+        "keep_outside": no_rest | ~has_members,
+        "tail_p": tail_p,
         "no_mass": no_mass,
+        "partial_rows": entropy_part - cross,
     }
-    return torch.where(no_mass, 0.0, rows * temperature**2), terms
+
+
+def log_mass_outside(student_logprobs: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log(1 - q(S)) (n,) as a logsumexp over the columns outside S (differentiable).
+
+    1 - the sum of the probabilities on S loses every digit once the student leaves less than ~1e-7 outside
+    S, which dropped the tail term (value and gradient) exactly where the student ignores the teacher's tail."""
+    columns, keep = terms["member_column"], terms["keep_outside"][:, None]
+    marked = torch.where(keep, student_logprobs.gather(1, columns), float("-inf"))
+    return torch.logsumexp(student_logprobs.scatter(1, columns, marked), dim=-1)
+
+
+@torch.no_grad()
+def log_mass_outside_from_probs(student_probs: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`log_mass_outside` from the probabilities (n, C) instead, without a copy: S is zeroed in place for the
+    sum and restored. Exact while the columns outside S keep some fp32 mass (at least ~1e-38)."""
+    columns, keep = terms["member_column"], terms["keep_outside"][:, None]
+    on_members = student_probs.gather(1, columns)
+    student_probs.scatter_(1, columns, torch.where(keep, on_members, 0.0))
+    outside = student_probs.sum(-1)
+    student_probs.scatter_(1, columns, on_members)
+    return outside.clamp_min(torch.finfo(outside.dtype).tiny).log()
+
+
+def sparse_kl_rows(
+    terms: dict[str, torch.Tensor], log_rest: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (n,) of `_sparse_forward_kl` from `sparse_kl_buckets` and log(1 - q(S)) (n,), and tail / (1 -
+    q(S)) (n,) where the tail has mass, else 0: huge when the student leaves almost nothing outside S (its
+    exponent capped to stay finite in fp32)."""
+    tail_p = terms["tail_p"]
+    rows = terms["partial_rows"] - torch.where(tail_p > 0, tail_p * log_rest, 0.0)
+    log_coef = (tail_p.log() - log_rest.detach()).clamp_max(_MAX_LOG_REST_COEF)
+    rest_coef = torch.where(tail_p > 0, log_coef.exp(), 0.0)
+    return torch.where(terms["no_mass"], 0.0, rows * temperature**2), rest_coef
+
+
+_MAX_LOG_REST_COEF = 80.0
 
 
 def make_cached_distill_row_loss(kd: SparseKDRowFn | None) -> RowLoss:

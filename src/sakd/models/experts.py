@@ -89,7 +89,8 @@ def find_moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(decoder layer index, MoE block) for every MoE layer; [] for a dense model.
 
     Raises UserError when the config declares experts but no layer holds a recognised expert module, or when
-    an expert module has an unknown layout (FAILURE_MODES 13: such a model must never pass as dense).
+    an expert module has an unknown layout: such a model must never pass as dense, which would silently drop
+    every expert-level loss.
     """
     found = []
     for index, layer in enumerate(decoder_layers(model)):

@@ -85,7 +85,7 @@ class StopFlag:
 
 def curriculum_point(cfg: Config, step: int) -> CurriculumPoint:
     """Loss weights, temperature and top-k at an optimizer step; the same function serves training and
-    evaluation (FAILURE_MODES 5)."""
+    evaluation, so that evaluation weighs the losses as training does at that step."""
     return curriculum_at(training_progress(step, cfg.train.max_steps), cfg.curriculum)
 
 

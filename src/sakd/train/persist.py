@@ -98,7 +98,7 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
         ) from None
     if heads is not None:
         load_safetensors_model(heads, str(path / "heads.safetensors"))
-    saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    saved = checkpoint.load_state(path / "training_state.pt")
     try:
         loader.load_state_dict(saved["loader"])
     except ValueError as e:
@@ -120,7 +120,7 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
     if not rng.exists():  # saved by fewer processes: set_seed gave every process rank 0's generators
         rng = path / "rng-rank0.pt"
     if rng.exists():
-        checkpoint.set_rng_state(torch.load(rng, weights_only=False))
+        checkpoint.set_rng_state(checkpoint.load_state(rng))
 
 
 def export_final(out: Path, student, ema, tokenizer, final_eval, accelerator) -> dict[str, Any]:
