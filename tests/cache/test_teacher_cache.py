@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tokenizer_kinds import tokenizer_of
 
 import sakd.data.corpus
 from sakd.cache import TeacherCache, capture_teacher_cache, open_training_cache
@@ -23,9 +24,11 @@ from sakd.config import validate
 from sakd.curriculum import CurriculumSpec, curriculum_at
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
+from sakd.data.tokenize import input_format
 from sakd.errors import UserError
 from sakd.losses.lm import _bucket_divergence, _sparse_forward_kl, sparse_teacher_divergence
 from sakd.models.load import freeze, lm_head, load_model, load_tokenizer
+from sakd.models.tiny import tiny_family_model
 from sakd.train.loop import train
 from sakd.train.objective import DistillObjective
 from sakd.train.rows import TokenCounts
@@ -221,19 +224,33 @@ def test_manifest_naming_a_file_outside_the_cache_is_refused(raw, tmp_path, name
         capture_teacher_cache(cfg, top_k=4, path=root, shard_windows=64, progress=False)
 
 
-@pytest.mark.parametrize("vocab", ["same", "cross"])
-def test_full_vocabulary_cache_equals_live_teacher(raw, assets, tmp_path, vocab):
+@pytest.fixture(scope="module")
+def bos_teacher(tmp_path_factory) -> Path:
+    """A Llama teacher whose tokenizer puts <s> before text, as Llama, Mistral and Gemma tokenizers do."""
+    folder = tmp_path_factory.mktemp("bos_teacher")
+    tokenizer = tokenizer_of("metaspace_bpe_bos")
+    tiny_family_model("llama", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("vocab", ["same", "cross", "cross_bos"])
+def test_full_vocabulary_cache_equals_live_teacher(raw, assets, bos_teacher, tmp_path, vocab):
     """With k = the teacher's vocabulary the cached KD part of a batch equals the live one (same student
-    weights), at two temperatures, for the fast forward KL and for the general bucket layout (jsd)."""
+    weights), at two temperatures, for the fast forward KL and for the general bucket layout (jsd). A
+    teacher with a BOS reads it before every window in both (the capture stores its text positions only)."""
     raw = _same_vocab(raw, assets) if vocab == "same" else raw
+    if vocab == "cross_bos":
+        raw["teacher"]["model"] = str(bos_teacher)
     root = tmp_path / "c"
     cfg = validate(raw)
     capture_teacher_cache(cfg, top_k=10_000, path=root, probs_dtype="float32", device="cpu", progress=False)
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "s")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "t")
     windows = build_windows(cfg.data.train, student_tok, teacher_tok, 64)
-    loader = WindowLoader(windows, 4, seed=0, student=student_tok.pad_token_id, teacher=0)
-    batch = loader.next_batch()
+    formats = {"student": input_format(student_tok), "teacher": input_format(teacher_tok)}
+    assert len(formats["teacher"].prefix) == (1 if vocab == "cross_bos" else 0)
+    batch = WindowLoader(windows, 4, seed=0, **formats).next_batch()
     opened = open_training_cache(
         root, windows, cfg.data.train, 64, cfg.teacher.model, student_tok, teacher_tok
     )
@@ -400,3 +417,14 @@ def test_cli_cache_teacher(raw, tmp_path, capsys):
     assert "a larger --top-k" in out
     assert json.loads((Path(raw["output_dir"]) / "teacher-cache" / "manifest.json").read_text())["complete"]
     assert main(["cache-teacher", str(config), "--top-k", "0"]) == 2
+
+
+def test_a_cache_captured_without_the_teachers_bos_is_refused(bos_teacher, assets):
+    """The settings record the special tokens the teacher read before each window. A cache captured before
+    they were recorded fed the teacher none: it still serves a teacher without a BOS, not one with."""
+    from sakd.cache.store import capture_settings, settings_mismatch
+
+    for folder, expected in ((bos_teacher, ["teacher_prefix"]), (assets["teacher"], [])):
+        now = capture_settings(str(folder), load_tokenizer(str(folder), "teacher"), [], 64, "fingerprint")
+        before = {k: v for k, v in now.items() if k != "teacher_prefix"}
+        assert settings_mismatch(before, now) == expected

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from sakd.data.tokenize import special_prefix
 from sakd.errors import UserError
 
 FORMAT = 1
@@ -86,6 +87,9 @@ def capture_settings(
         "teacher_files": model_files_hash(teacher_model),
         "teacher_vocab": vocab_hash(teacher_tokenizer),
         "teacher_vocab_size": len(teacher_tokenizer),
+        # the special tokens the teacher read before each window (its BOS): distributions captured without
+        # them are not the teacher's
+        "teacher_prefix": list(special_prefix(teacher_tokenizer)),
         "data": sources,
         "data_fingerprint": data_fingerprint,
         "max_length": max_length,
@@ -94,7 +98,9 @@ def capture_settings(
 
 def settings_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The settings that differ. A cache captured before the data's fingerprint was recorded has none to
-    compare: its other settings are still checked."""
+    compare: its other settings are still checked. One captured before the teacher's prefix tokens were
+    recorded fed it none."""
+    saved = {"teacher_prefix": [], **saved}
     keys = saved.keys() | now.keys()
     if "data_fingerprint" not in saved:
         keys -= {"data_fingerprint"}
