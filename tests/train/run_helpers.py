@@ -16,16 +16,21 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from sakd.train import loop as loop_module
 from sakd.train import step as step_module
 
 
 def on_teacher_forward(monkeypatch, action=None) -> dict[str, int]:
-    """Count the teacher's forward passes (through a hook on its decoder, whatever calls it) and call
-    `action(n, output)` after the n-th (1-based); a returned value replaces the decoder's output."""
+    """Count the teacher's forward passes of training and evaluation (through a hook on its decoder, whatever
+    calls it) and call `action(n, output)` after the n-th (1-based); a returned value replaces the decoder's
+    output. The start-up checks (the head check's probe, the before-training measurement) are not counted."""
     real = step_module.load_model
     calls = {"n": 0}
+    starting = {"now": False}
 
     def hook(_module, _args, output):
+        if starting["now"]:
+            return None
         calls["n"] += 1
         return action(calls["n"], output) if action is not None else None
 
@@ -35,7 +40,19 @@ def on_teacher_forward(monkeypatch, action=None) -> dict[str, int]:
             model.base_model.register_forward_hook(hook)
         return model
 
+    def uncounted(check):
+        def run(*args, **kwargs):
+            starting["now"] = True
+            try:
+                return check(*args, **kwargs)
+            finally:
+                starting["now"] = False
+
+        return run
+
     monkeypatch.setattr(step_module, "load_model", loading)
+    for name in ("check_heads", "measure_before_training"):
+        monkeypatch.setattr(loop_module, name, uncounted(getattr(loop_module, name)))
     return calls
 
 
