@@ -81,9 +81,18 @@ class DataConfig(Section):
 class DistillConfig(Section):
     """How the losses are computed; their weights and the temperature come from `curriculum:`."""
 
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
-    """Same-vocabulary divergence, also used on projected teacher distributions."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl"] = "forward_kl"
+    """Same-vocabulary divergence, also used on projected teacher distributions (skew_kl / skew_rkl:
+    DistiLLM's skew KL and skew reverse KL)."""
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    skew_alpha: float = Field(0.1, ge=0.0, lt=1.0)
+    """How much of the other side the skew divergences mix into the compared distribution."""
+
+    @property
+    def divergence_parameter(self) -> float:
+        """The chosen divergence's own parameter: jsd's beta, the skew divergences' alpha."""
+        return self.skew_alpha if self.divergence.startswith("skew") else self.jsd_beta
+
     cross_vocab: Literal["projection", "uld", "hybrid"] = "projection"
     """How the teacher's distribution is compared when the vocabularies differ."""
     chunk_size: int = Field(1024, ge=1)

@@ -292,7 +292,7 @@ def test_hybrid_matches_formula(mapping) -> None:
     )
 
 
-@pytest.mark.parametrize("divergence_name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("divergence_name", ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl"])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 def test_hybrid_is_a_divergence_at_every_temperature(
     mapping, temperature: float, divergence_name: str

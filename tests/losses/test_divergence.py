@@ -37,6 +37,10 @@ def _reference(
     if name == "jsd":
         m = beta * p + (1 - beta) * q
         return (beta * kl(p, m) + (1 - beta) * kl(q, m)) * temperature**2
+    if name == "skew_kl":  # beta is the skew alpha
+        return kl(p, beta * p + (1 - beta) * q) * temperature**2
+    if name == "skew_rkl":
+        return kl(q, beta * q + (1 - beta) * p) * temperature**2
     return 0.5 * (p - q).abs().sum(-1)
 
 
@@ -44,7 +48,10 @@ def _teacher_logprobs(teacher_logits: torch.Tensor, temperature: float) -> torch
     return torch.log_softmax(teacher_logits / temperature, -1)
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+ALL = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl"]
+
+
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_matches_float64_formula(name: str, temperature: float) -> None:
     student, teacher = _logits(0), _logits(1)
@@ -78,7 +85,7 @@ def test_public_functions_match_dispatcher() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("name", ALL)
 def test_zero_when_distributions_equal(name: str) -> None:
     logits = _logits(6)
     # Shifting logits by a per-row constant leaves the distribution unchanged.
@@ -139,7 +146,7 @@ def test_jsd_beta_ends_are_forward_and_reverse_kl() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_finite_and_fp32(name: str, dtype: torch.dtype) -> None:
     student = _logits(13).to(dtype).requires_grad_()
@@ -185,3 +192,36 @@ def test_nan_teacher_is_never_hidden():
         rows = DIVERGENCES[name](student, teacher, 1.0)
         assert torch.isnan(rows[1]), name
         assert torch.isfinite(rows[[0, 2]]).all(), name
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("name", ["skew_kl", "skew_rkl"])
+def test_skew_divergences_match_formula_and_gradient(name: str, alpha: float) -> None:
+    """DistiLLM's skew KL and skew reverse KL, values and gradients, against float64 formulas."""
+    student, teacher = _logits(20).double().requires_grad_(), _logits(21).double()
+    _reference(name, student, teacher, 2.0, alpha).sum().backward()
+    ours = _logits(20).requires_grad_()
+    rows = divergence(name, ours, _teacher_logprobs(teacher.float(), 2.0), 2.0, beta=alpha)
+    rows.sum().backward()
+    expected = _reference(name, student, teacher, 2.0, alpha).detach()
+    torch.testing.assert_close(rows.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.grad.double(), student.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_skew_ends_and_bounds() -> None:
+    """alpha = 0 is forward (reverse) KL; skew KL is at most T^2 log(1 / alpha); skew reverse KL stays finite
+    where the teacher rules tokens out (a projected teacher does), where reverse KL is infinite."""
+    student, teacher = _logits(22), _teacher_logprobs(_logits(23) * 4, 1.0)
+    torch.testing.assert_close(
+        divergence("skew_kl", student, teacher, 1.0, 0.0), forward_kl(student, teacher, 1.0)
+    )
+    torch.testing.assert_close(
+        divergence("skew_rkl", student, teacher, 1.0, 0.0), reverse_kl(student, teacher, 1.0)
+    )
+    assert (divergence("skew_kl", student * 10, teacher, 2.0, 0.1) <= 4 * math.log(10) + 1e-5).all()
+    ruled_out = torch.log_softmax(teacher.masked_fill(torch.arange(11) < 4, -math.inf), -1)
+    grad_student = student.clone().requires_grad_()
+    rows = divergence("skew_rkl", grad_student, ruled_out, 1.0, 0.1)
+    (grad,) = torch.autograd.grad(rows.sum(), grad_student)
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    assert torch.isinf(reverse_kl(student, ruled_out, 1.0)).all()

@@ -136,14 +136,17 @@ def _mass_gap(
     temperature: float,
 ) -> torch.Tensor:
     """T^2 * (mass of the second KL argument - mass of the first) over restricted vectors (N, S) -> (N,): the
-    term that makes KL(a || b) = sum a log(a / b) - a + b a divergence of unnormalised measures. 0 for tvd
-    and jsd with 0 < beta < 1 (termwise >= 0 already); jsd's ends are forward and reverse KL."""
-    forward = divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0)
-    reverse = divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0)
-    if not (forward or reverse):
+    term that makes KL(a || b) = sum a log(a / b) - a + b a divergence of unnormalised measures. The skew
+    divergences compare with a mixture, whose mass differs from the first argument's by (1 - alpha) times
+    the gap. 0 for tvd and jsd with 0 < beta < 1 (termwise >= 0 already); jsd's ends are forward and reverse
+    KL."""
+    forward = {"forward_kl": 1.0, "skew_kl": 1.0 - beta, "jsd": 1.0 if beta == 0.0 else 0.0}
+    reverse = {"reverse_kl": 1.0, "skew_rkl": 1.0 - beta, "jsd": 1.0 if beta == 1.0 else 0.0}
+    weight = forward.get(divergence, 0.0) - reverse.get(divergence, 0.0)
+    if weight == 0.0:
         return student_logprobs.new_zeros(student_logprobs.shape[:-1])
     gap = student_logprobs.exp().sum(-1) - teacher_logprobs.float().exp().sum(-1)  # Q - P
-    return (gap if forward else -gap) * temperature**2
+    return weight * gap * temperature**2
 
 
 def hybrid_loss(

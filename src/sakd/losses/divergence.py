@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from sakd.errors import UserError
 
-HINTON_SCALED = frozenset({"forward_kl", "reverse_kl", "jsd"})
+HINTON_SCALED = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"})
 
 
 def _weighted_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -60,16 +60,47 @@ def jsd_logprobs(
         return forward_kl_logprobs(student_logprobs, teacher_logprobs)
     if beta == 1.0:
         return reverse_kl_logprobs(student_logprobs, teacher_logprobs)
-    # Where both sides are -inf the mixture is irrelevant (both weights are 0) but logaddexp's backward would
-    # be NaN there: give it finite inputs.
-    impossible = torch.isneginf(teacher_logprobs) & torch.isneginf(student_logprobs)
-    log_mixture = torch.logaddexp(
-        teacher_logprobs.masked_fill(impossible, 0.0) + math.log(beta),
-        student_logprobs.masked_fill(impossible, 0.0) + math.log1p(-beta),
-    )
+    log_mixture = _log_mixture(teacher_logprobs, student_logprobs, beta)
     return beta * _weighted_log_ratio(teacher_logprobs, log_mixture) + (1.0 - beta) * _weighted_log_ratio(
         student_logprobs, log_mixture
     )
+
+
+def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight * p + (1 - weight) * q) for 0 < weight < 1, with finite inputs where both are -inf (the
+    mixture is never used there, but logaddexp's backward would be NaN)."""
+    impossible = torch.isneginf(logp) & torch.isneginf(logq)
+    return torch.logaddexp(
+        logp.masked_fill(impossible, 0.0) + math.log(weight),
+        logq.masked_fill(impossible, 0.0) + math.log1p(-weight),
+    )
+
+
+def skew_kl_logprobs(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float = 0.1
+) -> torch.Tensor:
+    """DistiLLM's skew KL: KL(p_T || alpha p_T + (1 - alpha) q_S), no temperature scaling. (N, V) -> (N,).
+
+    The student side is mixed with a little of the teacher, so the divergence stays finite (bounded by
+    log(1/alpha)) where the student gives a token almost no probability; alpha = 0 is forward KL."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
+    if alpha == 0.0:
+        return forward_kl_logprobs(student_logprobs, teacher_logprobs)
+    return _weighted_log_ratio(teacher_logprobs, _log_mixture(teacher_logprobs, student_logprobs, alpha))
+
+
+def skew_reverse_kl_logprobs(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float = 0.1
+) -> torch.Tensor:
+    """DistiLLM's skew reverse KL: KL(q_S || alpha q_S + (1 - alpha) p_T), no temperature scaling.
+    (N, V) -> (N,). Finite even where the teacher rules a token out (a projected teacher does), unlike
+    reverse KL; alpha = 0 is reverse KL."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
+    if alpha == 0.0:
+        return reverse_kl_logprobs(student_logprobs, teacher_logprobs)
+    return _weighted_log_ratio(student_logprobs, _log_mixture(student_logprobs, teacher_logprobs, alpha))
 
 
 def tvd_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -82,6 +113,8 @@ _CORES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] =
     "reverse_kl": lambda s, t, beta: reverse_kl_logprobs(s, t),
     "jsd": jsd_logprobs,
     "tvd": lambda s, t, beta: tvd_logprobs(s, t),
+    "skew_kl": skew_kl_logprobs,  # beta: the skew alpha
+    "skew_rkl": skew_reverse_kl_logprobs,
 }
 
 
@@ -126,7 +159,8 @@ def divergence(
     temperature: float,
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """The named divergence ("forward_kl", "reverse_kl", "jsd", "tvd") between same-vocabulary models.
+    """The named divergence ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl") between
+    same-vocabulary models; `beta` is jsd's mixture weight and the skew divergences' alpha.
 
     student_logits (N, V) any float dtype; teacher_logprobs (N, V) = log_softmax(teacher_logits / T).
     Returns (N,) fp32.

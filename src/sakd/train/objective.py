@@ -67,7 +67,7 @@ class DistillObjective:
         teacher_tokenizer=None,
         student_tokenizer=None,
         divergence_name: str = "forward_kl",
-        jsd_beta: float = 0.5,
+        beta: float = 0.5,
         cross_vocab: str = "projection",
         chunk_size: int = 1024,
         heads: DistillHeads | None = None,
@@ -101,7 +101,7 @@ class DistillObjective:
         self.kind = "LM only"
         if teacher_tokenizer is not None and cached:
             self._kd = self._cached_kd(
-                teacher_tokenizer, student_tokenizer, divergence_name, jsd_beta, cross_vocab
+                teacher_tokenizer, student_tokenizer, divergence_name, beta, cross_vocab
             )
             if fused_loss and divergence_name == "forward_kl":
                 self._fused_cached = {
@@ -111,7 +111,7 @@ class DistillObjective:
                 }
         elif teacher_tokenizer is not None:
             if same_vocabulary(teacher_tokenizer, student_tokenizer):
-                self._kd = partial(_same_vocab_kd, len(student_tokenizer), divergence_name, jsd_beta)
+                self._kd = partial(_same_vocab_kd, len(student_tokenizer), divergence_name, beta)
                 self.kind = f"same-vocabulary {divergence_name}"
                 if fused_loss and divergence_name == "forward_kl":
                     vocab = len(student_tokenizer)
@@ -120,18 +120,18 @@ class DistillObjective:
                 self.mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
                 kwargs: dict[str, Any] = {"mapping": self.mapping}
                 if cross_vocab != "uld":
-                    kwargs.update(divergence=divergence_name, beta=jsd_beta)
+                    kwargs.update(divergence=divergence_name, beta=beta)
                 self._kd = partial(CROSS_VOCAB_LOSSES[cross_vocab], **kwargs)
                 self.kind = f"cross-vocabulary {cross_vocab}"
                 if fused_loss and divergence_name == "forward_kl" and cross_vocab == "projection":
                     mapping = self.mapping
                     self._fused_target = lambda width: projected_target(mapping, width)
 
-    def _cached_kd(self, teacher_tokenizer, student_tokenizer, divergence_name, jsd_beta, cross_vocab):
+    def _cached_kd(self, teacher_tokenizer, student_tokenizer, divergence_name, beta, cross_vocab):
         sparse = partial(
             sparse_teacher_divergence,
             name=divergence_name,
-            beta=jsd_beta,
+            beta=beta,
             teacher_vocab_size=len(teacher_tokenizer),
         )
         if same_vocabulary(teacher_tokenizer, student_tokenizer):
@@ -142,7 +142,7 @@ class DistillObjective:
                 f"a cached teacher supports the cross-vocabulary projection only (its top-k cannot be sorted "
                 f"for {cross_vocab}): set distill.cross_vocab=projection, or drop teacher.cache"
             )
-        if divergence_name == "reverse_kl" or (divergence_name == "jsd" and jsd_beta == 1.0):
+        if divergence_name == "reverse_kl" or (divergence_name == "jsd" and beta == 1.0):
             raise UserError(
                 "reverse KL against a projected teacher is infinite: use forward_kl, jsd with beta < 1, or tvd"
             )

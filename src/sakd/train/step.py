@@ -123,7 +123,7 @@ def build_training(
         teacher_tok,
         student_tok,
         cfg.distill.divergence,
-        cfg.distill.jsd_beta,
+        cfg.distill.divergence_parameter,
         cfg.distill.cross_vocab,
         cfg.distill.chunk_size,
         heads,
