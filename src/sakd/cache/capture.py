@@ -34,7 +34,7 @@ from sakd.models.load import (
     resolve_precision,
     weights_dtype,
 )
-from sakd.train.objective import DistillObjective
+from sakd.train.teacher import teacher_pass
 
 log = logging.getLogger("sakd")
 PROBS_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -162,7 +162,7 @@ def capture_teacher_cache(
                 collated = collate_windows(windows[start:stop], student_format, teacher_format)
                 collated = {k: v.to(dev) for k, v in collated.items()}
                 with torch.no_grad(), autocast:
-                    hidden = DistillObjective.teacher_pass(teacher, collated).hidden  # (B, Lt, H)
+                    hidden = teacher_pass(teacher, collated).hidden  # (B, Lt, H)
                     # (n, H) the windows' own tokens, window by window: not the prefix, not the padding
                     rows = hidden[collated["teacher_group"] >= 0]
                     ids, probs, tail = top_k_rows(rows, head, None, vocab_size, top_k, chunk)

@@ -31,8 +31,8 @@ from sakd.models.load import unwrap
 from sakd.router import StudentAwareRouter, blend_token_weights, knowledge_gap
 
 if TYPE_CHECKING:
-    from sakd.train.objective import TeacherPass
     from sakd.train.rows import TokenCounts
+    from sakd.train.teacher import TeacherPass
 
 
 class DistillHeads(nn.Module):

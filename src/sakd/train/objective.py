@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -45,18 +44,11 @@ from sakd.models.head import model_head
 from sakd.models.load import capture_final_hidden, unwrap
 from sakd.train.auxiliary import AuxiliaryLosses, AuxNeeds, DistillHeads
 from sakd.train.rows import TokenCounts, first_rows, loss_rows
+from sakd.train.teacher import teacher_pass
 
 
 def same_vocabulary(teacher_tokenizer, student_tokenizer) -> bool:
     return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
-
-
-@dataclass
-class TeacherPass:
-    hidden: torch.Tensor  # (B, Lt, Ht) final hidden state
-    sources: torch.Tensor | None = None  # (B, Lt, E, Ht) knowledge sources
-    attention: torch.Tensor | None = None  # (B, heads, Lt, Lt) last-layer attention
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, 0 = embeddings
 
 
 class DistillObjective:
@@ -266,37 +258,8 @@ class DistillObjective:
             parts["kd"] = sums["kd"] / max(counts.kd, 1)
         return total + extra, {k: v.detach() for k, v in parts.items()}
 
-    @staticmethod
-    @torch.no_grad()
-    def teacher_pass(
-        teacher: nn.Module,
-        batch: dict[str, torch.Tensor],
-        sources=None,
-        attention: bool = False,
-        hidden_states: bool = False,
-    ) -> TeacherPass:
-        """The frozen teacher's forward: final hidden state, and on request knowledge sources, last-layer
-        attention and every layer's hidden states, all captured without editing the model."""
-        with ExitStack() as stack:
-            t_out = stack.enter_context(capture_final_hidden(teacher))
-            if sources is not None:
-                stack.enter_context(sources)
-            attn = (
-                stack.enter_context(capture_attentions(unwrap(teacher), detach=True)) if attention else None
-            )
-            result = teacher(
-                input_ids=batch["teacher_input_ids"],
-                attention_mask=batch.get("teacher_attention_mask"),
-                logits_to_keep=1,
-                use_cache=False,
-                output_hidden_states=hidden_states,
-            )
-            return TeacherPass(
-                hidden=t_out["hidden"],
-                sources=sources.sources if sources is not None else None,
-                attention=attn.maps[0] if attn is not None else None,
-                hidden_states=result.hidden_states if hidden_states else None,
-            )
+    # the teacher's forward, as a class attribute so that tests can stand in for it
+    teacher_pass = staticmethod(teacher_pass)
 
 
 def _same_vocab_kd(
