@@ -4,7 +4,7 @@ data pipeline's token rate.
 The sakd step is the optimizer step of `sakd.train.loop.train` built from the same pieces (config defaults,
 `DistillObjective`, heads, AdamW groups, scheduler, Accelerate, EMA) and run at one fixed curriculum point.
 The reference step is what a user would write by hand: the teacher's forward under no_grad returning full
-logits, the student's full logits, forward KL over the full vocabulary + cross-entropy, AdamW. Both train the
+logits, the student's full logits, forward KL over the full vocabulary + cross-entropy, fused AdamW (as sakd's). Both train the
 same student weights on the same batches, alternating step by step so that load from other processes hits
 both.
 A hand-written cross-tokenizer reference does not exist: for the cross-tokenizer pair the reference is the
@@ -194,8 +194,13 @@ class ReferenceStep:
         self.teacher.requires_grad_(False)
         self.student = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).to(device).train()
         tc = cfg.train
+        # the same fused AdamW as sakd's step, so that the comparison is of everything else
         self.optimizer = torch.optim.AdamW(
-            self.student.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
+            self.student.parameters(),
+            lr=tc.lr,
+            betas=tuple(tc.betas),
+            weight_decay=tc.weight_decay,
+            fused=True,
         )
         self.temperature = point.temperature
         self.lm_weight, self.kd_weight = point.weights["lm"], point.weights["kd"]
