@@ -4,9 +4,9 @@ data pipeline's token rate.
 The sakd step is the optimizer step of `sakd.train.loop.train` built from the same pieces (config defaults,
 `DistillObjective`, heads, AdamW groups, scheduler, Accelerate, EMA) and run at one fixed curriculum point.
 The reference step is what a user would write by hand: the teacher's forward under no_grad returning full
-logits, the student's full logits, forward KL over the full vocabulary + cross-entropy, fused AdamW (as sakd's). Both train the
-same student weights on the same batches, alternating step by step so that load from other processes hits
-both.
+logits, the student's full logits, forward KL over the full vocabulary + cross-entropy, fused AdamW (as
+sakd's). Both train the same student weights on the same batches, alternating step by step so that load from
+other processes hits both.
 A hand-written cross-tokenizer reference does not exist: for the cross-tokenizer pair the reference is the
 same-tokenizer reference step with the student's tokenizer (a teacher of the same architecture with the
 student's vocabulary), counted in student tokens like the sakd step.

@@ -1,12 +1,13 @@
 """The curriculum: loss weights, distillation temperature, router temperature and top-k as ONE pure function
 of training progress = optimizer_step / total_optimizer_steps.
 
-Training and evaluation both call `curriculum_at` with the same progress, so they weigh losses identically
-(an evaluation loss weighed otherwise would not be comparable with the training loss). Default phases: phase 1 (progress 0-0.3) KD + LM; phase 2 (0.3-0.6) adds feature and
-attention transfer; phase 3 (0.6-1) adds the router (its feature loss and token weights), load balance,
-layerwise and contrastive losses. A loss joining at phase start s ramps in linearly over [s, s + ramp]:
-weight 0 at or before s (a phase-2 loss is exactly 0 throughout phase 1), its full weight from s + ramp on.
-With the default ramp 0.05: at 29% the feature weight is 0, at 31% it is 0.2 of its full weight, at 35% full.
+Training and evaluation both call `curriculum_at` with the same progress, so they weigh losses identically (an
+evaluation loss weighed otherwise would not be comparable with the training loss). Default phases: phase 1
+(progress 0-0.3) KD + LM; phase 2 (0.3-0.6) adds feature and attention transfer; phase 3 (0.6-1) adds the
+router (its feature loss and token weights), load balance, layerwise and contrastive losses. A loss joining at
+phase start s ramps in linearly over [s, s + ramp]: weight 0 at or before s (a phase-2 loss is exactly 0
+throughout phase 1), its full weight from s + ramp on. With the default ramp 0.05: at 29% the feature weight
+is 0, at 31% it is 0.2 of its full weight, at 35% full.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Text generation with a trained model: `sakd generate`, and the decoding speed that `sakd eval` reports.
 
 Greedy at temperature 0 (deterministic), sampling otherwise (seeded). The prompt starts with the special
-tokens the model's tokenizer puts before text; an empty prompt of a model without any starts from EOS (packed training data puts EOS between documents, so it is
-where a document starts).
+tokens the model's tokenizer puts before text; an empty prompt of a model without any starts from EOS (packed
+training data puts EOS between documents, so it is where a document starts).
 """
 
 from __future__ import annotations

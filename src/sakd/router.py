@@ -12,7 +12,8 @@ Per aligned group t (a row here), with the student's group state s_t, the teache
   vector, as it could if m were projected by a learned map too;
 - feature rows = mean over dims of (LN(proj(s_t)) - LN(m_t))^2 = 2 * (1 - corr), in [0, 4] whatever the
   widths (576 vs 1024) or activation scales: O(1) by construction, not by an arbitrary division, so it
-  cannot swamp the KD loss on a model with large activations; the rows are weighted by the token weights below, so features are taught where KD is;
+  cannot swamp the KD loss on a model with large activations; the rows are weighted by the token weights
+  below, so features are taught where KD is;
 - balance loss (Switch Transformer): E * sum_j f_j p_j, f_j the fraction of rows whose top-1 source is j,
   p_j the mean full-softmax probability of j; 1 at uniform routing, E at total collapse;
 - capacity c_t = sigmoid(MLP(LN(s_t))) in (0, 1), a probe on the DETACHED student state trained (binary
@@ -170,7 +171,8 @@ def knowledge_gap(
     """Detached per-row divergence between teacher and student next-token predictions, chunked.
 
     student_hidden (N, Hs), teacher_hidden (N, Ht) final hidden states at the aligned rows; the heads
-    (`ModelHead`s, or bare weights (V_s, Hs), (V_t, Ht) with the biases given apart); kd_fn the objective's per-row KD function ((n, V_s) fp32, (n, V_t) fp32) -> (n,).
+    (`ModelHead`s, or bare weights (V_s, Hs), (V_t, Ht) with the biases given apart); kd_fn the objective's
+    per-row KD function ((n, V_s) fp32, (n, V_t) fp32) -> (n,).
     Returns (N,) fp32. Only chunk_size rows of logits exist at a time.
     """
     s_head, t_head = as_head(student_head, student_head_bias), as_head(teacher_head, teacher_head_bias)

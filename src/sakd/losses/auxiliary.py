@@ -1,15 +1,16 @@
 """Auxiliary transfer losses on aligned groups: hidden states, attention maps, layer pairs, contrastive.
 
-Teacher and student see the same characters through different tokenizers, so their sequences differ in
-length and token i of one is not token i of the other; everything here compares ALIGNED GROUPS, the spans both tokenizations cut at the
-same characters, with a group's state the mean over its tokens (`group_mean`). Losses are pure functions:
-fp32 inside, masked by valid rows, teacher tensors detached, a SUM over valid rows divided by `count` (pass
-the global count of valid rows of the optimizer step so that micro-batching does not change the loss; the
-default is the local count), and exactly 0, never NaN, when nothing is valid.
+Teacher and student see the same characters through different tokenizers, so their sequences differ in length
+and token i of one is not token i of the other; everything here compares ALIGNED GROUPS, the spans both
+tokenizations cut at the same characters, with a group's state the mean over its tokens (`group_mean`). Losses
+are pure functions: fp32 inside, masked by valid rows, teacher tensors detached, a SUM over valid rows divided
+by `count` (pass the global count of valid rows of the optimizer step so that micro-batching does not change
+the loss; the default is the local count), and exactly 0, never NaN, when nothing is valid.
 
-Scale: so that no auxiliary loss swamps the others on models with large activations, hidden-state losses compare LayerNorm'd vectors (zero mean, unit variance per row,
-no affine), for which the per-dimension mean squared error is 2 * (1 - Pearson correlation), in [0, 4]
-whatever the hidden sizes or activation magnitudes, so no division by a magic constant is ever needed.
+Scale: so that no auxiliary loss swamps the others on models with large activations, hidden-state losses
+compare LayerNorm'd vectors (zero mean, unit variance per row, no affine), for which the per-dimension mean
+squared error is 2 * (1 - Pearson correlation), in [0, 4] whatever the hidden sizes or activation magnitudes,
+so no division by a magic constant is ever needed.
 """
 
 from __future__ import annotations
@@ -230,10 +231,10 @@ def contrastive_loss(
     """InfoNCE over the batch: each window's student representation must pick its own teacher one.
 
     student_pooled (B, D), teacher_pooled (B, D) (detached here; project the student to D first),
-    temperature: fixed (a learnable one could shrink towards 0 and blow the loss up), valid (B,) bool windows (invalid ones are neither
-    anchors nor negatives). Cosine similarities / temperature; cross-entropy with the diagonal as targets,
-    averaged over valid anchors (and over both directions when `symmetric`). A batch-level loss: it is a mean
-    over this micro-batch's windows, 0 with fewer than one valid window.
+    temperature: fixed (a learnable one could shrink towards 0 and blow the loss up), valid (B,) bool windows
+    (invalid ones are neither anchors nor negatives). Cosine similarities / temperature; cross-entropy with the
+    diagonal as targets, averaged over valid anchors (and over both directions when `symmetric`). A batch-level
+    loss: it is a mean over this micro-batch's windows, 0 with fewer than one valid window.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")

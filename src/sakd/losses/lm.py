@@ -34,12 +34,13 @@ def make_distill_row_loss(
 ) -> RowLoss:
     """A row loss with row_inputs (labels (N,), teacher_hidden (N, H_t), kd_mask (N,) bool, kd_weight (N,)).
 
-    Returns {"lm": CE sum over labels != -100, "kd": sum over kd_mask rows of kd_weight * kd(student, teacher)}
-    where kd maps (student_logits (k, V_s) fp32, teacher_logits (k, V_t) fp32) to (k,), e.g. a partial of a
-    divergence or a cross-vocabulary loss. Teacher logits: `teacher_head` (a `ModelHead`, or a bare weight with
-    `teacher_bias`) applied to teacher_hidden, computed without grad in the weight's dtype and upcast to fp32,
-    only for the kd rows of the chunk, so the teacher's full logits never exist either. With kd None only "lm" is returned. `kd_rows` (host int):
-    the kd rows are the chunk's first `kd_rows` (see `kd_selection`).
+    Returns {"lm": CE sum over labels != -100, "kd": sum over kd_mask rows of kd_weight * kd(student,
+    teacher)} where kd maps (student_logits (k, V_s) fp32, teacher_logits (k, V_t) fp32) to (k,), e.g. a
+    partial of a divergence or a cross-vocabulary loss. Teacher logits: `teacher_head` (a `ModelHead`, or a
+    bare weight with `teacher_bias`) applied to teacher_hidden, computed without grad in the weight's dtype
+    and upcast to fp32, only for the kd rows of the chunk, so the teacher's full logits never exist either.
+    With kd None only "lm" is returned. `kd_rows` (host int): the kd rows are the chunk's first `kd_rows` (see
+    `kd_selection`).
     """
     if kd is not None and teacher_head is None:
         raise ValueError("a kd loss needs the teacher's LM-head weight")

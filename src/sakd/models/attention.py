@@ -1,9 +1,10 @@
 """Attention implementation choice and attention-map capture, failing loudly where maps would be missing.
 
-Only the eager implementation materialises attention probabilities. Under sdpa (and the flash / flex
-kernels) transformers 5.x answers `output_attentions=True` with an EMPTY tuple and a log line, and an
-attention module's second output is None: a loss built on them would silently see nothing. So the implementation is chosen here from whether maps are needed, a contradictory
-request is an error, and every capture checks that real maps came back.
+Only the eager implementation materialises attention probabilities. Under sdpa (and the flash / flex kernels)
+transformers 5.x answers `output_attentions=True` with an EMPTY tuple and a log line, and an attention
+module's second output is None: a loss built on them would silently see nothing. So the implementation is
+chosen here from whether maps are needed, a contradictory request is an error, and every capture checks that
+real maps came back.
 """
 
 from __future__ import annotations
