@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sakd import ablate
-from sakd.ablate import BASELINE, REFERENCE, aggregate_seeds, run_ablation, seeds_table
+from sakd.tools import ablate
+from sakd.tools.ablate import BASELINE, REFERENCE, aggregate_seeds, run_ablation, seeds_table
 from sakd.cli import main
-from sakd.demo import QUICK, DemoSetup
+from sakd.tools.demo import QUICK, DemoSetup
 
 PLAIN = [2.0, 2.1, 2.3]
 SHIFTS = {

@@ -72,7 +72,7 @@ def test_bench_leaves_the_thread_count_as_it_found_it(tmp_path):
 def test_bench_cache_epoch_trains_a_demo_epoch_live_and_cached(tmp_path, monkeypatch, capsys) -> None:
     """Part (d) on a demo shrunk to seconds: one epoch live and one from the cache, same steps, and both
     students evaluated."""
-    from sakd import demo
+    from sakd.tools import demo
 
     tiny = demo.DemoSize(0.03, 0.01, 32, 20, 20, 4, 32, 1, 16, 1, 8)  # 20 steps: the demo warms up 20
     monkeypatch.setattr(demo, "QUICK", tiny)

@@ -77,14 +77,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sakd.demo import run_demo
+    from sakd.tools.demo import run_demo
 
     run_demo(args.workdir, quick=args.quick)
     return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from sakd.ablate import VARIANTS, run_ablation
+    from sakd.tools.ablate import VARIANTS, run_ablation
 
     unknown = [v for v in args.variant if v not in VARIANTS]
     if unknown:
@@ -126,7 +126,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from sakd.config import apply_overrides, read_yaml, validate
-    from sakd.plan import estimate, format_plan, parse_size
+    from sakd.tools.plan import estimate, format_plan, parse_size
 
     memory = parse_size(args.device_memory) if args.device_memory else None
     if args.processes < 1:
@@ -138,7 +138,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from sakd.bench import main_from_args
+    from sakd.tools.bench import main_from_args
 
     return main_from_args(args)
 
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_plan)
     p = sub.add_parser("bench", help="time and peak memory: chunked KD loss, training step, data loading")
-    from sakd.bench import add_arguments as add_bench_arguments
+    from sakd.tools.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(func=_bench)

@@ -29,7 +29,7 @@ from sakd.cli import main
 from sakd.config import validate
 from sakd.errors import UserError
 from sakd.models.tiny import dense_student_config, moe_teacher_config
-from sakd.plan import GIB, HEADROOM, estimate, parse_size
+from sakd.tools.plan import GIB, HEADROOM, estimate, parse_size
 
 MEASURE = r"""
 import json, sys
@@ -66,7 +66,7 @@ if config_path == "-":
 else:
     import matplotlib.pyplot  # noqa: F401 (the report at the end of training draws plots)
     from sakd.config import load_config
-    from sakd.plan import estimate
+    from sakd.tools.plan import estimate
     from sakd.train import inputs, loop
 
     cfg = load_config(config_path)

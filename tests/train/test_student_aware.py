@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from sakd.ablate import VARIANTS
+from sakd.tools.ablate import VARIANTS
 from sakd.config import validate
 from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, CurriculumSpec, curriculum_at
 from sakd.models.load import load_tokenizer

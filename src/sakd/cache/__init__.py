@@ -2,7 +2,6 @@
 so that students with any tokenizer can train from it without running the teacher."""
 
 from sakd.cache.capture import cache_path, capture_teacher_cache
-from sakd.cache.speed import measure_cache_speedup
 from sakd.cache.store import TeacherCache
 from sakd.cache.training import CachedTeacher, open_training_cache, teacher_skeleton
 
@@ -11,7 +10,6 @@ __all__ = [
     "TeacherCache",
     "cache_path",
     "capture_teacher_cache",
-    "measure_cache_speedup",
     "open_training_cache",
     "teacher_skeleton",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, AUX_LOSSES
-from sakd.demo import prepare
+from sakd.tools.demo import prepare
 
 
 def _only(*keep: str) -> dict[str, Any]:

@@ -94,8 +94,8 @@ def demo_cache_epoch(
 ) -> dict[str, Any]:
     """`measure_cache_speedup` over one epoch of the demo's data, with its MoE teacher and student (`sakd demo`
     sizes; the teacher is pretrained once in `workdir` and reused, as the demo does)."""
-    from sakd.demo import prepare
-    from sakd.plan import estimate
+    from sakd.tools.demo import prepare
+    from sakd.tools.plan import estimate
 
     setup = prepare(workdir, quick)
     raw = setup.student_config()

@@ -1,12 +1,12 @@
-"""`sakd bench` (also `python -m sakd.bench`): how fast and how lean sakd's hot paths are, in one run.
+"""`sakd bench` (also `python -m sakd.tools.bench`): how fast and how lean sakd's hot paths are, in one run.
 
 (a) the chunked LM-head KD loss against the plain full-logits reference: time and peak memory per vocabulary
-    (`sakd.bench_loss`);
+    (`sakd.tools.bench_loss`);
 (b) a sakd distillation step against a minimal hand-written step, for one shared tokenizer and for two
-    different tokenizers: tokens/s (`sakd.bench_step`);
+    different tokenizers: tokens/s (`sakd.tools.bench_step`);
 (c) the data pipeline (dual tokenization, alignment, packing, collation): tokens/s against the training rate;
 (d) with --cache-epoch, one epoch of the demo's models trained live and from a teacher cache: the epoch
-    speedup and both students' held-out bits per byte (`sakd.cache.speed.demo_cache_epoch`).
+    speedup and both students' held-out bits per byte (`sakd.tools.cache_speed.demo_cache_epoch`).
 The defaults fit a small CPU; the size flags scale it up on a GPU. `--quick` is a smaller run.
 """
 
@@ -77,7 +77,7 @@ TARGETS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The bench flags (shared by `sakd bench` and `python -m sakd.bench`); unset sizes take the defaults,
+    """The bench flags (shared by `sakd bench` and `python -m sakd.tools.bench`); unset sizes take the defaults,
     or the --quick sizes."""
     p.add_argument("--quick", action="store_true", help="a small run (about a minute on 2 CPU cores)")
     p.add_argument("--output", metavar="FILE.json", help="also write every number to this JSON file")
@@ -229,8 +229,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
-    from sakd.bench_loss import loss_ratios, run_loss_bench
-    from sakd.bench_step import StepSizes, bench_config, build_assets, run_data_bench, run_step_bench
+    from sakd.tools.bench_loss import loss_ratios, run_loss_bench
+    from sakd.tools.bench_step import StepSizes, bench_config, build_assets, run_data_bench, run_step_bench
     from sakd.config import apply_overrides
     from sakd.models.load import resolve_precision
 
@@ -312,7 +312,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         result["data_to_train_ratio"] = data["tokens_per_s"] / data["train_tokens_per_s"]
     result["cache_epoch_speedup"] = result["cache_epoch_bpb_difference"] = None
     if args.cache_epoch:
-        from sakd.cache.speed import demo_cache_epoch
+        from sakd.tools.cache_speed import demo_cache_epoch
 
         print(f"(d) one epoch of the {args.cache_epoch} demo, live and cached ...", file=sys.stderr)
         torch.set_num_threads(own_threads)  # as `sakd train` runs
@@ -350,7 +350,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         result = run_bench(args)
     finally:  # the bench may pin torch to one thread: leave the caller's setting as it was
         torch.set_num_threads(threads)
-    from sakd.bench_table import render
+    from sakd.tools.bench_table import render
 
     render(result)
     if args.output:
@@ -361,7 +361,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from sakd.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="python -m sakd.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sakd.tools.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     try:
         return main_from_args(parser.parse_args(argv))

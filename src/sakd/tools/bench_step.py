@@ -35,7 +35,7 @@ from sakd.curriculum import CurriculumPoint, curriculum_at
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.data.tokenize import input_format
-from sakd.demo import stdlib_files
+from sakd.tools.demo import stdlib_files
 from sakd.errors import UserError
 from sakd.models.load import load_tokenizer
 from sakd.models.tiny import dense_student_config, moe_teacher_config, train_tokenizer
