@@ -330,10 +330,10 @@ def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):
         layerwise_loss,
         pooled_groups,
     )
+    from sakd.losses.kd import KDSettings, logit_kd
     from sakd.models.attention import capture_attentions
     from sakd.models.experts import knowledge_sources
     from sakd.models.load import capture_final_hidden, lm_head, load_tokenizer
-    from sakd.train.objective import DistillObjective
 
     t_tok, s_tok = (
         load_tokenizer(str(assets["teacher"]), "teacher"),
@@ -373,10 +373,8 @@ def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):
     rows = torch.arange(align_mask.shape[0])[:, None].expand_as(align_mask)[align_mask]
     s_last = s_hidden[rows, batch["align_student_pos"][align_mask]]  # (N, Hs)
     t_last = t_hidden[rows, batch["align_teacher_pos"][align_mask]]  # (N, Ht)
-    objective = DistillObjective(t_tok, s_tok)
-    gap = knowledge_gap(
-        s_last, t_last, lm_head(student).weight, lm_head(teacher).weight, objective.kd_fn(1.0)
-    )
+    kd = logit_kd(KDSettings(), t_tok, s_tok)
+    gap = knowledge_gap(s_last, t_last, lm_head(student).weight, lm_head(teacher).weight, kd.at(1.0))
     states, source_rows = aligned_group_states(
         s_hidden, batch["student_group"], sources.sources, batch["teacher_group"], align_mask
     )

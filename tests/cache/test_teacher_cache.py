@@ -26,12 +26,15 @@ from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.data.tokenize import input_format
 from sakd.errors import UserError
-from sakd.losses.lm import _bucket_divergence, _sparse_forward_kl, sparse_teacher_divergence
+from sakd.losses import Chunking
+from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
+from sakd.losses.sparse import _bucket_divergence, _sparse_forward_kl, sparse_teacher_divergence
 from sakd.models.load import freeze, lm_head, load_model, load_tokenizer
 from sakd.models.tiny import tiny_family_model
 from sakd.train.loop import train
 from sakd.train.objective import DistillObjective
-from sakd.train.rows import TokenCounts
+from sakd.train.rows import LossNorm, TokenCounts
+from sakd.train.teacher import LiveTeacher, TopKTeacher
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 NO_AUX = {"weights": {"token_weighting": 0.0}}
@@ -264,15 +267,17 @@ def test_full_vocabulary_cache_equals_live_teacher(raw, assets, bos_teacher, tmp
         for divergence in ("forward_kl", "jsd"):
             grads = {}
             for fused in (False, True):  # the closed-form gradients (forward KL) against autograd
-                live = DistillObjective(teacher_tok, student_tok, divergence, chunk_size=37, fused_loss=fused)
-                from_cache = DistillObjective(
-                    teacher_tok, student_tok, divergence, chunk_size=37, cached=True, fused_loss=fused
+                settings = KDSettings(divergence, 0.5, "projection", fused)
+                chunking = Chunking(37)
+                live = DistillObjective(
+                    LiveTeacher(teacher, logit_kd(settings, teacher_tok, student_tok)), chunking
                 )
-                for name, objective, model_batch, t in (
-                    ("live", live, batch, teacher),
-                    ("cached", from_cache, cached, None),
-                ):
-                    loss, parts = objective(student, t, model_batch, point, TokenCounts.of([model_batch]))
+                from_cache = DistillObjective(
+                    TopKTeacher(top_k_kd(settings, teacher_tok, student_tok)), chunking
+                )
+                for name, objective, model_batch in (("live", live, batch), ("cached", from_cache, cached)):
+                    norm = LossNorm(TokenCounts.of([model_batch]))
+                    loss, parts = objective(student, model_batch, point, norm)
                     loss.backward()
                     grads[name, fused] = [p.grad.clone() for p in student.parameters()]
                     student.zero_grad(set_to_none=True)

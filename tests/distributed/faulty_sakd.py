@@ -8,11 +8,11 @@ import os
 import sys
 
 from sakd.cli import main
-from sakd.train import objective
+from sakd.train import teacher
 
 
 def _install(rank: int, nan_call: int, raise_call: int) -> None:
-    real = objective.DistillObjective.teacher_pass
+    real = teacher.LiveTeacher.teacher_pass
     count = {"n": 0}
 
     def faulty(teacher, batch, *args):
@@ -25,7 +25,7 @@ def _install(rank: int, nan_call: int, raise_call: int) -> None:
                 result.hidden[0] = float("nan")
         return result
 
-    objective.DistillObjective.teacher_pass = staticmethod(faulty)
+    teacher.LiveTeacher.teacher_pass = staticmethod(faulty)
 
 
 if __name__ == "__main__":

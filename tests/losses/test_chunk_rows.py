@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from sakd.losses import chunk_rows
-from sakd.train.objective import DistillObjective
+from sakd.losses import Chunking, chunk_rows
 
 
 def test_chunk_rows_bounds_the_logits_of_a_chunk():
@@ -17,8 +16,8 @@ def test_chunk_rows_bounds_the_logits_of_a_chunk():
 
 
 def test_the_widest_head_sets_the_rows():
-    objective = DistillObjective(chunk_size=1024, chunk_logits=2**20)
+    chunking = Chunking(1024, 2**20)
     student, teacher = nn.Linear(8, 2048, bias=False), nn.Linear(8, 8192, bias=False)
-    assert objective.rows_per_chunk(student) == 512
-    assert objective.rows_per_chunk(student, teacher) == 128
-    assert objective.rows_per_chunk(student, None) == 512
+    assert chunking.rows(student) == 512
+    assert chunking.rows(student, teacher) == 128
+    assert chunking.rows(student, None) == 512

@@ -6,7 +6,7 @@ import torch
 
 from sakd.losses.chunked import chunked_head_loss, full_head_loss
 from sakd.losses.divergence import forward_kl
-from sakd.losses.lm import lm_row_loss, make_distill_row_loss
+from sakd.losses.rows import lm_row_loss, make_distill_row_loss
 from sakd.models.head import ModelHead
 
 ROWS, HIDDEN, VOCAB, TEACHER_HIDDEN, TEACHER_VOCAB = 37, 16, 50, 12, 70

@@ -10,10 +10,10 @@ import torch
 from sakd.losses.chunked import ChunkBuffers, chunked_head_loss
 from sakd.losses.cross_vocab import projected_divergence
 from sakd.losses.fused import FusedForwardKL, projected_target, same_vocab_target
-from sakd.losses.lm import make_distill_row_loss
+from sakd.losses.kd import _same_vocab_kd
+from sakd.losses.rows import make_distill_row_loss
 from sakd.losses.vocab_mapping import VocabMapping
 from sakd.models.head import ModelHead
-from sakd.train.objective import _same_vocab_kd
 
 ROWS, HIDDEN, TEACHER_HIDDEN = 41, 16, 12
 VOCAB, STUDENT_WIDTH, TEACHER_WIDTH = 50, 56, 64  # model heads padded beyond the tokenizer
@@ -134,7 +134,8 @@ def _cached_inputs(seed: int, k: int, teacher_vocab: int):
 
 def _check_cached(kd_kwargs, temperature, k, teacher_vocab, weights, seed=0, mutate=None):
     from sakd.losses.fused import FusedCachedForwardKL
-    from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
+    from sakd.losses.rows import make_cached_distill_row_loss
+    from sakd.losses.sparse import sparse_teacher_divergence
 
     params, row_inputs = _cached_inputs(seed, k, teacher_vocab)
     if mutate:
@@ -177,7 +178,7 @@ def test_cached_top_k_covering_the_vocabulary():
 def test_vectorised_row_sort_is_torch_stable_sort(k):
     """The int32-key numpy sort gives torch's stable sort: values and order, ties (duplicate columns, the
     `width` of unmapped entries) in their original order."""
-    from sakd.losses.lm import sort_rows
+    from sakd.losses.sparse import sort_rows
 
     width = 50
     columns = torch.randint(0, width + 1, (37, k), generator=torch.Generator().manual_seed(k))
@@ -227,7 +228,7 @@ def test_chunk_buffers_change_nothing_and_are_kept(fused):
 def _brute_force_bucket_kl(logits, ids, probs, tail, temperature, teacher_vocab, student_vocab, to_student):
     """T^2 * forward KL on the k + 1 buckets in float64, student tail as a sum over the columns outside the
     top-k's: the definition `sparse_teacher_divergence` approximates in fp32. -> rows (n,)."""
-    from sakd.losses.lm import sparse_teacher_buckets
+    from sakd.losses.sparse import sparse_teacher_buckets
 
     logp, log_tail, targets = sparse_teacher_buckets(ids, probs, tail, temperature, teacher_vocab, to_student)
     student = logits.double() if to_student is not None else logits.double()[:, :student_vocab]
@@ -256,7 +257,8 @@ def test_cached_tail_term_survives_a_student_confident_on_the_top_k(projection, 
     noise there, which lost the teacher's tail term (value and gradient). Both the reference and the fused
     path must match a float64 evaluation."""
     from sakd.losses.fused import FusedCachedForwardKL
-    from sakd.losses.lm import make_cached_distill_row_loss, sparse_teacher_divergence
+    from sakd.losses.rows import make_cached_distill_row_loss
+    from sakd.losses.sparse import sparse_teacher_divergence
 
     g = torch.Generator().manual_seed(3)
     rows, k, teacher_vocab = 9, 8, 60 if projection else VOCAB

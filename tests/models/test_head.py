@@ -23,10 +23,11 @@ from sakd.cache.capture import top_k_rows
 from sakd.errors import UserError
 from sakd.losses.chunked import chunked_head_loss, full_head_loss
 from sakd.losses.fused import FusedCachedForwardKL, FusedForwardKL, same_vocab_target
-from sakd.losses.lm import make_cached_distill_row_loss, make_distill_row_loss, sparse_teacher_divergence
+from sakd.losses.kd import _same_vocab_kd
+from sakd.losses.rows import make_cached_distill_row_loss, make_distill_row_loss
+from sakd.losses.sparse import sparse_teacher_divergence
 from sakd.models.head import LogitTransform, ModelHead, check_head, head_logits, model_head
 from sakd.models.load import capture_final_hidden
-from sakd.train.objective import _same_vocab_kd
 
 VOCAB, HIDDEN, BATCH, LENGTH = 48, 32, 2, 12
 SMALL = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2}

@@ -142,9 +142,9 @@ def test_same_vocabulary_distillation(base_config, assets):
 
 def test_nonfinite_teacher_skips_steps_and_leaves_weights_finite(base_config, monkeypatch):
     """A NaN is never hidden (no nan_to_num): the step is skipped and counted."""
-    from sakd.train import objective as objective_module
+    from sakd.train import teacher as teacher_module
 
-    real = objective_module.DistillObjective.teacher_pass
+    real = teacher_module.LiveTeacher.teacher_pass
     calls = {"n": 0}
 
     def poisoned(teacher, batch, *args):
@@ -154,7 +154,7 @@ def test_nonfinite_teacher_skips_steps_and_leaves_weights_finite(base_config, mo
             result.hidden[0] = float("nan")
         return result
 
-    monkeypatch.setattr(objective_module.DistillObjective, "teacher_pass", staticmethod(poisoned))
+    monkeypatch.setattr(teacher_module.LiveTeacher, "teacher_pass", staticmethod(poisoned))
     raw = _with(base_config, max_steps=6, nonfinite_max_rate=1.0, eval_every=0)
     raw["data"]["eval"] = []
     summary = train(validate(raw))
@@ -166,17 +166,17 @@ def test_nonfinite_teacher_skips_steps_and_leaves_weights_finite(base_config, mo
 
 
 def test_nonfinite_rate_stops_training_with_a_checkpoint(base_config, monkeypatch):
-    from sakd.train import objective as objective_module
+    from sakd.train import teacher as teacher_module
     from sakd.train.loop import TrainingStopped
 
-    real = objective_module.DistillObjective.teacher_pass
+    real = teacher_module.LiveTeacher.teacher_pass
 
     def poisoned(teacher, batch, *args):
         result = real(teacher, batch, *args)
         result.hidden.mul_(float("inf"))
         return result
 
-    monkeypatch.setattr(objective_module.DistillObjective, "teacher_pass", staticmethod(poisoned))
+    monkeypatch.setattr(teacher_module.LiveTeacher, "teacher_pass", staticmethod(poisoned))
     raw = _with(base_config, max_steps=20, nonfinite_max_rate=0.1, nonfinite_window=10)
     with pytest.raises(TrainingStopped, match="non-finite"):
         train(validate(raw))

@@ -10,14 +10,15 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from sakd.tools.ablate import VARIANTS
 from sakd.config import validate
 from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, CurriculumSpec, curriculum_at
 from sakd.models.load import load_tokenizer
 from sakd.router import blend_token_weights
+from sakd.tools.ablate import VARIANTS
 from sakd.train import auxiliary
 from sakd.train.inputs import training_inputs
 from sakd.train.loop import curriculum_point, train
+from sakd.train.rows import LossNorm
 from sakd.train.step import build_training, step_batches
 
 
@@ -90,7 +91,7 @@ def test_token_weighting_strength_is_honoured(base_config, monkeypatch):
 
     def kd_at(strength: float) -> torch.Tensor:
         spec = CurriculumSpec.model_validate({"enabled": False, "weights": {"token_weighting": strength}})
-        return t.objective(t.student, t.teacher, batch, curriculum_at(0.5, spec), counts)[1]["kd"]
+        return t.objective(t.student, batch, curriculum_at(0.5, spec), LossNorm(counts))[1]["kd"]
 
     plain, full, part = kd_at(0.0), kd_at(1.0), kd_at(0.3)
     assert not blended[0].equal(torch.ones_like(blended[0]))  # the full weights are not uniform

@@ -1,6 +1,6 @@
 """Distillation and language-modelling losses: pure functions, fp32 inside, per-row or summed."""
 
-from sakd.losses.chunked import ChunkBuffers, chunk_rows, chunked_head_loss, full_head_loss
+from sakd.losses.chunked import ChunkBuffers, Chunking, chunk_rows, chunked_head_loss, full_head_loss
 from sakd.losses.cross_vocab import (
     CROSS_VOCAB_LOSSES,
     hybrid_loss,
@@ -18,11 +18,12 @@ from sakd.losses.divergence import (
     student_logprobs_at,
     total_variation,
 )
-from sakd.losses.lm import IGNORE_INDEX, lm_row_loss, make_distill_row_loss
+from sakd.losses.rows import IGNORE_INDEX, lm_row_loss, make_distill_row_loss
 from sakd.losses.vocab_mapping import VocabMapping, build_vocab_mapping, token_surfaces
 
 __all__ = [
     "ChunkBuffers",
+    "Chunking",
     "chunk_rows",
     "CROSS_VOCAB_LOSSES",
     "DIVERGENCES",

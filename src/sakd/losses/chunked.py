@@ -12,6 +12,8 @@ so that chunks add up and the caller divides by its global count of valid tokens
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -221,3 +223,16 @@ def full_head_loss(
     if total is None:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     return total.float(), {name: value.detach().float() for name, value in parts.items()}
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How many rows a chunk of the chunked losses holds: `chunk_size`, fewer when `chunk_logits` (rows x
+    vocabulary) would be exceeded at the widest vocabulary a chunk applies."""
+
+    size: int = 1024
+    logits: int | None = None
+
+    def rows(self, *heads: Any) -> int:
+        """Rows per chunk for the LM heads (anything with a `.weight`, None skipped) a chunk applies."""
+        return chunk_rows(self.size, self.logits, max(h.weight.shape[0] for h in heads if h is not None))

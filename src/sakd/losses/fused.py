@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from sakd.losses.chunked import RowLoss
-from sakd.losses.lm import IGNORE_INDEX, kd_count, kd_selection
+from sakd.losses.rows import IGNORE_INDEX, kd_count, kd_selection
 from sakd.models.head import ModelHead, as_head, head_logits
 
 # (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C))
@@ -119,7 +119,7 @@ class FusedForwardKL(_FusedRowLoss):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits,
         written to `grad_out` (n, W) fp32 if given; `kd_rows` as for the reference
-        (`sakd.losses.lm.kd_selection`)."""
+        (`sakd.losses.rows.kd_selection`)."""
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
         parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0), grad_out)
@@ -200,7 +200,7 @@ class FusedCachedForwardKL(_FusedRowLoss):
         kd_rows: int | None = None,  # not needed: rows outside kd_mask are masked, not selected
         grad_out: torch.Tensor | None = None,  # as for FusedForwardKL
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        from sakd.losses.lm import (
+        from sakd.losses.sparse import (
             log_mass_outside_from_probs,
             sparse_kl_buckets,
             sparse_kl_rows,

@@ -2,14 +2,14 @@
 aligned groups that use them (feature, attention, layer-wise, contrastive, router and balance, KD token
 weights). Which of them run, and with which weights, comes from the curriculum point of the current step.
 
-With a teacher cache only the KD token weights remain: their knowledge gap is the cached sparse divergence.
+The router and the KD token weights read the teacher's knowledge gap from the `Teacher` itself, so they work
+with a teacher cache as well; the other parts need the live teacher's hidden states.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,14 +25,13 @@ from sakd.losses.auxiliary import (
     layerwise_loss,
     pooled_groups,
 )
+from sakd.losses.chunked import Chunking
 from sakd.models.experts import knowledge_sources
-from sakd.models.head import head_logits, model_head
+from sakd.models.head import ModelHead
 from sakd.models.load import unwrap
-from sakd.router import StudentAwareRouter, blend_token_weights, knowledge_gap
-
-if TYPE_CHECKING:
-    from sakd.train.rows import TokenCounts
-    from sakd.train.teacher import TeacherPass
+from sakd.router import StudentAwareRouter, blend_token_weights
+from sakd.train.rows import LossNorm
+from sakd.train.teacher import Teacher, TeacherPass, aligned_rows
 
 
 class DistillHeads(nn.Module):
@@ -112,144 +111,124 @@ class AuxNeeds:
         return self.groups or self.attention or self.layers
 
 
+@dataclass
+class StudentPass:
+    """The student's forward on one micro-batch, as the losses read it."""
+
+    hidden: torch.Tensor  # (B, Ls, H) final hidden state
+    head: ModelHead  # its LM head
+    attention: torch.Tensor | None = None  # (B, heads, Ls, Ls) last-layer attention, when asked for
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, 0 = embeddings, when asked for
+
+
 class AuxiliaryLosses:
-    """The auxiliary losses of `DistillObjective`. `kd_fn(temperature)` is the objective's per-row KD (the
-    router's knowledge gap), `rows_per_chunk(*heads)` its chunk bound; `cached`: the teacher is a cache."""
+    """The auxiliary losses of `DistillObjective`, against its `teacher` (whose knowledge gap the router and
+    the KD token weights read); `chunking` bounds the rows of the gap's logits."""
 
     def __init__(
         self,
         heads: DistillHeads,
         sources: Any,
-        attention_loss: str,
-        contrastive_temperature: float,
-        kd_fn: Callable[[float], Callable[..., torch.Tensor] | None],
-        rows_per_chunk: Callable[..., int],
-        cached: bool,
+        teacher: Teacher,
+        chunking: Chunking,
+        attention_loss: str = "kl",
+        contrastive_temperature: float = 0.1,
     ):
         self.heads = heads
         self.sources = sources
+        self.teacher = teacher
+        self.chunking = chunking
         self.attention_loss = attention_loss
         self.contrastive_temperature = contrastive_temperature
-        self.kd_fn = kd_fn
-        self.rows_per_chunk = rows_per_chunk
-        self.cached = cached
 
     def __call__(
         self,
         needs: AuxNeeds,
-        student: nn.Module,
-        teacher: nn.Module | None,
         batch: dict[str, torch.Tensor],
-        hidden: torch.Tensor,
-        s_attn: Any,
-        s_result: Any,
+        student: StudentPass,
         t_pass: TeacherPass | None,
         point: CurriculumPoint,
-        counts: TokenCounts,
-        scale: float,
-        micro_batches: int,
+        norm: LossNorm,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """(weighted sum of the auxiliary losses, {part: unweighted loss}, KD token weights per aligned group in
-        (b, g) order or None). Token-level parts are divided by the step's global KD count (times `scale`);
-        batch-level ones (balance, contrastive) are means divided by `micro_batches`. `s_attn` and `s_result`
-        are the student's captured attention and model output, `hidden` its final hidden state (B, Ls, H)."""
-        w = point.weights
-        extra = hidden.new_zeros((), dtype=torch.float32)
+        (b, g) order or None). Token-level parts are divided by the step's global KD count (times the number
+        of processes); batch-level ones (balance, contrastive) are means divided by the micro-batches."""
+        extra = student.hidden.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         group_weights = None
         if needs.groups:
-            mask = batch["align_mask"]  # (B, G)
-            num_groups = mask.shape[1]
-            s_groups, _ = group_mean(hidden, batch["student_group"], num_groups)  # (B, G, Hs)
-            if w["feature"] > 0 or w["contrastive"] > 0:
-                t_groups, _ = group_mean(t_pass.hidden, batch["teacher_group"], num_groups)  # (B, G, Ht)
-            if (needs.sources or needs.token_weights) and self.cached:
-                gap = self._cached_knowledge_gap(student, batch, hidden, point)
-            elif needs.sources or needs.token_weights:
-                gap = self._knowledge_gap(student, teacher, batch, hidden, t_pass, point)
-            if needs.sources:
-                routed = self._route(batch, t_pass, s_groups, gap, point, counts)
-                token_weights, parts["capacity"] = routed.token_weights, routed.capacity_loss
-                parts["router"] = routed.feature_loss
-                parts["balance"] = routed.balance_loss / micro_batches
-                extra = extra + scale * w["router"] * routed.feature_loss + w["balance"] * parts["balance"]
-            elif needs.token_weights:
-                token_weights, parts["capacity"] = self.heads.router.token_weights(
-                    s_groups[mask], gap, count=counts.kd
-                )
-            if needs.token_weights:
-                group_weights = blend_token_weights(token_weights, w["token_weighting"])
-                extra = extra + scale * w["token_weighting"] * parts["capacity"]
-            if w["feature"] > 0:
-                parts["feature"] = feature_loss(
-                    s_groups[mask], t_groups[mask], self.heads.feature, count=counts.kd
-                )
-                extra = extra + scale * w["feature"] * parts["feature"]
-            if w["contrastive"] > 0:
-                s_pooled, valid = pooled_groups(s_groups, mask)
-                t_pooled, _ = pooled_groups(t_groups, mask)
-                c = contrastive_loss(
-                    self.heads.contrastive(s_pooled), t_pooled, self.contrastive_temperature, valid
-                )
-                parts["contrastive"] = c / micro_batches
-                extra = extra + w["contrastive"] * parts["contrastive"]
+            extra, group_weights = self._group_losses(needs, batch, student, t_pass, point, norm, parts)
+        w, scale, count = point.weights, norm.processes, norm.counts.kd
         if needs.attention:
             parts["attention"] = attention_transfer_loss(
-                s_attn.maps[0],
+                student.attention,
                 t_pass.attention,
                 batch["student_group"],
                 batch["teacher_group"],
                 batch["align_mask"].shape[1],
                 batch["align_mask"],
                 self.attention_loss,
-                count=counts.kd,
+                count=count,
             )
             extra = extra + scale * w["attention"] * parts["attention"]
         if needs.layers:
             parts["layerwise"] = layerwise_loss(
-                s_result.hidden_states,
+                student.hidden_states,
                 t_pass.hidden_states,
                 self.heads.layer_map,
                 self.heads.layerwise,
                 batch["student_group"],
                 batch["teacher_group"],
                 batch["align_mask"],
-                count=counts.kd,
+                count=count,
             )
             extra = extra + scale * w["layerwise"] * parts["layerwise"]
         return extra, parts, group_weights
 
-    def _knowledge_gap(self, student, teacher, batch, hidden, t_pass, point) -> torch.Tensor:
-        """The detached per-group divergence between teacher and student predictions (N,)."""
-        mask = batch["align_mask"]
-        bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-        s_head, t_head = model_head(student), model_head(teacher)
-        return knowledge_gap(
-            hidden[bi, batch["align_student_pos"][mask]].detach(),
-            t_pass.hidden[bi, batch["align_teacher_pos"][mask]],
-            s_head.detach(),
-            t_head,
-            self.kd_fn(point.temperature),
-            self.rows_per_chunk(s_head, t_head),
-        )
+    def _group_losses(self, needs, batch, student, t_pass, point, norm, parts):
+        """The losses on hidden states pooled over aligned groups: router, balance, token weights, feature,
+        contrastive. Adds their parts to `parts`; returns (their weighted sum, the KD token weights or None)."""
+        w, scale, count = point.weights, norm.processes, norm.counts.kd
+        extra = student.hidden.new_zeros((), dtype=torch.float32)
+        mask = batch["align_mask"]  # (B, G)
+        s_groups, _ = group_mean(student.hidden, batch["student_group"], mask.shape[1])  # (B, G, Hs)
+        if w["feature"] > 0 or w["contrastive"] > 0:
+            t_groups, _ = group_mean(t_pass.hidden, batch["teacher_group"], mask.shape[1])  # (B, G, Ht)
+        token_weights = None
+        if needs.sources or needs.token_weights:
+            bi, positions = aligned_rows(batch, "student")
+            s_rows = student.hidden[bi, positions].detach()
+            gap = self.teacher.knowledge_gap(
+                s_rows, student.head, batch, t_pass, point.temperature, self.chunking
+            )
+        if needs.sources:
+            routed = self._route(batch, t_pass, s_groups, gap, point, count)
+            token_weights, parts["capacity"] = routed.token_weights, routed.capacity_loss
+            parts["router"] = routed.feature_loss
+            parts["balance"] = routed.balance_loss / norm.micro_batches
+            extra = extra + scale * w["router"] * routed.feature_loss + w["balance"] * parts["balance"]
+        elif needs.token_weights:
+            token_weights, parts["capacity"] = self.heads.router.token_weights(
+                s_groups[mask], gap, count=count
+            )
+        group_weights = None
+        if needs.token_weights:
+            group_weights = blend_token_weights(token_weights, w["token_weighting"])
+            extra = extra + scale * w["token_weighting"] * parts["capacity"]
+        if w["feature"] > 0:
+            parts["feature"] = feature_loss(s_groups[mask], t_groups[mask], self.heads.feature, count=count)
+            extra = extra + scale * w["feature"] * parts["feature"]
+        if w["contrastive"] > 0:
+            s_pooled, valid = pooled_groups(s_groups, mask)
+            t_pooled, _ = pooled_groups(t_groups, mask)
+            c = contrastive_loss(
+                self.heads.contrastive(s_pooled), t_pooled, self.contrastive_temperature, valid
+            )
+            parts["contrastive"] = c / norm.micro_batches
+            extra = extra + w["contrastive"] * parts["contrastive"]
+        return extra, group_weights
 
-    @torch.no_grad()
-    def _cached_knowledge_gap(self, student, batch, hidden, point) -> torch.Tensor:
-        """`_knowledge_gap` against the cached teacher: the sparse KD per aligned group (N,), detached."""
-        mask = batch["align_mask"]
-        bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-        s_rows = hidden[bi, batch["align_student_pos"][mask]].detach()  # (N, Hs)
-        teacher = [batch[k][mask] for k in ("cache_ids", "cache_probs", "cache_tail")]
-        head, kd = model_head(student), self.kd_fn(point.temperature)
-        gaps = []
-        step = self.rows_per_chunk(head)
-        for start in range(0, s_rows.shape[0], step):
-            stop = start + step
-            logits = head_logits(s_rows[start:stop].to(head.weight.dtype), head)
-            gaps.append(kd(logits, *(t[start:stop] for t in teacher)).float())
-        return torch.cat(gaps) if gaps else hidden.new_zeros(0, dtype=torch.float32)
-
-    def _route(self, batch, t_pass, s_groups, gap, point, counts):
+    def _route(self, batch, t_pass, s_groups, gap, point, count):
         """The router on aligned groups: routed-knowledge feature loss, balance, token weights."""
         mask = batch["align_mask"]
         src_groups, _ = group_mean(t_pass.sources, batch["teacher_group"], mask.shape[1])  # (B, G, E, Ht)
@@ -259,5 +238,5 @@ class AuxiliaryLosses:
             gap,
             top_k=point.top_k,
             temperature=point.router_temperature,
-            count=counts.kd,
+            count=count,
         )

@@ -14,7 +14,7 @@ from sakd.eval.metrics import lm_sums, metrics_from_sums
 from sakd.models.head import model_head
 from sakd.models.load import unwrap
 from sakd.train.collective import global_sums
-from sakd.train.rows import TokenCounts
+from sakd.train.rows import LossNorm, TokenCounts
 from sakd.train.sharding import is_sharded
 from sakd.train.step import Training, prepare_batch
 
@@ -58,7 +58,7 @@ def evaluate_student(
     same weights as training. Each process evaluates its share of the batches; the sums are added up."""
     model = unwrap(student)
     device = accelerator.device
-    chunk = objective.rows_per_chunk(model_head(model))
+    chunk = objective.chunking.rows(model_head(model))
     sharded = is_sharded(model) or (teacher is not None and is_sharded(teacher))
     mine, keep = _share(batches, accelerator, sharded)
 
@@ -77,7 +77,7 @@ def evaluate_student(
         for b, counted in zip(mine, keep, strict=True):
             b = prepare_batch(b, device)
             with accelerator.autocast():
-                loss, parts = objective(model, teacher, b, point, counts, micro_batches=len(batches))
+                loss, parts = objective(model, b, point, LossNorm(counts, 1, len(batches)))
             if counted:
                 sums["distill_loss"] += float(loss)
                 for k, v in parts.items():
@@ -115,7 +115,7 @@ def measure_before_training(
     sharded = any(is_sharded(m) for m in models.values())
     mine, keep = _share(batches, accelerator, sharded)
     for side, model in models.items():
-        chunk = t.objective.rows_per_chunk(model_head(model))
+        chunk = t.objective.chunking.rows(model_head(model))
         sums = lm_sums(model, mine, side, accelerator.device, chunk, None, keep)
         record[side] = metrics_from_sums(global_sums(sums, accelerator))
     writer.log(record)

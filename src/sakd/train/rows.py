@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sakd.losses.lm import IGNORE_INDEX
+from sakd.losses.rows import IGNORE_INDEX
 
 
 @dataclass
@@ -21,6 +21,21 @@ class TokenCounts:
         lm = sum(int((b["student_labels"] != IGNORE_INDEX).sum()) for b in batches)
         kd = sum(int(b["align_mask"].sum()) for b in batches if "align_mask" in b)
         return TokenCounts(lm, kd)
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """How one micro-batch's loss sums are normalised: by the step's global counts, times the number of
+    processes for token-level parts (DDP averages gradients); batch-level parts are divided by the number of
+    micro-batches."""
+
+    counts: TokenCounts
+    processes: int = 1
+    micro_batches: int = 1
+
+    def token_weight(self, weight: float, count: int) -> float:
+        """The factor of a token-level part's sum: its curriculum weight over its global count."""
+        return self.processes * weight / max(count, 1)
 
 
 def loss_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,9 +65,3 @@ def loss_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "rows_teacher": teacher[keep],
         "rows_group": (bi * mask.shape[1] + gi)[keep],
     }
-
-
-def first_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
-    """values[index] (K, ...) followed by zeros up to `rows` rows."""
-    picked = values.index_select(0, index)
-    return torch.cat([picked, picked.new_zeros((rows - picked.shape[0], *picked.shape[1:]))])

@@ -16,16 +16,19 @@ from sakd.cache.training import CachedTeacher, teacher_skeleton
 from sakd.config import Config
 from sakd.curriculum import AUX_LOSSES, CurriculumPoint
 from sakd.errors import UserError
+from sakd.losses import Chunking
+from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
 from sakd.models.attention import attention_implementation
 from sakd.models.head import check_head
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
-from sakd.train.auxiliary import DistillHeads, build_heads
+from sakd.train.auxiliary import AuxiliaryLosses, DistillHeads, build_heads
 from sakd.train.collective import all_finite, average_gradients, global_counts
 from sakd.train.ema import EMA
 from sakd.train.objective import DistillObjective
-from sakd.train.rows import TokenCounts, loss_rows
+from sakd.train.rows import LossNorm, TokenCounts, loss_rows
 from sakd.train.schedule import make_scheduler
 from sakd.train.sharding import compile_layers, full_tensor, place_teacher, shard
+from sakd.train.teacher import LiveTeacher, TopKTeacher
 
 log = logging.getLogger("sakd")
 
@@ -119,21 +122,7 @@ def build_training(
             cfg.distill.layerwise_pairs,
         )
         heads.to(accelerator.device)
-    objective = DistillObjective(
-        teacher_tok,
-        student_tok,
-        cfg.distill.divergence,
-        cfg.distill.divergence_parameter,
-        cfg.distill.cross_vocab,
-        cfg.distill.chunk_size,
-        heads,
-        sources,
-        cfg.distill.attention_loss,
-        cfg.distill.contrastive_temperature,
-        cached=cached is not None,
-        chunk_logits=cfg.distill.chunk_logits,
-        fused_loss=cfg.distill.fused_loss,
-    )
+    objective = build_objective(cfg, teacher, student_tok, teacher_tok, heads, sources)
     sharded = tc.strategy == "fsdp" and accelerator.num_processes > 1
     alone = accelerator.num_processes == 1
     if alone and (tc.strategy == "fsdp" or (cfg.teacher is not None and cfg.teacher.placement == "shard")):
@@ -160,6 +149,24 @@ def build_training(
         student, optimizer = accelerator.prepare(student, optimizer)
     ema = EMA(unwrap(student), tc.ema_decay) if tc.ema_decay else None
     return Training(cfg, accelerator, teacher, student, heads, objective, optimizer, scheduler, ema, attn)
+
+
+def build_objective(cfg: Config, teacher, student_tok, teacher_tok, heads, sources) -> DistillObjective:
+    """The objective: KD from the live `teacher` model, or from the teacher cache when the config names one
+    (then `teacher` is None), with the auxiliary losses when `heads` are given."""
+    if cfg.teacher is None:
+        return DistillObjective()
+    settings = KDSettings.of(cfg.distill)
+    if teacher is not None:
+        source = LiveTeacher(teacher, logit_kd(settings, teacher_tok, student_tok))
+    else:
+        source = TopKTeacher(top_k_kd(settings, teacher_tok, student_tok))
+    chunking = Chunking(cfg.distill.chunk_size, cfg.distill.chunk_logits)
+    aux = None
+    if heads is not None:
+        d = cfg.distill
+        aux = AuxiliaryLosses(heads, sources, source, chunking, d.attention_loss, d.contrastive_temperature)
+    return DistillObjective(source, chunking, aux)
 
 
 def check_heads(t: Training, batch: dict[str, torch.Tensor]) -> None:
@@ -201,9 +208,8 @@ def train_step(t: Training, step: StepBatches, point: CurriculumPoint) -> StepRe
         if hasattr(student, "set_requires_gradient_sync"):
             student.set_requires_gradient_sync(last)
         with accelerator.no_sync(student) if not last else nullcontext(), accelerator.autocast():
-            loss, parts = t.objective(
-                student, t.teacher, batch, point, step.counts, accelerator.num_processes, len(step.batches)
-            )
+            norm = LossNorm(step.counts, accelerator.num_processes, len(step.batches))
+            loss, parts = t.objective(student, batch, point, norm)
         accelerator.backward(loss)
         loss_sum += loss.detach()
         for k, v in parts.items():

@@ -1,16 +1,32 @@
-"""The frozen teacher's forward pass: its final hidden state and, on request, what the auxiliary losses read
-(knowledge sources, last-layer attention, every layer's hidden states), all captured without editing it."""
+"""The teacher, as the distillation objective sees it: one interface, two implementations.
+
+- `LiveTeacher`: the frozen model runs on each micro-batch; KD compares logits computed chunk by chunk from its
+  final hidden state, and the auxiliary losses may read its other states (`TeacherPass`).
+- `TopKTeacher`: a teacher cache; each batch carries the cached top-k distribution of its aligned groups
+  (`sakd.cache.training`), and KD is the sparse divergence on them. It has no hidden states to give.
+
+Both give, for the loss rows of a micro-batch, the KD row inputs and the row loss at temperature T, and, for
+the aligned groups, the knowledge gap (the detached per-group KD). Nothing outside this module asks which one
+it holds.
+"""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from sakd.losses.chunked import Chunking, RowLoss
+from sakd.losses.kd import LogitKD, TopKKD
 from sakd.models.attention import capture_attentions
+from sakd.models.head import ModelHead, head_logits, model_head
 from sakd.models.load import capture_final_hidden, unwrap
+from sakd.router import knowledge_gap
+
+CACHE_KEYS = ("cache_ids", "cache_probs", "cache_tail")
 
 
 @dataclass
@@ -19,6 +35,15 @@ class TeacherPass:
     sources: torch.Tensor | None = None  # (B, Lt, E, Ht) knowledge sources
     attention: torch.Tensor | None = None  # (B, heads, Lt, Lt) last-layer attention
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, 0 = embeddings
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What one micro-batch needs from the teacher's forward besides its final hidden state."""
+
+    sources: Any = None  # the knowledge-source capture (`sakd.models.experts`), entered around the forward
+    attention: bool = False
+    hidden_states: bool = False
 
 
 @torch.no_grad()
@@ -49,3 +74,124 @@ def teacher_pass(
             attention=attn.maps[0] if attn is not None else None,
             hidden_states=result.hidden_states if hidden_states else None,
         )
+
+
+class Teacher(Protocol):
+    kind: str  # what KD compares, for the log
+    model: nn.Module | None  # the model, when it runs (the auxiliary losses read its states)
+
+    def run(self, batch: dict[str, torch.Tensor], request: TeacherRequest) -> TeacherPass | None:
+        """The teacher's states for this micro-batch (None: it has none to give)."""
+
+    def kd_inputs(
+        self,
+        batch: dict[str, torch.Tensor],
+        rows: dict[str, torch.Tensor],
+        t_pass: TeacherPass | None,
+        n: int,
+    ) -> list[torch.Tensor]:
+        """The row inputs the row loss reads after the labels, for the first `rows["rows_teacher"]` rows
+        (the distillation rows), zero-filled up to `n` rows."""
+
+    def row_loss(self, temperature: float, student_head: ModelHead) -> RowLoss:
+        """The chunked row loss (parts "lm" and "kd") at `temperature`."""
+
+    def chunk_heads(self) -> tuple[ModelHead, ...]:
+        """The teacher heads a chunk of the row loss applies (they bound the chunk's rows)."""
+
+    def knowledge_gap(
+        self,
+        student_rows: torch.Tensor,
+        student_head: ModelHead,
+        batch: dict[str, torch.Tensor],
+        t_pass: TeacherPass | None,
+        temperature: float,
+        chunking: Chunking,
+    ) -> torch.Tensor:
+        """The detached per-row KD (N,) at the aligned groups of `batch["align_mask"]` in (b, g) order;
+        `student_rows` (N, Hs) are the student's final hidden states there."""
+
+
+def aligned_rows(batch: dict[str, torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index, position) of each aligned group's last token on `side`, in (b, g) order."""
+    mask = batch["align_mask"]  # (B, G)
+    bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    return bi, batch[f"align_{side}_pos"][mask]
+
+
+def first_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """values[index] (K, ...) followed by zeros up to `rows` rows."""
+    picked = values.index_select(0, index)
+    return torch.cat([picked, picked.new_zeros((rows - picked.shape[0], *picked.shape[1:]))])
+
+
+class LiveTeacher:
+    """The teacher model itself, run on every micro-batch that needs it."""
+
+    def __init__(self, model: nn.Module, kd: LogitKD):
+        self.model = model
+        self.kd = kd
+        self.kind = kd.kind
+        self.mapping = kd.mapping
+
+    def run(self, batch: dict[str, torch.Tensor], request: TeacherRequest) -> TeacherPass:
+        return self.teacher_pass(self.model, batch, request.sources, request.attention, request.hidden_states)
+
+    def kd_inputs(self, batch, rows, t_pass, n):
+        return [first_rows(t_pass.hidden.flatten(0, 1), rows["rows_teacher"], n)]
+
+    def row_loss(self, temperature: float, student_head: ModelHead) -> RowLoss:
+        return self.kd.row_loss(temperature, model_head(self.model), student_head.weight.shape[0])
+
+    def chunk_heads(self) -> tuple[ModelHead, ...]:
+        return (model_head(self.model),)
+
+    def knowledge_gap(self, student_rows, student_head, batch, t_pass, temperature, chunking):
+        bi, positions = aligned_rows(batch, "teacher")
+        t_head = model_head(self.model)
+        return knowledge_gap(
+            student_rows,
+            t_pass.hidden[bi, positions],
+            student_head.detach(),
+            t_head,
+            self.kd.at(temperature),
+            chunking.rows(student_head, t_head),
+        )
+
+    # the forward, as a class attribute so that tests can stand in for it
+    teacher_pass = staticmethod(teacher_pass)
+
+
+class TopKTeacher:
+    """A teacher known by its cached top-k distributions, which each batch carries (`CACHE_KEYS`)."""
+
+    model = None
+
+    def __init__(self, kd: TopKKD):
+        self.kd = kd
+        self.kind = kd.kind
+        self.mapping = kd.mapping
+
+    def run(self, batch, request) -> None:
+        return None
+
+    def kd_inputs(self, batch, rows, t_pass, n):
+        return [first_rows(batch[key].flatten(0, 1), rows["rows_group"], n) for key in CACHE_KEYS]
+
+    def row_loss(self, temperature: float, student_head: ModelHead) -> RowLoss:
+        return self.kd.row_loss(temperature)
+
+    def chunk_heads(self) -> tuple[ModelHead, ...]:
+        return ()
+
+    @torch.no_grad()
+    def knowledge_gap(self, student_rows, student_head, batch, t_pass, temperature, chunking):
+        mask = batch["align_mask"]
+        teacher = [batch[key][mask] for key in CACHE_KEYS]
+        kd, step = self.kd.at(temperature), chunking.rows(student_head)
+        gaps = []
+        for start in range(0, student_rows.shape[0], step):
+            stop = start + step
+            logits = head_logits(student_rows[start:stop].to(student_head.weight.dtype), student_head)
+            gaps.append(kd(logits, *(t[start:stop] for t in teacher)).float())
+        return torch.cat(gaps) if gaps else student_rows.new_zeros(0, dtype=torch.float32)
