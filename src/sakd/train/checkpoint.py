@@ -1,4 +1,5 @@
-"""Crash-safe checkpoint folders: written to a temporary folder, renamed atomically, with a manifest written last.
+"""Checkpoints: what one holds, how a run is saved and resumed, and the crash-safe folders they live in (written
+to a temporary folder, renamed atomically, with a manifest written last).
 
 Layout: `checkpoints/step-000120/` holding `student.safetensors`, `training_state.pt` (optimizer, scheduler,
 scaler, EMA, loader position, counters), `rng-rank{r}.pt` and `manifest.json` (step, files, sizes, sha256).
@@ -15,13 +16,28 @@ import pickle
 import random
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 
 from sakd.errors import UserError
+from sakd.models.load import unwrap
+from sakd.train.sharding import (
+    gather_full_state,
+    is_sharded,
+    load_full_optimizer,
+    load_full_weights,
+    without_tied_copies,
+)
+
+if TYPE_CHECKING:
+    from sakd.train.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +181,106 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run: Run, collective: bool = True) -> Path:
+    """The run at its current step, in `run.checkpoints`. Every process writes its RNG state; the main process
+    writes the rest. Never the teacher. Without `collective` (an emergency save after an exception) the main
+    process writes it alone, with its own RNG state only; the other processes write nothing."""
+    root, t, state = run.checkpoints, run.training, run.state
+    accelerator, student, ema = t.accelerator, t.student, t.ema
+    final = root / step_dir_name(state.step)
+    sharded = is_sharded(unwrap(student))
+    if sharded and not collective:
+        raise RuntimeError(
+            "a sharded (FSDP) student cannot be saved by one process alone: the newest periodic checkpoint "
+            "is the one to resume from"
+        )
+    if not collective and not accelerator.is_main_process:
+        return final
+    sync = accelerator.wait_for_everyone if collective else lambda: None
+    sync()
+    tmp = root / f".tmp-{step_dir_name(state.step)}"
+    if accelerator.is_main_process:
+        tmp = begin(root, state.step)
+    sync()
+    torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    # Collectives first (every process): the full weights of a sharded student, and the EMA's.
+    if sharded:
+        weights, optimizer_state = gather_full_state(unwrap(student), t.optimizer)
+    ema_state = ema.state_dict() if ema is not None else None
+    if accelerator.is_main_process:
+        if sharded:
+            save_file(without_tied_copies(weights, unwrap(student)), str(tmp / "student.safetensors"))
+        else:
+            save_safetensors_model(unwrap(student), str(tmp / "student.safetensors"))
+            optimizer_state = t.optimizer.state_dict()
+        if t.heads is not None:
+            save_safetensors_model(t.heads, str(tmp / "heads.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer_state,
+                "scheduler": t.scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "ema": ema_state,
+                # the position counts global batches: their size makes it portable
+                "loader": {
+                    **run.loader.state_dict(),
+                    "global_batch": run.loader.batch_size * run.loader.world_size,
+                },
+                "loop": asdict(state),
+                "num_processes": accelerator.num_processes,
+            },
+            tmp / "training_state.pt",
+        )
+    sync()
+    if accelerator.is_main_process:
+        keep = max(run.cfg.train.keep_last, 1)
+        final = commit(root, tmp, state.step, keep, {"num_processes": accelerator.num_processes})
+    sync()
+    return final
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Restore the run's student, heads, optimizer, scheduler, scaler, EMA, loader position, counters and this
+    process's RNG state from the checkpoint at `path`."""
+    t, state, loader = run.training, run.state, run.loader
+    accelerator, student, optimizer, ema = t.accelerator, t.student, t.optimizer, t.ema
+    # A config changed under --force may no longer fit the checkpoint: the user's to fix, not a traceback.
+    sharded = is_sharded(unwrap(student))
+    try:
+        if sharded:  # every process reads the full weights and keeps its shards
+            load_full_weights(unwrap(student), load_file(str(path / "student.safetensors")))
+        else:
+            load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
+    except (RuntimeError, KeyError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(
+            f"checkpoint '{path}' does not fit this student ({detail}): resume with the student it was trained "
+            "with, or start a new run in another output_dir"
+        ) from None
+    if t.heads is not None:
+        load_safetensors_model(t.heads, str(path / "heads.safetensors"))
+    saved = load_state(path / "training_state.pt")
+    try:
+        loader.load_state_dict(saved["loader"])
+    except ValueError as e:
+        raise UserError(
+            f"cannot resume from '{path}': {e}: restore them, or start a new run in another output_dir"
+        ) from None
+    if sharded:
+        load_full_optimizer(unwrap(student), optimizer, saved["optimizer"])
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
+    t.scheduler.load_state_dict(saved["scheduler"])
+    if accelerator.scaler is not None and saved["scaler"] is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    if ema is not None and saved["ema"] is not None:
+        ema.load_state_dict(saved["ema"])
+    for k, v in saved["loop"].items():
+        setattr(state, k, v)
+    rng = path / f"rng-rank{accelerator.process_index}.pt"
+    if not rng.exists():  # saved by fewer processes: set_seed gave every process rank 0's generators
+        rng = path / "rng-rank0.pt"
+    if rng.exists():
+        set_rng_state(load_state(rng))

@@ -95,12 +95,3 @@ def agree_max(value: int, accelerator: Accelerator) -> int:
     if accelerator.num_processes == 1:
         return value
     return int(host_reduce([value], dist.ReduceOp.MAX)[0])
-
-
-def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
-    """Whether every process's loss and the gradient norm are finite: a bool on the device (nothing waits for
-    it). Gradients are already all-reduced (same norm everywhere); losses differ per process."""
-    finite = torch.isfinite(loss) & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
-    if accelerator.num_processes == 1:
-        return finite
-    return accelerator.reduce((~finite).to(torch.int32), reduction="sum") == 0

@@ -4,6 +4,10 @@ One optimizer step = `grad_accum` micro-batches per process. Loss sums are divid
 whole step over all processes, so batch 4 x accumulation 1 equals batch 2 x accumulation 2. A step whose loss
 or gradient is not finite is skipped on every process and counted. The run can be killed at any point and
 resumed from its newest complete checkpoint with the same result as an uninterrupted run.
+
+`train` runs the phases over one `Run`: `setup` (tokenizers, data, models), `resume` (from a checkpoint),
+`open_tracking` (run files, metrics, the before-training measurement), `fit` (the steps, each followed by its
+`boundary`: log, evaluate, save, stop) and `finish` (final evaluation, checkpoint, export, summary, report).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +31,20 @@ from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
 from sakd.report.trackers import MetricsWriter
 from sakd.train import checkpoint, rundir
+from sakd.train.checkpoint import load_checkpoint, save_checkpoint
 from sakd.train.collective import agree_max, global_losses, release_host_groups
 from sakd.train.evaluate import eval_batches as make_eval_batches
 from sakd.train.evaluate import evaluate_student, measure_before_training
+from sakd.train.export import export_final
 from sakd.train.inputs import training_inputs
-from sakd.train.persist import export_final, load_checkpoint, save_checkpoint
+from sakd.train.run import Run, TrainingStopped
 from sakd.train.sharding import is_sharded
-from sakd.train.skips import SkipVerdicts
 from sakd.train.step import build_training, check_heads, step_batches, train_step
-from sakd.train.tracking import LogInterval, LoopState, early_stop_due
+from sakd.train.tracking import LogInterval, early_stop_due
 
 log = logging.getLogger("sakd")
 
-
-class TrainingStopped(Exception):
-    """Training ended before max_steps for a reason the user must see (exit status `code`)."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
-class _NoWriter:
-    """Processes other than the main one log nothing."""
-
-    def log(self, record: dict[str, Any]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+__all__ = ["Run", "TrainingStopped", "curriculum_point", "train"]
 
 
 class StopFlag:
@@ -90,6 +77,16 @@ def curriculum_point(cfg: Config, step: int) -> CurriculumPoint:
 
 
 def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[str, Any]:
+    run = setup(cfg, resume, force)
+    if resume:
+        resume_run(run, resume)
+    open_tracking(run)
+    stop_reason, last_eval = fit(run)
+    return finish(run, stop_reason, last_eval)
+
+
+def setup(cfg: Config, resume: str | None, force: bool) -> Run:
+    """The run folder, tokenizers, data, models, objective and optimizer; nothing is logged yet."""
     # The first PartialState decides the backend: without ACCELERATE_USE_CPU, torchrun's CPU workers
     # would each train alone.
     distributed = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -107,170 +104,206 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         if teacher_tok is not None:
             log_input_format(teacher_tok, "teacher")
     inputs = training_inputs(cfg, student_tok, teacher_tok, accelerator.num_processes, main and tc.progress)
-    cached = inputs.cached
-    t = build_training(cfg, accelerator, precision, student_tok, teacher_tok, cached)
+    training = build_training(cfg, accelerator, precision, student_tok, teacher_tok, inputs.cached)
     loader = inputs.loader(cfg, accelerator, student_tok, teacher_tok)
-    state = LoopState()
-    ckpt_root = out / "checkpoints"
+    run = Run(cfg, out, training, inputs, loader, (student_tok, teacher_tok))
+    run.eval_batches = make_eval_batches(inputs.eval_windows, tc.batch_size, student_tok, teacher_tok)
+    return run
 
-    def save(tag: str = "", collective: bool = True) -> Path:
-        path = save_checkpoint(
-            ckpt_root,
-            accelerator,
-            t.student,
-            t.heads,
-            t.optimizer,
-            t.scheduler,
-            t.ema,
-            loader,
-            state,
-            tc.keep_last,
-            collective,
-        )
-        if main:
-            log.info("checkpoint%s saved: %s", tag, path)
-        return path
 
-    start_path = checkpoint.resolve_resume(ckpt_root, resume) if resume else None
-    if start_path is not None:
-        load_checkpoint(
-            start_path, accelerator, t.student, t.heads, t.optimizer, t.scheduler, t.ema, loader, state
-        )
-    writer: MetricsWriter | _NoWriter = _NoWriter()
-    if main:
+def resume_run(run: Run, resume: str) -> None:
+    """Restore the run from the checkpoint `resume` names (`auto`: the newest complete one), if any."""
+    run.resumed_from = checkpoint.resolve_resume(run.checkpoints, resume)
+    if run.resumed_from is not None:
+        load_checkpoint(run, run.resumed_from)
+
+
+def open_tracking(run: Run) -> None:
+    """The run files and the metrics writer (main process), and, for a new run, the models measured on
+    held-out data before any step."""
+    cfg, tc = run.cfg, run.cfg.train
+    if run.main:
+        accelerator = run.accelerator
+        precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
         environment = rundir.environment_snapshot(
             str(accelerator.device), precision, accelerator.num_processes
         )
-        rundir.write_run_files(out, cfg, environment)
+        rundir.write_run_files(run.out, cfg, environment)
         wandb = (
             {"project": tc.wandb_project, "config": cfg.model_dump(mode="json")} if tc.wandb_project else None
         )
-        writer = MetricsWriter(out, tensorboard=tc.tensorboard, wandb=wandb)
-        if start_path is not None:
-            writer.log({"event": "resume", "step": state.step, "from": str(start_path)})
-    eval_batches = make_eval_batches(inputs.eval_windows, tc.batch_size, student_tok, teacher_tok)
-    if start_path is None:  # a resumed run measured its models when it started
-        measure_before_training(t, inputs.eval_windows, tc.batch_size, student_tok, teacher_tok, writer)
+        run.writer = MetricsWriter(run.out, tensorboard=tc.tensorboard, wandb=wandb)
+        if run.resumed_from is not None:
+            run.writer.log({"event": "resume", "step": run.state.step, "from": str(run.resumed_from)})
+    if run.resumed_from is None:  # a resumed run measured its models when it started
+        student_tok, teacher_tok = run.tokenizers
+        windows = run.inputs.eval_windows
+        measure_before_training(run.training, windows, tc.batch_size, student_tok, teacher_tok, run.writer)
 
-    def evaluate() -> dict[str, Any]:
-        point = curriculum_point(cfg, state.step)
-        result = evaluate_student(
-            t.student, t.teacher, t.objective, eval_batches, point, accelerator, t.ema, main and tc.progress
+
+def save(run: Run, tag: str = "", collective: bool = True) -> Path:
+    path = save_checkpoint(run, collective)
+    if run.main:
+        log.info("checkpoint%s saved: %s", tag, path)
+    return path
+
+
+def evaluate(run: Run) -> dict[str, Any]:
+    """Held-out metrics at the current step, logged and written to the metrics."""
+    t, state = run.training, run.state
+    point = curriculum_point(run.cfg, state.step)
+    progress = run.main and run.cfg.train.progress
+    result = evaluate_student(
+        t.student, t.teacher, t.objective, run.eval_batches, point, run.accelerator, t.ema, progress
+    )
+    result["step"] = state.step
+    run.writer.log({"event": "eval", **result})
+    if run.main:
+        raw, ema_m = result["raw"], result.get("ema")
+        ema_text = f", EMA {ema_m['bits_per_byte']:.4f}" if ema_m else ""
+        log.info(
+            "step %d: held-out bits per byte %.4f (raw)%s, perplexity %.2f",
+            state.step,
+            raw["bits_per_byte"],
+            ema_text,
+            raw["perplexity"],
         )
-        result["step"] = state.step
-        writer.log({"event": "eval", **result})
-        if main:
-            raw, ema_m = result["raw"], result.get("ema")
-            ema_text = f", EMA {ema_m['bits_per_byte']:.4f}" if ema_m else ""
-            log.info(
-                "step %d: held-out bits per byte %.4f (raw)%s, perplexity %.2f",
-                state.step,
-                raw["bits_per_byte"],
-                ema_text,
-                raw["perplexity"],
-            )
-        return result
+    return result
 
-    verdicts = SkipVerdicts()
 
-    def settle() -> None:
-        """Read the pending skip verdicts (one wait for the device); stop when too many steps were skipped."""
-        verdicts.settle(state, writer, accelerator, tc.nonfinite_window)
-        if state.skipped_steps and sum(state.recent_skips) > tc.nonfinite_max_rate * tc.nonfinite_window:
-            save(" (non-finite stop)")
-            release_host_groups()  # every process stops here together
-            raise TrainingStopped(
-                f"{sum(state.recent_skips)} of the last {len(state.recent_skips)} steps had a non-finite "
-                "loss or gradient (skipped windows are listed in metrics.jsonl); likely causes: a learning "
-                "rate too high, fp16 overflow (use bf16 or fp32), a teacher that outputs NaN/inf, or bad "
-                f"data. The newest checkpoint is in {ckpt_root}"
-            )
+def settle(run: Run) -> None:
+    """Read the pending skip verdicts (one wait for the device); stop when too many steps were skipped."""
+    tc = run.cfg.train
+    run.guard.settle(run.state, run.writer, run.accelerator, tc.nonfinite_window)
+    if run.guard.too_many(run.state, tc):
+        save(run, " (non-finite stop)")
+        release_host_groups()  # every process stops here together
+        raise TrainingStopped(run.guard.stop_message(run.state, run.checkpoints))
 
-    desc = "distilling" if cfg.teacher is not None else "training (LM only)"
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc=desc, disable=not (main and tc.progress))
-    show_phase = _phases_differ(cfg)
+
+@dataclass
+class Progress:
+    """What the loop tracks between steps but never saves: the bar, the log interval, timing, the last
+    evaluation and the step boundary an emergency checkpoint goes back to."""
+
+    bar: Any
+    show_phase: bool
+    interval: LogInterval = field(default_factory=LogInterval)
+    started: float = field(default_factory=time.perf_counter)
+    elapsed_at_start: float = 0.0
     last_eval: dict[str, Any] | None = None
-    interval = LogInterval()
-    t_segment = time.perf_counter()
-    elapsed_at_start = state.elapsed_s
-    stop_reason = None
-    heads_checked = False
-    boundary = (loader.state_dict(), checkpoint.rng_state())
+    stop_reason: str | None = None
+    boundary: tuple[Any, Any] | None = None
+    point: CurriculumPoint | None = None  # of the step just taken
+    heads_checked: bool = False
+
+
+def fit(run: Run) -> tuple[str | None, dict[str, Any] | None]:
+    """The optimizer steps up to `max_steps` (or an early stop, a time budget, a signal). Returns (the reason
+    training stopped early or None, the last periodic evaluation)."""
+    cfg, tc, state = run.cfg, run.cfg.train, run.state
+    desc = "distilling" if cfg.teacher is not None else "training (LM only)"
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc=desc, disable=not (run.main and tc.progress))
+    progress = Progress(bar, _phases_differ(cfg), elapsed_at_start=state.elapsed_s)
+    progress.boundary = (run.loader.state_dict(), checkpoint.rng_state())
     with StopFlag() as stop:
         try:
             while state.step < tc.max_steps:
-                boundary = (loader.state_dict(), checkpoint.rng_state())
-                host_batches = [loader.next_batch() for _ in range(tc.grad_accum)]
-                batches = step_batches(host_batches, accelerator)
-                if not heads_checked:
-                    check_heads(t, batches.batches[0])
-                    heads_checked = True
-                point = curriculum_point(cfg, state.step)
-                result = train_step(t, batches, point)
-                state.step += 1
-                boundary = (loader.state_dict(), checkpoint.rng_state())
-                state.tokens_seen += batches.tokens
-                state.elapsed_s = elapsed_at_start + time.perf_counter() - t_segment
-                loss_sum, parts_sum = global_losses(result.loss, result.parts, accelerator)
-                verdicts.add(state.step, result, loss_sum, batches.windows)
-                interval.add(loss_sum, parts_sum, batches.tokens, result.grad_norm, result.stepped)
-                bar.update()
-                log_due = state.step % tc.log_every == 0 or state.step == tc.max_steps
-                eval_due = bool(eval_batches and tc.eval_every and state.step % tc.eval_every == 0)
-                save_due = bool(tc.save_every and state.step % tc.save_every == 0)
-                if log_due or eval_due or save_due:
-                    settle()
-                if log_due:
-                    record = interval.flush(state, t.scheduler.get_last_lr()[0], point)
-                    writer.log(record)
-                    postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}"}
-                    if show_phase:
-                        postfix["phase"] = point.phase
-                    bar.set_postfix(**postfix, tok_s=f"{record['tokens_per_s']:.0f}")
-                if eval_due and state.step < tc.max_steps:
-                    last_eval = evaluate()
-                    if agree_max(int(early_stop_due(state, last_eval, tc)), accelerator):
-                        stop_reason = "early stop"
-                if save_due and state.step < tc.max_steps:
-                    save()
-                signum = agree_max(stop.signum, accelerator)
-                if signum:
-                    settle()
-                    save(" (emergency)")
-                    release_host_groups()  # every process stops here together
-                    name = signal.Signals(signum).name
-                    raise TrainingStopped(
-                        f"stopped by {name} at step {state.step}; a checkpoint is in {ckpt_root}: resume with "
-                        "`sakd train CONFIG --resume auto`",
-                        code=128 + signum,
-                    )
-                if tc.max_minutes and agree_max(int(state.elapsed_s > 60 * tc.max_minutes), accelerator):
-                    stop_reason = f"time budget of {tc.max_minutes} minutes spent"
-                if stop_reason:
+                step(run, progress)
+                boundary(run, progress, stop)
+                if progress.stop_reason:
                     break
         except (Exception, KeyboardInterrupt) as exc:
-            if isinstance(exc, TrainingStopped):
-                raise
-            if state.step > 0:
-                try:
-                    # Back to the last step boundary, so that the checkpoint matches the weights. The other
-                    # processes may be dead or stuck in a collective: the main process saves alone.
-                    loader.load_state_dict(boundary[0])
-                    checkpoint.set_rng_state(boundary[1])
-                    if accelerator.num_processes == 1:  # (with others, recording a skip is collective)
-                        verdicts.settle(state, writer, accelerator, tc.nonfinite_window)
-                    save(" (emergency)", collective=False)
-                except Exception:  # the original failure matters more than a failed emergency save
-                    log.exception("emergency checkpoint failed")
+            if not isinstance(exc, TrainingStopped):
+                emergency_save(run, progress)
             raise
         finally:
             bar.close()
-            writer.flush()
+            run.writer.flush()
+    return progress.stop_reason, progress.last_eval
 
-    settle()
-    final_eval = evaluate() if eval_batches else None
-    save()
-    export = export_final(out, t.student, t.ema, student_tok, final_eval, accelerator)
+
+def step(run: Run, progress: Progress) -> None:
+    """One optimizer step; its verdict and losses are kept on the device until the next boundary reads them."""
+    t, state, accelerator = run.training, run.state, run.accelerator
+    progress.boundary = (run.loader.state_dict(), checkpoint.rng_state())
+    host_batches = [run.loader.next_batch() for _ in range(run.cfg.train.grad_accum)]
+    batches = step_batches(host_batches, accelerator)
+    if not progress.heads_checked:
+        check_heads(t, batches.batches[0])
+        progress.heads_checked = True
+    point = curriculum_point(run.cfg, state.step)
+    result = train_step(t, batches, point)
+    state.step += 1
+    progress.boundary = (run.loader.state_dict(), checkpoint.rng_state())
+    state.tokens_seen += batches.tokens
+    state.elapsed_s = progress.elapsed_at_start + time.perf_counter() - progress.started
+    loss_sum, parts_sum = global_losses(result.loss, result.parts, accelerator)
+    run.guard.add(state.step, result, loss_sum, batches.windows)
+    progress.interval.add(loss_sum, parts_sum, batches.tokens, result.grad_norm, result.stepped)
+    progress.point = point
+    progress.bar.update()
+
+
+def boundary(run: Run, progress: Progress, stop: StopFlag) -> None:
+    """After a step: log, evaluate, save when due, and stop on a signal, an early stop or the time budget."""
+    tc, state, accelerator = run.cfg.train, run.state, run.accelerator
+    log_due = state.step % tc.log_every == 0 or state.step == tc.max_steps
+    eval_due = bool(run.eval_batches and tc.eval_every and state.step % tc.eval_every == 0)
+    save_due = bool(tc.save_every and state.step % tc.save_every == 0)
+    if log_due or eval_due or save_due:
+        settle(run)
+    if log_due:
+        record = progress.interval.flush(state, run.training.scheduler.get_last_lr()[0], progress.point)
+        run.writer.log(record)
+        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}"}
+        if progress.show_phase:
+            postfix["phase"] = progress.point.phase
+        progress.bar.set_postfix(**postfix, tok_s=f"{record['tokens_per_s']:.0f}")
+    if eval_due and state.step < tc.max_steps:
+        progress.last_eval = evaluate(run)
+        if agree_max(int(early_stop_due(state, progress.last_eval, tc)), accelerator):
+            progress.stop_reason = "early stop"
+    if save_due and state.step < tc.max_steps:
+        save(run)
+    signum = agree_max(stop.signum, accelerator)
+    if signum:
+        settle(run)
+        save(run, " (emergency)")
+        release_host_groups()  # every process stops here together
+        raise TrainingStopped(
+            f"stopped by {signal.Signals(signum).name} at step {state.step}; a checkpoint is in "
+            f"{run.checkpoints}: resume with `sakd train CONFIG --resume auto`",
+            code=128 + signum,
+        )
+    if tc.max_minutes and agree_max(int(state.elapsed_s > 60 * tc.max_minutes), accelerator):
+        progress.stop_reason = f"time budget of {tc.max_minutes} minutes spent"
+
+
+def emergency_save(run: Run, progress: Progress) -> None:
+    """After a failure: a checkpoint of the last finished step, unless nothing was trained yet."""
+    if run.state.step == 0:
+        return
+    try:
+        # Back to the last step boundary, so that the checkpoint matches the weights. The other processes may
+        # be dead or stuck in a collective: the main process saves alone.
+        run.loader.load_state_dict(progress.boundary[0])
+        checkpoint.set_rng_state(progress.boundary[1])
+        if run.accelerator.num_processes == 1:  # (with others, recording a skip is collective)
+            run.guard.settle(run.state, run.writer, run.accelerator, run.cfg.train.nonfinite_window)
+        save(run, " (emergency)", collective=False)
+    except Exception:  # the original failure matters more than a failed emergency save
+        log.exception("emergency checkpoint failed")
+
+
+def finish(run: Run, stop_reason: str | None, last_eval: dict[str, Any] | None) -> dict[str, Any]:
+    """The final evaluation, checkpoint and export; the summary (returned, and in summary.json) and report."""
+    t, state, accelerator = run.training, run.state, run.accelerator
+    settle(run)
+    final_eval = evaluate(run) if run.eval_batches else None
+    save(run)
+    export = export_final(run.out, t.student, t.ema, run.tokenizers[0], final_eval, accelerator)
+    cached = run.inputs.cached
     summary = {
         "step": state.step,
         "skipped_steps": state.skipped_steps,
@@ -287,12 +320,12 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         "eval": final_eval,
         "last_periodic_eval": last_eval,
     }
-    writer.log({"event": "end", **summary})
-    writer.close()
-    if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    run.writer.log({"event": "end", **summary})
+    run.writer.close()
+    if run.main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
         try:
-            build_report(out)
+            build_report(run.out)
         except Exception:  # a failed report must not fail a finished run
             log.warning("the run report could not be built", exc_info=True)
     accelerator.wait_for_everyone()

@@ -22,8 +22,9 @@ from sakd.models.attention import attention_implementation
 from sakd.models.head import check_head
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
 from sakd.train.auxiliary import AuxiliaryLosses, DistillHeads, build_heads
-from sakd.train.collective import all_finite, average_gradients, global_counts
+from sakd.train.collective import average_gradients, global_counts
 from sakd.train.ema import EMA
+from sakd.train.nonfinite import all_finite
 from sakd.train.objective import DistillObjective
 from sakd.train.rows import LossNorm, TokenCounts, loss_rows
 from sakd.train.schedule import make_scheduler
