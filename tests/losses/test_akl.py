@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sakd.losses.divergence import akl_logprobs, divergence, forward_kl, reverse_kl
+from sakd.losses.lm import sparse_teacher_divergence
 
 
 def _logits(seed: int, rows: int = 8, vocab: int = 5) -> torch.Tensor:
@@ -89,3 +90,26 @@ def test_akl_nan_teacher_stays_nan_and_mu_is_checked() -> None:
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
     with pytest.raises(ValueError, match="mu"):
         akl_logprobs(teacher, teacher, 1.0)
+
+
+@pytest.mark.parametrize("name, parameter", [("akl", 0.5), ("taid", 0.6)])
+def test_top_k_teacher_covering_the_vocabulary_equals_the_dense_divergence(
+    name: str, parameter: float
+) -> None:
+    """Through the cached teacher's top-k bucket path, where columns outside the buckets are -inf on both
+    sides: with k = V (no tail) the value is the dense one."""
+    student, teacher = _logits(7), _logits(8)
+    probs = torch.softmax(teacher, -1)
+    rows = sparse_teacher_divergence(
+        student,
+        torch.arange(5).expand(8, 5),
+        probs,
+        torch.zeros(8),
+        2.0,
+        name=name,
+        beta=parameter,
+        teacher_vocab_size=5,
+        student_vocab=5,
+    )
+    dense = divergence(name, student, torch.log_softmax(teacher / 2.0, -1), 2.0, parameter)
+    torch.testing.assert_close(rows, dense, rtol=1e-5, atol=1e-6)
