@@ -141,6 +141,11 @@ def test_collated_batch_matches_brute_force_chunk_likelihoods_and_reaches_every_
     # Window 0: group 0 spans two student tokens (its first is never predicted), group 3 lost a teacher label.
     assert set(expected) == {(0, 1), (0, 2), (0, 4), (1, 1)}
     _assert_matches(loss, mask, expected)
+    # With the batch's group count given (no device sync) nothing changes.
+    num_groups = batch["align_mask"].shape[1]
+    assert num_groups == loss.shape[1]
+    given = label_groups(batch["student_group"], batch["student_labels"], num_groups=num_groups)
+    torch.testing.assert_close(given, student_group)
 
     loss.sum().backward()
     reached = student_logits.grad.abs().sum(-1) > 0  # (B, Ls)

@@ -27,7 +27,9 @@ __all__ = ["BINARY_DIVERGENCES", "chunk_likelihood_loss", "chunk_logprobs", "lab
 BINARY_DIVERGENCES = ("binary_kl", "reverse_binary_kl")
 
 
-def label_groups(group: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def label_groups(
+    group: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, num_groups: int | None = None
+) -> torch.Tensor:
     """The alignment group of the token each position predicts, -1 where that group is not fully predicted.
 
     group (N, L): each token's group as `collate_windows` gives it (`student_group`, `teacher_group`; -1 for
@@ -35,14 +37,15 @@ def label_groups(group: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     int64. Position i predicts token i + 1, so it belongs to group[i + 1]. A group keeps its positions only
     if every one of its tokens is predicted: the window's first token never is (so the first group's text is
     incomplete whenever it holds more than one token), nor are tokens masked out of the loss. Comparing an
-    incomplete chunk with the other side's complete one would compare different texts.
+    incomplete chunk with the other side's complete one would compare different texts. `num_groups`: at
+    least the largest group id + 1 (the batch's `align_mask.shape[1]`); given, it spares a device sync.
     """
     if group.shape != labels.shape:
         raise ValueError(f"group {tuple(group.shape)} and labels {tuple(labels.shape)} must have one shape")
     predicted = torch.full_like(group, -1)
     predicted[:, :-1] = group[:, 1:]
     predicted = torch.where(labels == ignore_index, -1, predicted)  # (N, L)
-    num_groups = _num_groups(group)
+    num_groups = _num_groups(group) if num_groups is None else num_groups
     tokens = _count(group, num_groups)  # (N, G)
     complete = (tokens > 0) & (_count(predicted, num_groups) == tokens)  # (N, G)
     complete = torch.cat([complete, complete.new_zeros(group.shape[0], 1)], dim=1)  # (N, G + 1): -1 -> False
@@ -91,6 +94,7 @@ def chunk_likelihood_loss(
     temperature: float = 100.0,
     divergence: str = "binary_kl",
     epsilon: float = 1e-6,
+    num_groups: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ALM loss per alignment group present on both sides.
 
@@ -99,7 +103,8 @@ def chunk_likelihood_loss(
     teacher is detached; the student keeps its graph, and every student position of a matched group gets a
     gradient. `divergence`: "binary_kl" (KL(teacher || student) of the binarised chunk probabilities) or
     "reverse_binary_kl". Returns the loss (N, G) fp32, 0 outside matched groups, and the matched mask (N, G)
-    bool, G = the largest group id + 1; a mean over groups is loss.sum() / mask.sum().
+    bool, G = `num_groups` if given (as for `label_groups`), else the largest group id + 1. A mean over
+    groups is loss.sum() / mask.sum().
     """
     if divergence not in BINARY_DIVERGENCES:
         raise ValueError(f"unknown chunk divergence {divergence!r}: choose one of {list(BINARY_DIVERGENCES)}")
@@ -107,7 +112,8 @@ def chunk_likelihood_loss(
         raise ValueError(f"temperature must be positive and epsilon >= 0, got {temperature} and {epsilon}")
     if student_label_group.shape[0] != teacher_label_group.shape[0]:
         raise ValueError("student and teacher must hold the same number of rows")
-    num_groups = _num_groups(student_label_group, teacher_label_group)
+    if num_groups is None:
+        num_groups = _num_groups(student_label_group, teacher_label_group)
     student, student_present = chunk_logprobs(student_label_logprobs, student_label_group, num_groups)
     teacher, teacher_present = chunk_logprobs(
         teacher_label_logprobs.detach(), teacher_label_group, num_groups
