@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sakd.losses.divergence import akl_logprobs, divergence, forward_kl, reverse_kl
+from sakd.losses.divergence import AKL_TOP_K, akl_logprobs, divergence, forward_kl, reverse_kl
 from sakd.losses.lm import sparse_teacher_divergence
 
 
@@ -53,6 +53,18 @@ def test_akl_matches_loop_reference_values_and_gradients(mu: float, temperature:
     assert rows.shape == (8,) and rows.dtype == torch.float32
     torch.testing.assert_close(rows.detach().double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(student.grad.double(), student_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_akl_top_k_shortcut_and_full_sort_fallback_match_loop_reference() -> None:
+    """A vocabulary wider than AKL_TOP_K: peaked rows end their head inside the top-k, flat rows (top-k mass
+    <= mu) fall back to sorting the whole row; both agree with the loop reference."""
+    scale = torch.tensor([8.0, 8.0, 8.0, 0.1, 0.1, 0.1])[:, None]  # peaked rows, then flat rows
+    teacher = _logits(9, rows=6, vocab=300) * scale
+    student = _logits(10, rows=6, vocab=300)
+    top_mass = torch.softmax(teacher, -1).topk(AKL_TOP_K, dim=-1).values.sum(-1)
+    assert ((top_mass > 0.5) == torch.tensor([True] * 3 + [False] * 3)).all()
+    rows = divergence("akl", student, torch.log_softmax(teacher, -1), 1.0, beta=0.5)
+    torch.testing.assert_close(rows.double(), _reference(student, teacher, 1.0, 0.5), rtol=1e-5, atol=1e-6)
 
 
 def test_akl_weights_select_forward_or_reverse_kl() -> None:

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 from sakd.errors import UserError
 
+AKL_TOP_K = 64
+"""How many of the teacher's top tokens AKL sorts before falling back to a full sort of the row."""
+
 HINTON_SCALED = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "akl", "taid"})
 
 
@@ -126,16 +129,31 @@ def akl_logprobs(
 def _akl_head_weight(
     student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mu: float
 ) -> torch.Tensor:
-    """g_head / (g_head + g_tail) of `akl_logprobs`. (N, V), (N, V) -> (N,)."""
-    teacher_sorted, order = teacher_logprobs.exp().sort(dim=-1, descending=True)  # (N, V)
-    gap = (teacher_sorted - student_logprobs.exp().gather(-1, order)).abs()  # (N, V)
-    tail = teacher_sorted.cumsum(-1) > mu
-    tail[..., 0] = False  # the top token is head even when it alone holds more than mu
-    head_gap = torch.where(tail, 0.0, gap).sum(-1)
+    """g_head / (g_head + g_tail) of `akl_logprobs`. (N, V), (N, V) -> (N,).
+
+    The head usually ends within the teacher's top few tokens, so only the top AKL_TOP_K are sorted; rows
+    whose top-k hold no more than mu (a flat teacher, the head may go on) sort their whole vocabulary.
+    """
+    teacher_probs = teacher_logprobs.exp()
+    gap = (teacher_probs - student_logprobs.exp()).abs()  # (N, V)
+    top_probs, top = teacher_probs.topk(min(AKL_TOP_K, gap.shape[-1]), dim=-1)  # (N, k), descending
+    head_gap = _head_gap(top_probs, gap.gather(-1, top), mu)
+    unresolved = (top_probs.sum(-1) <= mu) & (top.shape[-1] < gap.shape[-1])  # (N,)
+    if unresolved.any():
+        sorted_probs, order = teacher_probs[unresolved].sort(dim=-1, descending=True)
+        head_gap[unresolved] = _head_gap(sorted_probs, gap[unresolved].gather(-1, order), mu)
     total = gap.sum(-1)
     # Equal distributions have no gap: both KLs are 0 there, so any weight does; `total == 0` (not
     # `total > 0`) keeps a NaN visible.
     return torch.where(total == 0, 0.5, head_gap / total)
+
+
+def _head_gap(sorted_probs: torch.Tensor, sorted_gap: torch.Tensor, mu: float) -> torch.Tensor:
+    """Sum of the gap over the head, given the teacher's probabilities in descending order (a prefix of them
+    suffices when the head ends inside it). (N, k), (N, k) -> (N,)."""
+    tail = sorted_probs.cumsum(-1) > mu
+    tail[..., 0] = False  # the top token is head even when it alone holds more than mu
+    return torch.where(tail, 0.0, sorted_gap).sum(-1)
 
 
 def taid_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, t: float) -> torch.Tensor:
