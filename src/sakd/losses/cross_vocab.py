@@ -82,13 +82,14 @@ def projected_divergence(
     """A divergence between the student and the teacher projected onto the student vocabulary. -> (N,).
 
     The projected teacher puts no mass on student tokens that no teacher token maps to, so reverse KL (and
-    jsd with beta = 1, which is reverse KL) would be infinite on every row: those are refused.
+    jsd with beta = 1, which is reverse KL, and akl, which weights in reverse KL) would be infinite on every
+    row: those are refused.
     """
     if divergence in ("reverse_kl", "akl") or (divergence == "jsd" and beta == 1.0):
         raise UserError(
             f"{divergence} against a projected teacher is infinite (its reverse KL part meets the zero "
             "probability the projection gives to student tokens no teacher token maps to): use forward_kl, "
-            "jsd with beta < 1, skew_rkl, taid or tvd"
+            "skew_kl, skew_rkl, jsd with beta < 1, taid or tvd"
         )
     _check_student(student_logits, teacher_logits, mapping)
     projected = projected_teacher_probs(teacher_logits, mapping, temperature, student_logits.shape[-1])

@@ -167,9 +167,11 @@ def taid_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"taid t must be in [0, 1], got {t}")
-    target = F.log_softmax(
-        _scaled(student_logprobs.detach(), 1.0 - t) + _scaled(teacher_logprobs, t), dim=-1
-    )  # (N, V)
+    mixed = _scaled(student_logprobs.detach(), 1.0 - t) + _scaled(teacher_logprobs, t)  # (N, V)
+    # A teacher row that rules out every token (a projected teacher certain of an unmapped token) leaves no
+    # target; the student then targets itself (0, zero gradient) instead of a NaN softmax.
+    no_target = torch.isneginf(mixed).all(-1, keepdim=True)
+    target = F.log_softmax(torch.where(no_target, student_logprobs.detach(), mixed), dim=-1)
     return _weighted_log_ratio(target, student_logprobs)
 
 
