@@ -225,6 +225,22 @@ def test_projection_refuses_reverse_kl(mapping) -> None:
         projected_divergence(student_logits, teacher_logits, mapping, 1.0, divergence="reverse_kl")
 
 
+def test_projection_and_hybrid_refuse_divergences_without_meaning_there(mapping) -> None:
+    """AKL's reverse KL part is infinite against a projected teacher; AKL and TAID on the hybrid's restricted
+    shared vectors are undefined. TAID against the projected teacher is finite."""
+    student_logits, teacher_logits = (
+        _logits(2, mapping.student_vocab_size, 5),
+        _logits(2, mapping.teacher_vocab_size, 6),
+    )
+    with pytest.raises(UserError, match="akl against a projected teacher"):
+        projected_divergence(student_logits, teacher_logits, mapping, 1.0, divergence="akl")
+    for name in ["akl", "taid"]:
+        with pytest.raises(UserError, match=f"cannot use {name}"):
+            hybrid_loss(student_logits, teacher_logits, mapping, 1.0, divergence=name)
+    rows = projected_divergence(student_logits, teacher_logits, mapping, 1.0, divergence="taid", beta=0.5)
+    assert torch.isfinite(rows).all() and (rows > 0).all()
+
+
 def test_teacher_certain_of_an_unmapped_token_gives_zero(mapping) -> None:
     unmapped = 7
     teacher_to_student = mapping.teacher_to_student.clone()
@@ -233,10 +249,11 @@ def test_teacher_certain_of_an_unmapped_token_gives_zero(mapping) -> None:
     teacher_logits = torch.full((2, mapping.teacher_vocab_size), -1e4)
     teacher_logits[:, unmapped] = 1e4
     student_logits = _logits(2, mapping.student_vocab_size, 7).requires_grad_()
-    rows = projected_divergence(student_logits, teacher_logits, mapping, 1.0, divergence="jsd")
-    assert torch.equal(rows, torch.zeros(2))
-    (grad,) = torch.autograd.grad(rows.sum(), student_logits)
-    assert torch.equal(grad, torch.zeros_like(grad))
+    for name in ["jsd", "taid"]:
+        rows = projected_divergence(student_logits, teacher_logits, mapping, 1.0, divergence=name)
+        assert torch.equal(rows, torch.zeros(2)), name
+        (grad,) = torch.autograd.grad(rows.sum(), student_logits)
+        assert torch.equal(grad, torch.zeros_like(grad)), name
 
 
 def test_uld_zero_for_same_sorted_distribution_and_permutation_invariant(mapping) -> None:

@@ -82,12 +82,14 @@ def projected_divergence(
     """A divergence between the student and the teacher projected onto the student vocabulary. -> (N,).
 
     The projected teacher puts no mass on student tokens that no teacher token maps to, so reverse KL (and
-    jsd with beta = 1, which is reverse KL) would be infinite on every row: those are refused.
+    jsd with beta = 1, which is reverse KL, and akl, which weights in reverse KL) would be infinite on every
+    row: those are refused.
     """
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+    if divergence in ("reverse_kl", "akl") or (divergence == "jsd" and beta == 1.0):
         raise UserError(
-            "reverse KL against a projected teacher is infinite (the projection gives zero probability to "
-            "student tokens no teacher token maps to): use forward_kl, jsd with beta < 1, or tvd"
+            f"{divergence} against a projected teacher is infinite (its reverse KL part meets the zero "
+            "probability the projection gives to student tokens no teacher token maps to): use forward_kl, "
+            "skew_kl, skew_rkl, jsd with beta < 1, taid or tvd"
         )
     _check_student(student_logits, teacher_logits, mapping)
     projected = projected_teacher_probs(teacher_logits, mapping, temperature, student_logits.shape[-1])
@@ -167,6 +169,12 @@ def hybrid_loss(
     term is >= 0 (jsd and tvd already are termwise). The sum is then >= 0 at any T and 0 when the two
     distributions agree.
     """
+    if divergence in ("akl", "taid"):
+        # Both renormalise or reweight per row, which has no meaning on the restricted shared vectors.
+        raise UserError(
+            f"the hybrid loss cannot use {divergence} on the shared tokens: use it with the projection loss, "
+            "or choose forward_kl, reverse_kl, jsd, skew_kl, skew_rkl or tvd for hybrid"
+        )
     _check_student(student_logits, teacher_logits, mapping)
     teacher_logprobs = torch.log_softmax(_teacher_logits(teacher_logits, mapping, temperature), dim=-1)
     student_logprobs = student_logprobs_at(student_logits, temperature)

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 from sakd.errors import UserError
 
-HINTON_SCALED = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"})
+AKL_TOP_K = 64
+"""How many of the teacher's top tokens AKL sorts before falling back to a full sort of the row."""
+
+HINTON_SCALED = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "akl", "taid"})
 
 
 def _weighted_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -103,6 +106,80 @@ def skew_reverse_kl_logprobs(
     return _weighted_log_ratio(student_logprobs, _log_mixture(student_logprobs, teacher_logprobs, alpha))
 
 
+def akl_logprobs(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mu: float = 0.5
+) -> torch.Tensor:
+    """Adaptive KL (Wu et al. 2024, "Rethinking Kullback-Leibler divergence in knowledge distillation for large
+    language models"), no temperature scaling. (N, V), (N, V) -> (N,).
+
+    The teacher's tokens are sorted by probability; the head is the top token plus every token while the
+    cumulative teacher mass stays <= mu, the tail the rest. With the gaps g_head = sum over the head of
+    |p_T - q_S| and g_tail likewise, the row is g_head / (g_head + g_tail) * KL(p_T || q_S) +
+    g_tail / (g_head + g_tail) * KL(q_S || p_T): forward KL fits the head, reverse KL the tail, each in
+    proportion to how far the student is off there. The weights are detached, as in the authors' code.
+    """
+    if not 0.0 <= mu < 1.0:
+        raise ValueError(f"akl mu must be in [0, 1), got {mu}")
+    head_weight = _akl_head_weight(student_logprobs.detach(), teacher_logprobs.detach(), mu)
+    forward = forward_kl_logprobs(student_logprobs, teacher_logprobs)
+    reverse = reverse_kl_logprobs(student_logprobs, teacher_logprobs)
+    return head_weight * forward + (1.0 - head_weight) * reverse
+
+
+def _akl_head_weight(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mu: float
+) -> torch.Tensor:
+    """g_head / (g_head + g_tail) of `akl_logprobs`. (N, V), (N, V) -> (N,).
+
+    The head usually ends within the teacher's top few tokens, so only the top AKL_TOP_K are sorted; rows
+    whose top-k hold no more than mu (a flat teacher, the head may go on) sort their whole vocabulary.
+    """
+    teacher_probs = teacher_logprobs.exp()
+    gap = (teacher_probs - student_logprobs.exp()).abs()  # (N, V)
+    top_probs, top = teacher_probs.topk(min(AKL_TOP_K, gap.shape[-1]), dim=-1)  # (N, k), descending
+    head_gap = _head_gap(top_probs, gap.gather(-1, top), mu)
+    unresolved = (top_probs.sum(-1) <= mu) & (top.shape[-1] < gap.shape[-1])  # (N,)
+    if unresolved.any():
+        sorted_probs, order = teacher_probs[unresolved].sort(dim=-1, descending=True)
+        head_gap[unresolved] = _head_gap(sorted_probs, gap[unresolved].gather(-1, order), mu)
+    total = gap.sum(-1)
+    # Equal distributions have no gap: both KLs are 0 there, so any weight does; `total == 0` (not
+    # `total > 0`) keeps a NaN visible.
+    return torch.where(total == 0, 0.5, head_gap / total)
+
+
+def _head_gap(sorted_probs: torch.Tensor, sorted_gap: torch.Tensor, mu: float) -> torch.Tensor:
+    """Sum of the gap over the head, given the teacher's probabilities in descending order (a prefix of them
+    suffices when the head ends inside it). (N, k), (N, k) -> (N,)."""
+    tail = sorted_probs.cumsum(-1) > mu
+    tail[..., 0] = False  # the top token is head even when it alone holds more than mu
+    return torch.where(tail, 0.0, sorted_gap).sum(-1)
+
+
+def taid_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, t: float) -> torch.Tensor:
+    """TAID's loss (Shing et al. 2025, "TAID: temporally adaptive interpolated distillation"): KL(p_t || q_S)
+    with the intermediate target p_t = softmax((1 - t) * stopgrad(log q_S) + t * log p_T), no temperature
+    scaling. (N, V), (N, V) -> (N,).
+
+    The interpolation is in logit space; log-probabilities differ from logits by a per-row constant, which the
+    softmax removes. t = 0 targets the student itself (loss 0), t = 1 is forward KL. `TAIDSchedule` moves t
+    from t_start to t_end during training.
+    """
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"taid t must be in [0, 1], got {t}")
+    mixed = _scaled(student_logprobs.detach(), 1.0 - t) + _scaled(teacher_logprobs, t)  # (N, V)
+    # A teacher row that rules out every token (a projected teacher certain of an unmapped token) leaves no
+    # target; the student then targets itself (0, zero gradient) instead of a NaN softmax.
+    no_target = torch.isneginf(mixed).all(-1, keepdim=True)
+    target = F.log_softmax(torch.where(no_target, student_logprobs.detach(), mixed), dim=-1)
+    return _weighted_log_ratio(target, student_logprobs)
+
+
+def _scaled(logprobs: torch.Tensor, weight: float) -> torch.Tensor:
+    """weight * logprobs, with weight 0 giving 0 also where logprobs is -inf (not NaN)."""
+    return torch.zeros_like(logprobs) if weight == 0.0 else weight * logprobs
+
+
 def tvd_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
     """Total variation 0.5 * sum |p_T - q_S|. (N, V), (N, V) -> (N,)."""
     return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(-1)
@@ -115,6 +192,8 @@ _CORES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] =
     "tvd": lambda s, t, beta: tvd_logprobs(s, t),
     "skew_kl": skew_kl_logprobs,  # beta: the skew alpha
     "skew_rkl": skew_reverse_kl_logprobs,
+    "akl": akl_logprobs,  # beta: the head mass mu
+    "taid": taid_logprobs,  # beta: the interpolation t
 }
 
 
@@ -159,8 +238,9 @@ def divergence(
     temperature: float,
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """The named divergence ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl") between
-    same-vocabulary models; `beta` is jsd's mixture weight and the skew divergences' alpha.
+    """The named divergence ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "akl", "taid")
+    between same-vocabulary models; `beta` is jsd's mixture weight, the skew divergences' alpha, akl's head
+    mass mu and taid's interpolation t (the current value of a `TAIDSchedule`).
 
     student_logits (N, V) any float dtype; teacher_logprobs (N, V) = log_softmax(teacher_logits / T).
     Returns (N,) fp32.
