@@ -24,7 +24,7 @@ from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
 from sakd.data.tokenize import log_input_format
 from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
-from sakd.report.trackers import MetricsWriter
+from sakd.report.trackers import MetricsWriter, open_trackers
 from sakd.train import checkpoint, rundir
 from sakd.train.collective import agree_max, global_losses, release_host_groups
 from sakd.train.evaluate import eval_batches as make_eval_batches
@@ -142,10 +142,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
             str(accelerator.device), precision, accelerator.num_processes
         )
         rundir.write_run_files(out, cfg, environment)
-        wandb = (
-            {"project": tc.wandb_project, "config": cfg.model_dump(mode="json")} if tc.wandb_project else None
-        )
-        writer = MetricsWriter(out, tensorboard=tc.tensorboard, wandb=wandb)
+        writer = open_trackers(out, tc.trackers, tc.wandb_project, cfg.model_dump(mode="json"))
         if start_path is not None:
             writer.log({"event": "resume", "step": state.step, "from": str(start_path)})
     eval_batches = make_eval_batches(inputs.eval_windows, tc.batch_size, student_tok, teacher_tok)
