@@ -16,6 +16,7 @@ from safetensors.torch import save_model as save_safetensors_model
 
 from sakd.errors import UserError
 from sakd.models.load import unwrap
+from sakd.models.lora import load_student_weights, save_pretrained_student, save_student_weights
 from sakd.train import checkpoint
 from sakd.train.sharding import (
     gather_full_state,
@@ -57,7 +58,7 @@ def save_checkpoint(
         if sharded:
             save_file(without_tied_copies(weights, unwrap(student)), str(tmp / "student.safetensors"))
         else:
-            save_safetensors_model(unwrap(student), str(tmp / "student.safetensors"))
+            save_student_weights(unwrap(student), tmp / "student.safetensors")
             optimizer_state = optimizer.state_dict()
         if heads is not None:
             save_safetensors_model(heads, str(tmp / "heads.safetensors"))
@@ -89,7 +90,7 @@ def load_checkpoint(path, accelerator, student, heads, optimizer, scheduler, ema
         if sharded:  # every process reads the full weights and keeps its shards
             load_full_weights(unwrap(student), load_file(str(path / "student.safetensors")))
         else:
-            load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
+            load_student_weights(unwrap(student), path / "student.safetensors")
     except (RuntimeError, KeyError) as e:
         detail = " ".join(str(e).split())[:300]
         raise UserError(
@@ -135,7 +136,7 @@ def export_final(out: Path, student, ema, tokenizer, final_eval, accelerator) ->
         weights = gather_full_weights(model) if sharded else None  # a collective
         if accelerator.is_main_process:
             final = out / "final"
-            model.save_pretrained(final, state_dict=dict(weights) if sharded else None)
+            save_pretrained_student(model, final, dict(weights) if sharded else None)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final)
         (final / "sakd.json").write_text(json.dumps(info, indent=1))

@@ -19,6 +19,7 @@ from sakd.errors import UserError
 from sakd.models.attention import attention_implementation
 from sakd.models.head import check_head
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
+from sakd.models.lora import apply_lora
 from sakd.train.auxiliary import DistillHeads, build_heads
 from sakd.train.collective import all_finite, average_gradients, global_counts
 from sakd.train.ema import EMA
@@ -105,6 +106,9 @@ def build_training(
         attn,
         random_init=cfg.student.init == "random",
         seed=tc.seed,
+    )
+    student = apply_lora(
+        student, cfg.student.lora, sharded=tc.strategy == "fsdp" and accelerator.num_processes > 1
     )
     student.train()
     if tc.compile:
