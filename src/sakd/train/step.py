@@ -107,9 +107,7 @@ def build_training(
         random_init=cfg.student.init == "random",
         seed=tc.seed,
     )
-    student = apply_lora(
-        student, cfg.student.lora, sharded=tc.strategy == "fsdp" and accelerator.num_processes > 1
-    )
+    student = apply_lora(student, cfg.student.lora, tc.strategy == "fsdp" and accelerator.num_processes > 1)
     student.train()
     if tc.compile:
         compile_layers(student)
