@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sakd.config import TrainConfig
+from sakd.config import TrainConfig, validate
 from sakd.errors import UserError
 from sakd.report.trackers import MetricsWriter, open_trackers
 from sakd.train import loop
+from sakd.train.loop import train
 
 RECORDS = [
     {"event": "resume", "step": 2, "from": "run/checkpoints/step-000002"},
@@ -133,3 +136,29 @@ def test_wandb_offline_run_gets_the_scalars_and_the_config(tmp_path, monkeypatch
     }
     assert not (tmp_path / "run" / "tensorboard").exists()
     assert any((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("report_to", [[], ["wandb"]])
+def test_a_training_run_reports_to_the_listed_trackers_only(base_config, tmp_path, monkeypatch, report_to):
+    if report_to:
+        pytest.importorskip("wandb")
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+        monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = copy.deepcopy(base_config)
+    raw["data"]["eval"] = []
+    raw["train"].update(max_steps=1, warmup_steps=0, report_to=report_to, wandb_project="sakd-test")
+    train(validate(raw))
+    run = Path(raw["output_dir"])
+    assert (
+        len(
+            [
+                r
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["event"] == "train"
+            ]
+        )
+        == 1
+    )
+    assert not (run / "tensorboard").exists()
+    assert (run / "wandb").exists() == bool(report_to)

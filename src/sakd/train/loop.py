@@ -141,8 +141,9 @@ def train(cfg: Config, resume: str | None = None, force: bool = False) -> dict[s
         environment = rundir.environment_snapshot(
             str(accelerator.device), precision, accelerator.num_processes
         )
-        rundir.write_run_files(out, cfg, environment)
+        # trackers first: one that cannot start must not leave a folder that looks like a run
         writer = open_trackers(out, tc.trackers, tc.wandb_project, cfg.model_dump(mode="json"))
+        rundir.write_run_files(out, cfg, environment)
         if start_path is not None:
             writer.log({"event": "resume", "step": state.step, "from": str(start_path)})
     eval_batches = make_eval_batches(inputs.eval_windows, tc.batch_size, student_tok, teacher_tok)
