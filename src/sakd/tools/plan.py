@@ -268,8 +268,9 @@ def estimate(
         return out
 
     formulas["loss (one chunk)"] = (
-        f"min(chunk rows, b x s) x (4 x {student.vocab} + 3 x {teacher.vocab if teacher else 0}) x 4 B "
-        f"+ {student.vocab} x {h} x 4 B, chunk rows = min(chunk_size {cfg.distill.chunk_size}, chunk_logits "
+        f"min(chunk rows, b x s) x (4 x {student.vocab} + 3 x {teacher.vocab if teacher else 0}) x 4 B"
+        f"{f' + {student.vocab} x {h} x 4 B' if adapters is None else ''}, chunk rows = min(chunk_size "
+        f"{cfg.distill.chunk_size}, chunk_logits "
         f"{cfg.distill.chunk_logits} / widest vocabulary)"
     )
     batch = cfg.train.batch_size

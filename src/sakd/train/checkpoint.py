@@ -1,7 +1,8 @@
 """Crash-safe checkpoint folders: written to a temporary folder, renamed atomically, with a manifest written last.
 
-Layout: `checkpoints/step-000120/` holding `student.safetensors`, `training_state.pt` (optimizer, scheduler,
-scaler, EMA, loader position, counters), `rng-rank{r}.pt` and `manifest.json` (step, files, sizes, sha256).
+Layout: `checkpoints/step-000120/` holding `student.safetensors` (a LoRA student's adapters only),
+`training_state.pt` (optimizer, scheduler, scaler, EMA, loader position, counters), `rng-rank{r}.pt` and
+`manifest.json` (step, files, sizes, sha256).
 A folder without a manifest, or whose files do not match it, is damaged.
 """
 
