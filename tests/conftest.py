@@ -20,6 +20,7 @@ SLOW_MODULES = {
     "distributed/test_configs.py",
     "distributed/test_data_parallel.py",
     "distributed/test_fsdp.py",
+    "distributed/test_lora_ddp.py",
     "e2e/test_cli_e2e.py",
     "report/test_report_resume.py",
     "train/test_before_training.py",

@@ -186,3 +186,29 @@ def test_real_exit_status_and_stderr(raw, tmp_path):
     line = _one_error_line(done.stderr)
     assert "train.lr" in line and "student.model" in line
     assert not Path(raw["output_dir"]).exists()
+
+
+@pytest.mark.parametrize(
+    ("lora", "expected"),
+    [
+        ({"target_modules": ["q_proj", "lm_head"]}, "includes the LM head"),
+        ({"target_modules": ["no_such_layer"]}, "do not fit"),
+        ({"r": 0}, "student.lora.r"),
+    ],
+)
+def test_lora_targets_sakd_cannot_train(raw, tmp_path, capsys, lora, expected):
+    pytest.importorskip("peft")
+    raw["student"]["lora"] = lora
+    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], expected)
+    assert not Path(raw["output_dir"]).exists()
+
+
+def test_missing_peft_or_wandb_says_how_to_install(raw, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # importing them now raises ImportError
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    raw["student"]["lora"] = {"r": 4}
+    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], "pip install peft")
+    del raw["student"]["lora"]
+    raw["train"]["report_to"] = ["wandb"]
+    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], "pip install wandb")
+    assert not (Path(raw["output_dir"]) / "config.yaml").exists(), "a retry would be refused as a resume"

@@ -62,9 +62,25 @@ class TeacherSpec(ModelSpec):
     to the device for its forward (slow, but the teacher needs no device memory)."""
 
 
+class LoraSpec(Section):
+    """Low-rank adapters (LoRA, through peft): the student's weights stay frozen and only the adapters train."""
+
+    r: int = Field(8, ge=1)
+    """Rank of each adapter: a targeted (out x in) weight gets r x (in + out) trainable parameters."""
+    alpha: float = Field(16.0, gt=0.0)
+    """The adapters' output is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on each adapter's input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Names (or name suffixes) of the linear layers to adapt; all-linear: every linear layer but the LM head.
+    The LM head cannot be a target (sakd applies it from its weight)."""
+
+
 class StudentSpec(ModelSpec):
     init: Literal["pretrained", "random"] = "pretrained"
     """random: build the student from its config with fresh weights."""
+    lora: LoraSpec | None = None
+    """Train low-rank adapters instead of every weight (null: full fine-tuning)."""
 
 
 class DataConfig(Section):
@@ -168,10 +184,22 @@ class TrainConfig(Section):
     """Stop after this many evaluations without a better held-out bits per byte (null: never)."""
     early_stop_min_steps: int = Field(0, ge=0)
     progress: bool = True
+    report_to: list[Literal["tensorboard", "wandb"]] | None = None
+    """Trackers that receive the metrics besides metrics.jsonl (always written): tensorboard (event files in
+    output_dir/tensorboard), wandb (needs `pip install wandb`); [] for none. null: what `tensorboard` and
+    `wandb_project` say."""
     tensorboard: bool = True
-    """TensorBoard event files in output_dir/tensorboard (metrics.jsonl is always written)."""
+    """TensorBoard event files in output_dir/tensorboard; ignored when report_to is set."""
     wandb_project: str | None = None
-    """Log to this Weights & Biases project too (needs `pip install wandb`)."""
+    """The Weights & Biases project (default `sakd`); when report_to is null, setting it turns W&B on."""
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to: report_to, or the older tensorboard / wandb_project settings."""
+        if self.report_to is not None:
+            return list(dict.fromkeys(self.report_to))
+        legacy = ["tensorboard"] if self.tensorboard else []
+        return legacy + (["wandb"] if self.wandb_project else [])
 
 
 class Config(Section):

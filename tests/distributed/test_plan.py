@@ -106,6 +106,34 @@ def test_parameter_counts_are_exact(base_config, assets):
     assert half.parts["student activations"] < plan.parts["student activations"]  # 16-bit activations
 
 
+def test_a_lora_student_counts_optimizer_state_for_its_adapters_only(base_config, assets):
+    """LoRA: the frozen weights at 4 B, the adapters (r x (in + out) per target, counted by hand) at 16 B and
+    in the EMA, no head gradient in the loss; FSDP with LoRA is refused as training refuses it."""
+    pytest.importorskip("peft")
+    raw = _plan_raw(base_config)
+    full = estimate(validate(raw), "fp32")
+    raw["student"] = {**raw["student"], "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
+    lora = estimate(validate(raw), "fp32")
+    model = AutoModelForCausalLM.from_pretrained(assets["student"])
+    adapters = sum(
+        4 * (m.in_features + m.out_features)
+        for n, m in model.named_modules()
+        if n.endswith(("q_proj", "v_proj"))
+    )
+    assert adapters == 2 * 2 * 4 * (32 + 32)  # 2 layers, 2 targets of 32 x 32
+    p = full.student.params
+    assert "student weights, grads, AdamW" not in lora.parts
+    assert lora.parts["student frozen weights"] == 4 * p
+    assert lora.parts["LoRA adapters, grads, AdamW"] == 16 * adapters
+    assert lora.parts["student EMA"] == 4 * adapters
+    head_grad = full.student.vocab * full.student.hidden * 4
+    assert lora.parts["loss (one chunk)"] == full.parts["loss (one chunk)"] - head_grad
+    assert full.total - lora.total == 12 * p + 4 * p - 20 * adapters + head_grad
+    raw["train"]["strategy"] = "fsdp"
+    with pytest.raises(UserError, match="fsdp"):
+        estimate(validate(raw), "fp32", processes=2)
+
+
 def test_suggests_the_largest_power_of_two_batch_that_fits(base_config, tmp_path, capsys):
     """A device that holds 10 windows per micro-batch: batch 8 and accumulation 4 keep the config's 32
     windows per optimizer step; the estimate at the largest batch that fits is within the usable memory and

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sakd.losses.divergence import AKL_TOP_K, akl_logprobs, divergence, forward_kl, reverse_kl
-from sakd.losses.lm import sparse_teacher_divergence
+from sakd.losses.sparse import sparse_teacher_divergence
 
 
 def _logits(seed: int, rows: int = 8, vocab: int = 5) -> torch.Tensor:

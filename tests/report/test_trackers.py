@@ -1,17 +1,23 @@
-"""MetricsWriter: the same metrics.jsonl lines as the training loop, scalars in TensorBoard, W&B on demand."""
+"""MetricsWriter: the same metrics.jsonl lines as the training loop, scalars in TensorBoard, W&B on demand;
+`train.report_to` picks the trackers, none required."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from sakd.config import TrainConfig, validate
 from sakd.errors import UserError
-from sakd.report.trackers import MetricsWriter
+from sakd.report.trackers import MetricsWriter, open_trackers
 from sakd.train import loop
+from sakd.train.loop import train
 
 RECORDS = [
     {"event": "resume", "step": 2, "from": "run/checkpoints/step-000002"},
@@ -64,3 +70,95 @@ def test_tensorboard_off_and_wandb_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(UserError, match="pip install wandb"):
         MetricsWriter(tmp_path / "other", tensorboard=False, wandb={"project": "sakd"})
+
+
+@pytest.mark.parametrize(
+    ("train", "expected"),
+    [
+        ({}, ["tensorboard"]),
+        ({"tensorboard": False}, []),
+        ({"wandb_project": "p"}, ["tensorboard", "wandb"]),
+        ({"report_to": []}, []),
+        ({"report_to": ["wandb"]}, ["wandb"]),
+        ({"report_to": ["wandb", "tensorboard", "wandb"]}, ["wandb", "tensorboard"]),
+    ],
+)
+def test_report_to_or_the_older_settings_choose_the_trackers(train, expected):
+    assert TrainConfig(**train).trackers == expected
+
+
+def test_an_unknown_tracker_is_a_config_error():
+    with pytest.raises(ValidationError):
+        TrainConfig(report_to=["mlflow"])
+    with pytest.raises(UserError, match="unknown tracker"):
+        open_trackers("unused", ["mlflow"], None, {})
+
+
+def test_no_tracker_writes_only_the_metrics_lines(tmp_path):
+    with open_trackers(tmp_path / "run", [], None, {}) as writer:
+        writer.log(RECORDS[1])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+
+
+def test_wandb_requested_but_missing_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(UserError, match="pip install wandb") as error:
+        open_trackers(tmp_path / "run", ["wandb"], None, {})
+    assert "\n" not in str(error.value)
+
+
+def test_wandb_offline_run_gets_the_scalars_and_the_config(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_init = wandb.init
+
+    def recording_init(**kwargs):
+        run = real_init(**kwargs)
+        real_log = run.log
+        run.log = lambda data, *a, **k: (logged.append(data), real_log(data, *a, **k))[1]
+        return run
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    with open_trackers(tmp_path / "run", ["wandb"], "sakd-test", {"train": {"lr": 1e-3}}) as writer:
+        run = writer._wandb_run
+        for record in RECORDS:
+            writer.log(record)
+        assert run.project == "sakd-test" and run.config["train"]["lr"] == 1e-3
+    assert logged[0] == {
+        "step": 3,
+        "train/lr": 1e-3,
+        "train/loss": 6.5,
+        "train/loss_lm": 5.9,
+        "train/loss_kd": 0.6,
+    }
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    assert any((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("report_to", [[], ["wandb"]])
+def test_a_training_run_reports_to_the_listed_trackers_only(base_config, tmp_path, monkeypatch, report_to):
+    if report_to:
+        pytest.importorskip("wandb")
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+        monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = copy.deepcopy(base_config)
+    raw["data"]["eval"] = []
+    raw["train"].update(max_steps=1, warmup_steps=0, report_to=report_to, wandb_project="sakd-test")
+    train(validate(raw))
+    run = Path(raw["output_dir"])
+    assert (
+        len(
+            [
+                r
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["event"] == "train"
+            ]
+        )
+        == 1
+    )
+    assert not (run / "tensorboard").exists()
+    assert (run / "wandb").exists() == bool(report_to)

@@ -141,3 +141,20 @@ def test_final_holds_the_better_weights_and_says_which(make_raw, small_data, mon
         assert torch.equal(v, weights[chosen][k]), k
     other = "raw" if chosen == "ema" else "ema"
     assert any(not torch.equal(v, weights[other][k]) for k, v in exported.items())
+
+
+def test_frozen_weights_are_left_out_tied_names_included():
+    """A frozen weight never changes: the EMA keeps no copy of it, under either name of a tied pair; a
+    trainable one is averaged as before."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False), nn.Linear(5, 5))
+    model[1].weight = model[0].weight  # tied, as a LM head to its embedding
+    model[0].requires_grad_(False)
+    ema = EMA(model, decay=0.5)
+    assert set(ema.shadow) == {"2.weight", "2.bias"}
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    before = ema.shadow["2.weight"].clone()
+    ema.update(model)
+    assert not torch.equal(ema.shadow["2.weight"], before)
+    with ema.applied(model):
+        assert torch.equal(model[2].weight, ema.shadow["2.weight"])

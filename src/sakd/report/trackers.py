@@ -16,6 +16,7 @@ from sakd.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+TRACKERS = ("tensorboard", "wandb")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -103,3 +104,15 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_trackers(
+    run_dir: str | Path, trackers: list[str], wandb_project: str | None, config: dict[str, Any]
+) -> MetricsWriter:
+    """The run's writer: metrics.jsonl always, plus each tracker named in `trackers` (none is required);
+    W&B gets the resolved `config` and writes its files under the run folder."""
+    unknown = sorted(set(trackers) - set(TRACKERS))
+    if unknown:
+        raise UserError(f"unknown tracker(s) {unknown} in train.report_to: choose from {list(TRACKERS)}")
+    wandb = {"project": wandb_project or "sakd", "config": config} if "wandb" in trackers else None
+    return MetricsWriter(run_dir, tensorboard="tensorboard" in trackers, wandb=wandb)

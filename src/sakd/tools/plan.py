@@ -5,7 +5,9 @@ Data parallelism replicates everything, so the estimate is per device whatever t
 - teacher weights: P_t x bytes of the teacher's dtype (frozen: no gradients, no optimizer state);
 - student: P_s x 16 B (fp32 master weights 4, fp32 gradients 4, AdamW's two moments 8), + 4 B per parameter
   for the EMA copy when `train.ema_decay` is set, + 2 B per parameter for the 16-bit copies autocast keeps
-  during a forward (mixed precision only); the router and projection heads at 16 B per parameter;
+  during a forward (mixed precision only); the router and projection heads at 16 B per parameter. A LoRA
+  student (`student.lora`) keeps its frozen weights at 4 B per parameter and only its P_a adapter parameters
+  at 16 B (+ 4 B of EMA); their r-wide activations are not counted;
 - student activations kept for backward, per micro-batch of b windows of s tokens:
   b x s x (L x (A x (10 h + 4 f) + [eager attention] 6 x heads x s) + 8 h) bytes, with A the activation
   width (2 B in 16-bit autocast, 4 B in fp32). Per layer and token a Llama-style block keeps about ten
@@ -18,7 +20,7 @@ Data parallelism replicates everything, so the estimate is per device whatever t
 - the loss: the chunked loss never holds the (tokens x vocabulary) logits, only one chunk of rows at a time:
   rows x (4 V_s + 3 V_t) x 4 B (student logits, log-probabilities, their gradient and the teacher's
   distribution on the student vocabulary; teacher logits, log-probabilities, probabilities), + V_s x h_s x 4
-  for the head gradient accumulated in fp32.
+  for the head gradient accumulated in fp32 (none for a LoRA student, whose head is frozen).
 
 Not counted: the CUDA context and allocator fragmentation (a headroom of 15% of the device is kept free),
 and cuDNN / matmul workspaces. Parameter counts are exact (the models are built on the meta device from
@@ -148,6 +150,47 @@ def _teacher_weights(teacher: ModelShape, placement: str, processes: int, t_byte
     return teacher.params * t_bytes, f"{teacher.params:,} params x {t_bytes} B"
 
 
+def _adapter_params(cfg: Config, student_model: nn.Module, shards: int) -> int | None:
+    """The trainable parameters of a LoRA student (None: full fine-tuning), counted by adapting the meta model."""
+    from sakd.models.lora import apply_lora, lora_parameter_count
+
+    if cfg.student.lora is None:
+        return None
+    if shards > 1:  # training refuses a sharded LoRA student: so does the plan, with the same error
+        apply_lora(student_model, cfg.student.lora, sharded=True)
+    return lora_parameter_count(student_model, cfg.student.lora)
+
+
+def _student_state(
+    parts: dict[str, int],
+    formulas: dict[str, str],
+    params: int,
+    adapters: int | None,
+    shards: int,
+    ema: bool,
+    act: int,
+) -> None:
+    """The student's weights, gradients, AdamW state, EMA and autocast copies. A LoRA student (`adapters`
+    trainable parameters) keeps its frozen weights in fp32 without gradients, optimizer state or EMA."""
+    per = f" / {shards} processes (fsdp)" if shards > 1 else ""
+    if adapters is None:
+        parts["student weights, grads, AdamW"] = math.ceil(params / shards) * 16
+        formulas["student weights, grads, AdamW"] = f"{params:,} params{per} x 16 B (fp32 4 + 4 + 8)"
+    else:
+        parts["student frozen weights"] = params * 4
+        formulas["student frozen weights"] = f"{params:,} params x 4 B (fp32, no grads or AdamW state)"
+        parts["LoRA adapters, grads, AdamW"] = adapters * 16
+        formulas["LoRA adapters, grads, AdamW"] = f"{adapters:,} params x 16 B (fp32 4 + 4 + 8)"
+    trained = params if adapters is None else adapters
+    if ema:
+        parts["student EMA"] = math.ceil(trained / shards) * 4
+        formulas["student EMA"] = f"{trained:,} params{per} x 4 B"
+    if act == 2:
+        total = params + (adapters or 0)
+        parts["autocast 16-bit weights"] = total * 2
+        formulas["autocast 16-bit weights"] = f"{total:,} params x 2 B"
+
+
 def estimate(
     cfg: Config,
     precision: str | None = None,
@@ -184,15 +227,8 @@ def estimate(
         )
     # FSDP keeps 1/processes of the student's weights, gradients, AdamW state and EMA on each device.
     shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
-    per = f" / {shards} processes (fsdp)" if shards > 1 else ""
-    parts["student weights, grads, AdamW"] = math.ceil(student.params / shards) * 16
-    formulas["student weights, grads, AdamW"] = f"{student.params:,} params{per} x 16 B (fp32 4 + 4 + 8)"
-    if cfg.train.ema_decay:
-        parts["student EMA"] = math.ceil(student.params / shards) * 4
-        formulas["student EMA"] = f"{student.params:,} params{per} x 4 B"
-    if act == 2:
-        parts["autocast 16-bit weights"] = student.params * 2
-        formulas["autocast 16-bit weights"] = f"{student.params:,} params x 2 B"
+    adapters = _adapter_params(cfg, student_model, shards)
+    _student_state(parts, formulas, student.params, adapters, shards, bool(cfg.train.ema_decay), act)
     if teacher is not None and any(getattr(full, k) > 0 for k in AUX_LOSSES):
         with torch.device("meta"):
             heads, _ = build_heads(
@@ -227,12 +263,14 @@ def estimate(
         out = {"student activations": batch * student_window}
         if runs_teacher:
             out["teacher forward"] = batch * teacher_window
-        out["loss (one chunk)"] = rows * (4 * student.vocab + 3 * t_vocab) * 4 + student.vocab * h * 4
+        head_grad = student.vocab * h * 4 if adapters is None else 0  # a LoRA student's head is frozen
+        out["loss (one chunk)"] = rows * (4 * student.vocab + 3 * t_vocab) * 4 + head_grad
         return out
 
     formulas["loss (one chunk)"] = (
-        f"min(chunk rows, b x s) x (4 x {student.vocab} + 3 x {teacher.vocab if teacher else 0}) x 4 B "
-        f"+ {student.vocab} x {h} x 4 B, chunk rows = min(chunk_size {cfg.distill.chunk_size}, chunk_logits "
+        f"min(chunk rows, b x s) x (4 x {student.vocab} + 3 x {teacher.vocab if teacher else 0}) x 4 B"
+        f"{f' + {student.vocab} x {h} x 4 B' if adapters is None else ''}, chunk rows = min(chunk_size "
+        f"{cfg.distill.chunk_size}, chunk_logits "
         f"{cfg.distill.chunk_logits} / widest vocabulary)"
     )
     batch = cfg.train.batch_size

@@ -1,8 +1,9 @@
 """Checkpoints: what one holds, how a run is saved and resumed, and the crash-safe folders they live in (written
 to a temporary folder, renamed atomically, with a manifest written last).
 
-Layout: `checkpoints/step-000120/` holding `student.safetensors`, `training_state.pt` (optimizer, scheduler,
-scaler, EMA, loader position, counters), `rng-rank{r}.pt` and `manifest.json` (step, files, sizes, sha256).
+Layout: `checkpoints/step-000120/` holding `student.safetensors` (a LoRA student's adapters only),
+`training_state.pt` (optimizer, scheduler, scaler, EMA, loader position, counters), `rng-rank{r}.pt` and
+`manifest.json` (step, files, sizes, sha256).
 A folder without a manifest, or whose files do not match it, is damaged.
 """
 
@@ -28,6 +29,7 @@ from safetensors.torch import save_model as save_safetensors_model
 
 from sakd.errors import UserError
 from sakd.models.load import unwrap
+from sakd.models.lora import load_student_weights, save_student_weights
 from sakd.train.sharding import (
     gather_full_state,
     is_sharded,
@@ -213,7 +215,7 @@ def save_checkpoint(run: Run, collective: bool = True) -> Path:
         if sharded:
             save_file(without_tied_copies(weights, unwrap(student)), str(tmp / "student.safetensors"))
         else:
-            save_safetensors_model(unwrap(student), str(tmp / "student.safetensors"))
+            save_student_weights(unwrap(student), tmp / "student.safetensors")
             optimizer_state = t.optimizer.state_dict()
         if t.heads is not None:
             save_safetensors_model(t.heads, str(tmp / "heads.safetensors"))
@@ -252,7 +254,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
         if sharded:  # every process reads the full weights and keeps its shards
             load_full_weights(unwrap(student), load_file(str(path / "student.safetensors")))
         else:
-            load_safetensors_model(unwrap(student), str(path / "student.safetensors"))
+            load_student_weights(unwrap(student), path / "student.safetensors")
     except (RuntimeError, KeyError) as e:
         detail = " ".join(str(e).split())[:300]
         raise UserError(

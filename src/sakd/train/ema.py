@@ -14,7 +14,8 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow: dict[str, torch.Tensor] = {}
-        seen = set()
+        # A frozen weight (a LoRA student's base) never changes: its average is itself.
+        seen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
         for k, v in model.state_dict().items():
             # A tied embedding appears under two names with one storage: average it once.
             # (A shard of a sharded student has no storage of its own: its local part's is the one to compare.)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.models.load import unwrap
+from sakd.models.lora import save_pretrained_student
 from sakd.train.sharding import gather_full_weights, is_sharded
 
 
@@ -23,7 +24,7 @@ def export_final(out: Path, student, ema, tokenizer, final_eval, accelerator) ->
         weights = gather_full_weights(model) if sharded else None  # a collective
         if accelerator.is_main_process:
             final = out / "final"
-            model.save_pretrained(final, state_dict=dict(weights) if sharded else None)
+            save_pretrained_student(model, final, dict(weights) if sharded else None)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final)
         (final / "sakd.json").write_text(json.dumps(info, indent=1))

@@ -29,7 +29,7 @@ from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
 from sakd.data.tokenize import log_input_format
 from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
-from sakd.report.trackers import MetricsWriter
+from sakd.report.trackers import open_trackers
 from sakd.train import checkpoint, rundir
 from sakd.train.checkpoint import load_checkpoint, save_checkpoint
 from sakd.train.collective import agree_max, global_losses, release_host_groups
@@ -128,11 +128,9 @@ def open_tracking(run: Run) -> None:
         environment = rundir.environment_snapshot(
             str(accelerator.device), precision, accelerator.num_processes
         )
+        # trackers first: one that cannot start must not leave a folder that looks like a run
+        run.writer = open_trackers(run.out, tc.trackers, tc.wandb_project, cfg.model_dump(mode="json"))
         rundir.write_run_files(run.out, cfg, environment)
-        wandb = (
-            {"project": tc.wandb_project, "config": cfg.model_dump(mode="json")} if tc.wandb_project else None
-        )
-        run.writer = MetricsWriter(run.out, tensorboard=tc.tensorboard, wandb=wandb)
         if run.resumed_from is not None:
             run.writer.log({"event": "resume", "step": run.state.step, "from": str(run.resumed_from)})
     if run.resumed_from is None:  # a resumed run measured its models when it started

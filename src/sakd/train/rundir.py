@@ -29,6 +29,7 @@ HARMLESS_KEYS = {
     "distill.fused_loss",
     "distill.chunk_logits",
     "train.tensorboard",
+    "train.report_to",
     "train.wandb_project",
     "train.early_stop_patience",
     "train.early_stop_min_steps",

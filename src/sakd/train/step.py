@@ -21,6 +21,7 @@ from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
 from sakd.models.attention import attention_implementation
 from sakd.models.head import check_head
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
+from sakd.models.lora import apply_lora
 from sakd.train.auxiliary import AuxiliaryLosses, DistillHeads, build_heads
 from sakd.train.collective import average_gradients, global_counts
 from sakd.train.ema import EMA
@@ -110,6 +111,7 @@ def build_training(
         random_init=cfg.student.init == "random",
         seed=tc.seed,
     )
+    student = apply_lora(student, cfg.student.lora, tc.strategy == "fsdp" and accelerator.num_processes > 1)
     student.train()
     if tc.compile:
         compile_layers(student)
