@@ -97,17 +97,31 @@ class DataConfig(Section):
 class DistillConfig(Section):
     """How the losses are computed; their weights and the temperature come from `curriculum:`."""
 
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl"] = "forward_kl"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "akl", "taid"] = (
+        "forward_kl"
+    )
     """Same-vocabulary divergence, also used on projected teacher distributions (skew_kl / skew_rkl:
-    DistiLLM's skew KL and skew reverse KL)."""
+    DistiLLM's skew KL and skew reverse KL; akl: adaptive KL, a per-token mix of forward and reverse KL by
+    where the two distributions differ (same vocabulary only); taid: KL to TAID's target interpolated between
+    the student and the teacher)."""
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
     skew_alpha: float = Field(0.1, ge=0.0, lt=1.0)
     """How much of the other side the skew divergences mix into the compared distribution."""
 
+    akl_mu: float = Field(0.5, ge=0.0, lt=1.0)
+    """akl: the teacher's head holds its most likely tokens up to this much probability mass."""
+    taid_t_start: float = Field(0.4, ge=0.0, le=1.0)
+    """taid: the target's share of the teacher at the start of training; it rises linearly to taid_t_end."""
+    taid_t_end: float = Field(1.0, ge=0.0, le=1.0)
+
     @property
     def divergence_parameter(self) -> float:
-        """The chosen divergence's own parameter: jsd's beta, the skew divergences' alpha."""
-        return self.skew_alpha if self.divergence.startswith("skew") else self.jsd_beta
+        """The chosen divergence's own parameter (at the start of training): jsd's beta, the skew divergences'
+        alpha, akl's mu, taid's t."""
+        by_name = {"akl": self.akl_mu, "taid": self.taid_t_start, "skew_kl": self.skew_alpha}
+        return by_name.get(
+            self.divergence, self.skew_alpha if self.divergence == "skew_rkl" else self.jsd_beta
+        )
 
     cross_vocab: Literal["projection", "uld", "hybrid"] = "projection"
     """How the teacher's distribution is compared when the vocabularies differ."""

@@ -166,6 +166,7 @@ class CurriculumPoint:
     router_temperature: float
     top_k: int
     phase: int
+    progress: float = 0.0  # where in training this point lies, in [0, 1]
 
     def log_values(self) -> dict[str, float]:
         """Flat values for the metrics log."""
@@ -230,6 +231,7 @@ def curriculum_at(progress: float, spec: CurriculumSpec) -> CurriculumPoint:
             router_temperature=spec.router_temperature_end,
             top_k=spec.top_k_end,
             phase=len(spec.phase_starts) + 1,
+            progress=progress,
         )
     phases = spec.phases.model_dump()
     fraction = {
@@ -245,4 +247,5 @@ def curriculum_at(progress: float, spec: CurriculumSpec) -> CurriculumPoint:
         ),
         top_k=_top_k(spec, progress),
         phase=1 + sum(progress >= start for start in spec.phase_starts),
+        progress=progress,
     )

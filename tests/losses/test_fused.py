@@ -65,7 +65,7 @@ def _check(kd, target, temperature, chunk, weights, seed=0, teacher_width=TEACHE
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("chunk", [7, 1000])
 def test_same_vocabulary_matches_autograd(temperature, chunk):
-    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=temperature)
+    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", temperature=temperature)
     _check(kd, same_vocab_target(VOCAB), temperature, chunk, {"lm": 0.7, "kd": 1.3})
 
 
@@ -78,13 +78,13 @@ def test_projection_matches_autograd(temperature):
 
 def test_same_vocabulary_unpadded_student_shares_the_softmax():
     """T = 1 over every student column: the KD softmax is the cross-entropy's (the shared branch)."""
-    kd = functools.partial(_same_vocab_kd, STUDENT_WIDTH, "forward_kl", 0.5, temperature=1.0)
+    kd = functools.partial(_same_vocab_kd, STUDENT_WIDTH, "forward_kl", temperature=1.0)
     target = same_vocab_target(STUDENT_WIDTH)
     _check(kd, target, 1.0, 10, {"lm": 0.7, "kd": 1.3})
 
 
 def test_zero_weights_and_lm_only():
-    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
+    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", temperature=1.0)
     _check(kd, same_vocab_target(VOCAB), 1.0, 8, {"lm": 1.0, "kd": 0.0})
     _check(kd, same_vocab_target(VOCAB), 1.0, 8, {"lm": 0.0, "kd": 1.0})
 
@@ -93,7 +93,7 @@ def test_a_nan_teacher_is_not_zeroed():
     params, row_inputs, t_weight, t_bias = _inputs(3, TEACHER_WIDTH)
     row_inputs[1][0, 0] = float("nan")
     row_inputs[2][0] = True
-    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
+    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", temperature=1.0)
     fused = FusedForwardKL(
         make_distill_row_loss(kd, t_weight, t_bias), same_vocab_target(VOCAB), t_weight, t_bias, 1.0
     )
@@ -108,7 +108,7 @@ def test_rows_outside_the_kd_mask_ignore_their_teacher_rows():
     params, row_inputs, t_weight, t_bias = _inputs(4, TEACHER_WIDTH)
     row_inputs[2][:3] = False
     row_inputs[1][:3] = float("inf")
-    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
+    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", temperature=1.0)
     reference = make_distill_row_loss(kd, t_weight, t_bias)
     fused = FusedForwardKL(reference, same_vocab_target(VOCAB), t_weight, t_bias, 1.0)
     weights = {"lm": 1.0, "kd": 1.0}
@@ -194,7 +194,7 @@ def test_vectorised_row_sort_is_torch_stable_sort(k):
 def test_chunk_buffers_change_nothing_and_are_kept(fused):
     """Chunks written into kept buffers give bit-identical losses and gradients; a later, smaller call
     takes rows of the same buffers."""
-    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=1.0)
+    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", temperature=1.0)
     buffers = ChunkBuffers()
     kept = None
     for seed, rows in ((0, ROWS), (1, ROWS - 9)):

@@ -156,7 +156,7 @@ def test_live_teacher_loss_and_gradients_match_full_logits(family, temperature):
     ref_grads = _student_grads(student, ref_total)
 
     t_head = model_head(teacher)
-    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", 0.5, temperature=temperature)
+    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", temperature=temperature)
     reference = make_distill_row_loss(kd, t_head)
     fused = FusedForwardKL(reference, same_vocab_target(VOCAB), t_head, None, temperature)
     row_inputs = [labels, t_hidden[:, :-1].flatten(0, 1), kd_mask, kd_weight]

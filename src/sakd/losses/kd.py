@@ -41,15 +41,23 @@ class KDSettings:
     """The distill settings that choose the KD loss (`sakd.config.DistillConfig` has them all)."""
 
     divergence: str = "forward_kl"
-    parameter: float = 0.5  # jsd's beta, the skew divergences' alpha
+    parameter: float = 0.5  # jsd's beta, the skew divergences' alpha, akl's mu, taid's t at the start
     cross_vocab: str = "projection"
     fused: bool = True
+    parameter_end: float | None = None  # the parameter at the end of training (taid's t), linear in between
 
     @staticmethod
     def of(distill: Any) -> KDSettings:
+        end = distill.taid_t_end if distill.divergence == "taid" else None
         return KDSettings(
-            distill.divergence, distill.divergence_parameter, distill.cross_vocab, distill.fused_loss
+            distill.divergence, distill.divergence_parameter, distill.cross_vocab, distill.fused_loss, end
         )
+
+    def parameter_at(self, progress: float) -> float:
+        """The divergence's parameter at `progress` in [0, 1] of training."""
+        if self.parameter_end is None:
+            return self.parameter
+        return self.parameter + (self.parameter_end - self.parameter) * progress
 
     @property
     def fused_forward_kl(self) -> bool:
@@ -69,43 +77,74 @@ class LogitKD:
     per_row: Callable[..., torch.Tensor]
     mapping: VocabMapping | None = None
     fused_target: Callable[[int], TargetFn] | None = field(default=None, repr=False)
+    settings: KDSettings | None = None  # None: the divergence takes no parameter (ULD)
 
-    def at(self, temperature: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        return partial(self.per_row, temperature=temperature)
+    def at(
+        self, temperature: float, progress: float = 0.0
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The per-row KD at `temperature`, with the divergence's parameter at `progress` of training."""
+        if self.settings is None:
+            return partial(self.per_row, temperature=temperature)
+        return partial(self.per_row, temperature=temperature, beta=self.settings.parameter_at(progress))
 
-    def row_loss(self, temperature: float, teacher_head: ModelHead, student_width: int) -> RowLoss:
+    def row_loss(
+        self, temperature: float, teacher_head: ModelHead, student_width: int, progress: float = 0.0
+    ) -> RowLoss:
         """The chunked row loss with row inputs (labels, teacher hidden, kd_mask, kd_weight)."""
-        row_loss = make_distill_row_loss(self.at(temperature), teacher_head)
+        row_loss = make_distill_row_loss(self.at(temperature, progress), teacher_head)
         if self.fused_target is None:
             return row_loss
         return FusedForwardKL(row_loss, self.fused_target(student_width), teacher_head, None, temperature)
 
 
 def logit_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: Any) -> LogitKD:
-    name, parameter = settings.divergence, settings.parameter
+    name = settings.divergence
     if same_vocabulary(teacher_tokenizer, student_tokenizer):
         vocab = len(student_tokenizer)
         fused = (lambda _width: same_vocab_target(vocab)) if settings.fused_forward_kl else None
         return LogitKD(
-            f"same-vocabulary {name}", partial(_same_vocab_kd, vocab, name, parameter), fused_target=fused
+            f"same-vocabulary {name}",
+            partial(_same_vocab_kd, vocab, name),
+            fused_target=fused,
+            settings=settings,
         )
+    _check_cross_vocab(settings)
     mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
-    kwargs: dict[str, Any] = {"mapping": mapping}
-    if settings.cross_vocab != "uld":
-        kwargs.update(divergence=name, beta=parameter)
+    uld = settings.cross_vocab == "uld"
     fused = None
     if settings.fused_forward_kl and settings.cross_vocab == "projection":
         fused = partial(projected_target, mapping)
     return LogitKD(
-        f"cross-vocabulary {settings.cross_vocab}",
-        partial(CROSS_VOCAB_LOSSES[settings.cross_vocab], **kwargs),
+        f"cross-vocabulary {settings.cross_vocab}" + ("" if uld or name == "forward_kl" else f" {name}"),
+        partial(
+            CROSS_VOCAB_LOSSES[settings.cross_vocab], mapping=mapping, **({} if uld else {"divergence": name})
+        ),
         mapping,
         fused,
+        None if uld else settings,
     )
 
 
+def _check_cross_vocab(settings: KDSettings) -> None:
+    """Divergences that have no meaning on a projected (or restricted) teacher distribution."""
+    if settings.divergence == "akl":
+        raise UserError(
+            "distill.divergence=akl needs one vocabulary: its reverse-KL part is infinite against a projected "
+            "teacher; use forward_kl, skew_kl or taid across tokenizers"
+        )
+    if settings.cross_vocab == "hybrid" and settings.divergence == "taid":
+        raise UserError(
+            "distill.divergence=taid does not apply to distill.cross_vocab=hybrid: use projection"
+        )
+
+
 def _same_vocab_kd(
-    vocab: int, name: str, beta: float, s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float
+    vocab: int,
+    name: str,
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    temperature: float,
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Both logit widths may be padded beyond the tokenizer's size: compare over the real vocabulary."""
     t_logprobs = torch.log_softmax(t_logits[:, :vocab].float() / temperature, dim=-1)
@@ -119,15 +158,17 @@ class TopKKD:
 
     kind: str
     per_row: Callable[..., torch.Tensor]
+    settings: KDSettings
     mapping: VocabMapping | None = None
     fused: dict[str, Any] | None = None  # FusedCachedForwardKL's arguments, when it applies
 
-    def at(self, temperature: float) -> Callable[..., torch.Tensor]:
-        return partial(self.per_row, temperature=temperature)
+    def at(self, temperature: float, progress: float = 0.0) -> Callable[..., torch.Tensor]:
+        """The per-row KD at `temperature`, with the divergence's parameter at `progress` of training."""
+        return partial(self.per_row, temperature=temperature, beta=self.settings.parameter_at(progress))
 
-    def row_loss(self, temperature: float) -> RowLoss:
+    def row_loss(self, temperature: float, progress: float = 0.0) -> RowLoss:
         """The chunked row loss with row inputs (labels, ids, probs, tail, kd_mask, kd_weight)."""
-        row_loss = make_cached_distill_row_loss(self.at(temperature))
+        row_loss = make_cached_distill_row_loss(self.at(temperature, progress))
         if self.fused is None:
             return row_loss
         return FusedCachedForwardKL(row_loss, temperature, **self.fused)
@@ -135,12 +176,7 @@ class TopKKD:
 
 def top_k_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: Any) -> TopKKD:
     name = settings.divergence
-    sparse = partial(
-        sparse_teacher_divergence,
-        name=name,
-        beta=settings.parameter,
-        teacher_vocab_size=len(teacher_tokenizer),
-    )
+    sparse = partial(sparse_teacher_divergence, name=name, teacher_vocab_size=len(teacher_tokenizer))
     fused = {"teacher_vocab_size": len(teacher_tokenizer)} if settings.fused_forward_kl else None
     if same_vocabulary(teacher_tokenizer, student_tokenizer):
         vocab = len(student_tokenizer)
@@ -149,6 +185,7 @@ def top_k_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: An
         return TopKKD(
             f"same-vocabulary {name} (cached top-k teacher)",
             partial(sparse, student_vocab=vocab),
+            settings,
             None,
             fused,
         )
@@ -157,6 +194,7 @@ def top_k_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: An
             f"a cached teacher supports the cross-vocabulary projection only (its top-k cannot be sorted "
             f"for {settings.cross_vocab}): set distill.cross_vocab=projection, or drop teacher.cache"
         )
+    _check_cross_vocab(settings)
     if name == "reverse_kl" or (name == "jsd" and settings.parameter == 1.0):
         raise UserError(
             "reverse KL against a projected teacher is infinite: use forward_kl, jsd with beta < 1, or tvd"
@@ -167,6 +205,7 @@ def top_k_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: An
     return TopKKD(
         f"cross-vocabulary projection {name} (cached top-k teacher)",
         partial(sparse, teacher_to_student=mapping.teacher_to_student),
+        settings,
         mapping,
         fused,
     )

@@ -198,9 +198,7 @@ class AuxiliaryLosses:
         if needs.sources or needs.token_weights:
             bi, positions = aligned_rows(batch, "student")
             s_rows = student.hidden[bi, positions].detach()
-            gap = self.teacher.knowledge_gap(
-                s_rows, student.head, batch, t_pass, point.temperature, self.chunking
-            )
+            gap = self.teacher.knowledge_gap(s_rows, student.head, batch, t_pass, point, self.chunking)
         if needs.sources:
             routed = self._route(batch, t_pass, s_groups, gap, point, count)
             token_weights, parts["capacity"] = routed.token_weights, routed.capacity_loss

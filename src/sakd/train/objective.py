@@ -72,7 +72,7 @@ class DistillObjective:
         s_head = s_pass.head
         if use_kd:
             teacher_rows = teacher.kd_inputs(batch, rows, t_pass, n)
-            row_loss = teacher.row_loss(point.temperature, s_head)
+            row_loss = teacher.row_loss(point, s_head)
             chunk = self.chunking.rows(s_head, *teacher.chunk_heads())
         else:
             teacher_rows = [hidden.new_zeros((n, 1))]

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from sakd.curriculum import CurriculumPoint
 from sakd.losses.chunked import Chunking, RowLoss
 from sakd.losses.kd import LogitKD, TopKKD
 from sakd.models.attention import capture_attentions
@@ -93,8 +94,8 @@ class Teacher(Protocol):
         """The row inputs the row loss reads after the labels, for the first `rows["rows_teacher"]` rows
         (the distillation rows), zero-filled up to `n` rows."""
 
-    def row_loss(self, temperature: float, student_head: ModelHead) -> RowLoss:
-        """The chunked row loss (parts "lm" and "kd") at `temperature`."""
+    def row_loss(self, point: CurriculumPoint, student_head: ModelHead) -> RowLoss:
+        """The chunked row loss (parts "lm" and "kd") at the curriculum point (its temperature and progress)."""
 
     def chunk_heads(self) -> tuple[ModelHead, ...]:
         """The teacher heads a chunk of the row loss applies (they bound the chunk's rows)."""
@@ -105,7 +106,7 @@ class Teacher(Protocol):
         student_head: ModelHead,
         batch: dict[str, torch.Tensor],
         t_pass: TeacherPass | None,
-        temperature: float,
+        point: CurriculumPoint,
         chunking: Chunking,
     ) -> torch.Tensor:
         """The detached per-row KD (N,) at the aligned groups of `batch["align_mask"]` in (b, g) order;
@@ -140,13 +141,14 @@ class LiveTeacher:
     def kd_inputs(self, batch, rows, t_pass, n):
         return [first_rows(t_pass.hidden.flatten(0, 1), rows["rows_teacher"], n)]
 
-    def row_loss(self, temperature: float, student_head: ModelHead) -> RowLoss:
-        return self.kd.row_loss(temperature, model_head(self.model), student_head.weight.shape[0])
+    def row_loss(self, point: CurriculumPoint, student_head: ModelHead) -> RowLoss:
+        width = student_head.weight.shape[0]
+        return self.kd.row_loss(point.temperature, model_head(self.model), width, point.progress)
 
     def chunk_heads(self) -> tuple[ModelHead, ...]:
         return (model_head(self.model),)
 
-    def knowledge_gap(self, student_rows, student_head, batch, t_pass, temperature, chunking):
+    def knowledge_gap(self, student_rows, student_head, batch, t_pass, point, chunking):
         bi, positions = aligned_rows(batch, "teacher")
         t_head = model_head(self.model)
         return knowledge_gap(
@@ -154,7 +156,7 @@ class LiveTeacher:
             t_pass.hidden[bi, positions],
             student_head.detach(),
             t_head,
-            self.kd.at(temperature),
+            self.kd.at(point.temperature, point.progress),
             chunking.rows(student_head, t_head),
         )
 
@@ -178,17 +180,17 @@ class TopKTeacher:
     def kd_inputs(self, batch, rows, t_pass, n):
         return [first_rows(batch[key].flatten(0, 1), rows["rows_group"], n) for key in CACHE_KEYS]
 
-    def row_loss(self, temperature: float, student_head: ModelHead) -> RowLoss:
-        return self.kd.row_loss(temperature)
+    def row_loss(self, point: CurriculumPoint, student_head: ModelHead) -> RowLoss:
+        return self.kd.row_loss(point.temperature, point.progress)
 
     def chunk_heads(self) -> tuple[ModelHead, ...]:
         return ()
 
     @torch.no_grad()
-    def knowledge_gap(self, student_rows, student_head, batch, t_pass, temperature, chunking):
+    def knowledge_gap(self, student_rows, student_head, batch, t_pass, point, chunking):
         mask = batch["align_mask"]
         teacher = [batch[key][mask] for key in CACHE_KEYS]
-        kd, step = self.kd.at(temperature), chunking.rows(student_head)
+        kd, step = self.kd.at(point.temperature, point.progress), chunking.rows(student_head)
         gaps = []
         for start in range(0, student_rows.shape[0], step):
             stop = start + step
