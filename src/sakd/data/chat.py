@@ -46,6 +46,13 @@ def set_chat_template(tokenizer: Any, path: str | None, role: str) -> None:
         ) from None
 
 
+def use_chat_templates(student_tokenizer: Any, teacher_tokenizer: Any | None, cfg: Any) -> None:
+    """Set the chat templates that `cfg.student.chat_template` / `cfg.teacher.chat_template` name."""
+    set_chat_template(student_tokenizer, cfg.student.chat_template, "student")
+    if teacher_tokenizer is not None and cfg.teacher is not None:
+        set_chat_template(teacher_tokenizer, cfg.teacher.chat_template, "teacher")
+
+
 def require_chat_template(tokenizer: Any, role: str, where: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
@@ -168,3 +175,24 @@ def tokenize_example(tokenizer: Any, example: Chat | Completion, role: str) -> T
     start = len(example.prompt) + len(example.completion) - len(example.completion.lstrip())
     end = start + len(example.completion.strip())
     return tokenize_rendering(tokenizer, Rendering(text, [(start, end)], [(end, end)]), eos_is_turn_end=True)
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """The text a model sees for a one-message user prompt, up to where its answer starts (its template with
+    the generation prompt), without the BOS the window prefix adds."""
+    require_chat_template(tokenizer, "model", "--chat")
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefix = "".join(tokenizer.convert_ids_to_tokens(list(special_prefix(tokenizer))))
+    return text[len(prefix) :] if prefix and text.startswith(prefix) else text
+
+
+def turn_end_id(tokenizer: Any) -> int | None:
+    """The special token that closes an assistant turn in the tokenizer's template (None when there is none),
+    found by rendering a probe conversation."""
+    probe = Chat(({"role": "user", "content": "q"}, {"role": "assistant", "content": "answer"}), 0, "probe")
+    rendering = render_chat(tokenizer, probe, "model")
+    start, end = rendering.turn_ends[0]
+    if end == start:
+        return None
+    return tokenizer.convert_tokens_to_ids(rendering.text[start:end].strip())

@@ -20,7 +20,7 @@ def tokenize_examples(tokenizer, examples: list[Example], role: str) -> list[Tok
 
 
 def tokenized_sources(
-    sources: Sequence, student_tokenizer, teacher_tokenizer=None
+    sources: Sequence, student_tokenizer, teacher_tokenizer=None, student_role: str = "student"
 ) -> tuple[list[Example], list[TokenizedDoc], list[TokenizedDoc] | None]:
     """The examples of `sources` and their tokenizations with offsets by each tokenizer (None for a missing
     teacher tokenizer)."""
@@ -28,7 +28,7 @@ def tokenized_sources(
     if teacher_tokenizer is not None:
         require_offsets(teacher_tokenizer, "teacher")
     docs = load_sources(sources)
-    student_docs = tokenize_examples(student_tokenizer, docs, "student")
+    student_docs = tokenize_examples(student_tokenizer, docs, student_role)
     teacher_docs = (
         tokenize_examples(teacher_tokenizer, docs, "teacher") if teacher_tokenizer is not None else None
     )
@@ -41,9 +41,13 @@ def build_windows(
     teacher_tokenizer=None,
     max_length: int = 256,
     max_windows: int | None = None,
+    student_role: str = "student",
 ) -> list[Window]:
     """Examples from `sources`, tokenized by both tokenizers with offsets, packed into windows covering the
-    same text on both sides (student side only without a teacher tokenizer)."""
-    _, student_docs, teacher_docs = tokenized_sources(sources, student_tokenizer, teacher_tokenizer)
+    same text on both sides (student side only without a teacher tokenizer); `student_role` names the first
+    model in errors."""
+    _, student_docs, teacher_docs = tokenized_sources(
+        sources, student_tokenizer, teacher_tokenizer, student_role
+    )
     windows = pack_windows(student_docs, teacher_docs, max_length)
     return windows[:max_windows] if max_windows else windows
