@@ -161,3 +161,12 @@ def test_chat_prompt_ids_match_the_tokenizers_own_rendering(chat_assets):
     assert ids == list(expected) and ids[0] == tok.bos_token_id
     stop = _generation_config(tok, 4, 0.0, False, chat=True).eos_token_id
     assert tok.convert_tokens_to_ids("<|eot_id|>") in stop and tok.eos_token_id in stop
+
+
+def test_the_chat_example_config_is_valid():
+    from sakd.config import PathSource, read_yaml, validate
+
+    path = Path(__file__).parents[1] / "configs" / "chat" / "smollm2-instruct-from-qwen3moe.yaml"
+    cfg = validate(read_yaml(path), check_files=False)
+    assert isinstance(cfg.data.train[0], PathSource) and cfg.data.train[0].format == "messages"
+    assert f"sakd train configs/chat/{path.name}" in path.read_text()
