@@ -32,6 +32,7 @@ class Rendering:
     text: str
     content: list[tuple[int, int]]
     turn_ends: list[tuple[int, int]]
+    eos_is_turn_end: bool = False  # a plain completion: the EOS after it is what ends its turn
 
 
 def set_chat_template(tokenizer: Any, path: str | None, role: str) -> None:
@@ -137,12 +138,13 @@ def _turn_end(text: str, end: int, markers: list[str]) -> tuple[int, int]:
     return (end, at + len(marker)) if not text[end:at].strip() else (end, end)
 
 
-def tokenize_rendering(tokenizer: Any, rendering: Rendering, eos_is_turn_end: bool = False) -> TokenizedDoc:
-    """Tokenize a rendering with offsets and classify its tokens. An EOS follows as the separator from the
-    next example unless the text already ends with one; it is a target only when `eos_is_turn_end` (a
-    plain completion, which has no other end-of-turn token)."""
-    encoding = text_tokenizer(tokenizer).encode(rendering.text, add_special_tokens=False)
-    doc = tokenized_doc(rendering.text, encoding.ids, encoding.offsets, None)
+def classify_tokens(
+    tokenizer: Any, rendering: Rendering, ids: list[int], offsets: list[tuple[int, int]]
+) -> TokenizedDoc:
+    """A rendering's tokens (ids and character offsets) with their loss targets and content ends. An EOS
+    follows as the separator from the next example unless the text already ends with one; it is a target
+    only for a plain completion, which has no other end-of-turn token."""
+    doc = tokenized_doc(rendering.text, ids, offsets, None)
     ends = doc.ends
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
     content_ends = np.full(len(ends), -1, dtype=np.int64)
@@ -162,19 +164,41 @@ def tokenize_rendering(tokenizer: Any, rendering: Rendering, eos_is_turn_end: bo
     eos = tokenizer.eos_token_id
     if eos is not None and not (len(ids) and ids[-1] == eos):
         ids, ends = np.append(ids, eos), np.append(ends, len(rendering.text))
-        target, content_ends = np.append(target, eos_is_turn_end), np.append(content_ends, -1)
+        target, content_ends = np.append(target, rendering.eos_is_turn_end), np.append(content_ends, -1)
         nbytes = np.append(nbytes, 0)
     return TokenizedDoc(ids, ends, nbytes.astype(np.int64), target, content_ends)
 
 
-def tokenize_example(tokenizer: Any, example: Chat | Completion, role: str) -> TokenizedDoc:
-    """One chat or prompt-completion example as the `TokenizedDoc` of this model (`role` names it in errors)."""
+def render_example(tokenizer: Any, example: Chat | Completion, role: str) -> Rendering:
+    """This model's text for a chat (its template) or a plain prompt and completion (their concatenation)."""
     if isinstance(example, Chat):
-        return tokenize_rendering(tokenizer, render_chat(tokenizer, example, role))
+        return render_chat(tokenizer, example, role)
     text = (example.prompt + example.completion).rstrip()
     start = len(example.prompt) + len(example.completion) - len(example.completion.lstrip())
     end = start + len(example.completion.strip())
-    return tokenize_rendering(tokenizer, Rendering(text, [(start, end)], [(end, end)]), eos_is_turn_end=True)
+    return Rendering(text, [(start, end)], [(end, end)], eos_is_turn_end=True)
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: list[Chat | Completion], role: str, batch_size: int = 256
+) -> list[TokenizedDoc]:
+    """Chat and prompt-completion examples as this model's `TokenizedDoc`s (`role` names it in errors),
+    rendered one by one and tokenized in batches."""
+    backend = text_tokenizer(tokenizer)
+    docs = []
+    for start in range(0, len(examples), batch_size):
+        renderings = [render_example(tokenizer, e, role) for e in examples[start : start + batch_size]]
+        encodings = backend.encode_batch([r.text for r in renderings], add_special_tokens=False)
+        docs += [
+            classify_tokens(tokenizer, r, e.ids, e.offsets)
+            for r, e in zip(renderings, encodings, strict=True)
+        ]
+    return docs
+
+
+def tokenize_example(tokenizer: Any, example: Chat | Completion, role: str) -> TokenizedDoc:
+    """One example as `tokenize_examples` gives it."""
+    return tokenize_examples(tokenizer, [example], role)[0]
 
 
 def chat_prompt(tokenizer: Any, prompt: str) -> str:

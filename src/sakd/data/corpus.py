@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sakd.data.chat import tokenize_example
+from sakd.data import chat
 from sakd.data.formats import Example
 from sakd.data.packing import Window, pack_windows
 from sakd.data.sources import load_sources
@@ -15,8 +15,10 @@ def tokenize_examples(tokenizer, examples: list[Example], role: str) -> list[Tok
     """Each example tokenized with offsets: text documents in batches as `tokenize_documents` does (EOS
     appended), chat and prompt-completion rows with this model's chat template and loss targets."""
     texts = [example for example in examples if isinstance(example, str)]
+    chats = [example for example in examples if not isinstance(example, str)]
     plain = iter(tokenize_documents(tokenizer, texts) if texts else [])
-    return [next(plain) if isinstance(e, str) else tokenize_example(tokenizer, e, role) for e in examples]
+    rendered = iter(chat.tokenize_examples(tokenizer, chats, role) if chats else [])
+    return [next(plain) if isinstance(e, str) else next(rendered) for e in examples]
 
 
 def tokenized_sources(
