@@ -167,12 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and bits per byte of a student (and a teacher) on text")
     p.add_argument("--student", required=True, help="model folder, .gguf file or hub id")
     p.add_argument("--teacher", help="model folder, .gguf file or hub id")
-    p.add_argument(
-        "--data",
-        required=True,
-        action="append",
-        help="a .txt/.jsonl file or folder (repeatable); chat rows are scored on assistant content only",
-    )
+    p.add_argument("--data", required=True, action="append", help="a .txt/.jsonl file or folder (repeatable)")
     p.add_argument("--output", help="write the results to this JSON file (RUN_DIR/eval.json: in the report)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
