@@ -3,6 +3,7 @@ model's own end-of-turn token) carries a loss, and distillation rows lie inside 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -203,3 +204,33 @@ def test_whitespace_around_content_is_outside_the_alignment_on_both_sides(tokeni
         grouped = tokenizer.decode(ids[batch[f"{side}_group"][0] >= 0].tolist())
         assert grouped == "Spaced answer."
     assert int(batch["student_target_bytes"].sum()) == int(batch["teacher_target_bytes"].sum()) == 14
+
+
+def test_batched_tokenization_equals_one_by_one(tokenizers):
+    from sakd.data.chat import tokenize_examples
+
+    examples = [*_chats(7), Completion("Q: tea?\nA:", " Yes.", "row 7")]
+    for tokenizer in tokenizers:
+        batched = tokenize_examples(tokenizer, examples, "student", batch_size=3)
+        for doc, example in zip(batched, examples, strict=True):
+            single = tokenize_example(tokenizer, example, "student")
+            for field in ("ids", "ends", "nbytes", "target", "content_ends"):
+                assert np.array_equal(getattr(doc, field), getattr(single, field)), field
+
+
+@pytest.mark.parametrize("kind", ["byte_level_trimmed", "metaspace_bpe_bos", "unigram", "wordpiece"])
+def test_groups_cover_the_same_content_bytes_for_every_tokenizer_kind(kind, tokenizers):
+    import tokenizer_kinds
+    from chat_kinds import CHATML
+
+    student = copy.deepcopy(tokenizer_kinds.tokenizer_of(kind))
+    student.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    student.chat_template = CHATML
+    chats = _chats(5)
+    windows, batch = _batch((student, tokenizers[1]), chats)
+    contents = [c for chat in chats for c in _contents(chat)]
+    assert int(batch["teacher_target_bytes"].sum()) == sum(len(c.encode()) for c in contents)
+    for w in windows:
+        for g in range(int(w.student_group.max()) + 1):
+            assert w.student_bytes[w.student_group == g].sum() == w.teacher_bytes[w.teacher_group == g].sum()
+        assert w.student_bytes[w.student_target].sum() == w.teacher_bytes[w.teacher_target].sum()
