@@ -81,10 +81,17 @@ def test_train_on_messages_between_two_templates(chat_assets, tmp_path):
 
 
 def test_eval_scores_completion_bytes_only(chat_assets):
-    result = run_eval(str(chat_assets["student"]), None, [str(chat_assets["eval"])], None, gen_new_tokens=0)
+    result = run_eval(
+        str(chat_assets["student"]),
+        str(chat_assets["teacher"]),
+        [str(chat_assets["eval"])],
+        None,
+        gen_new_tokens=0,
+    )
     contents = [m["content"].strip() for i in EVAL_ROWS for m in conversation(i) if m["role"] == "assistant"]
     student = result["student"]
-    assert student["bytes"] == sum(len(c.encode()) for c in contents)
+    assert student["bytes"] == result["teacher"]["bytes"] == sum(len(c.encode()) for c in contents)
+    assert result["agreement"]["positions"] > 0
     # each content token and each turn's <|eot_id|> is a target, nothing else
     assert math.isclose(
         student["bits_per_byte"], student["loss"] * student["tokens"] / math.log(2) / student["bytes"]
