@@ -234,3 +234,41 @@ def test_groups_cover_the_same_content_bytes_for_every_tokenizer_kind(kind, toke
         for g in range(int(w.student_group.max()) + 1):
             assert w.student_bytes[w.student_group == g].sum() == w.teacher_bytes[w.teacher_group == g].sum()
         assert w.student_bytes[w.student_target].sum() == w.teacher_bytes[w.teacher_target].sum()
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            "{% for m in messages %}{{ m['content'] | upper }}|{% endfor %}",
+            "changes an assistant message's text",
+        ),
+        (
+            "{% for m in messages if m['role'] != 'assistant' %}{{ m['content'] }}{% endfor %}",
+            "drops assistant",
+        ),
+        (
+            "{{ raise_exception('roles must alternate') }}",
+            r"rejects this conversation \(roles must alternate\)",
+        ),
+    ],
+)
+def test_templates_that_hide_the_content_are_user_errors(template, message):
+    tokenizer = chat_tokenizer("chatml")
+    tokenizer.chat_template = template
+    with pytest.raises(UserError, match=message) as raised:
+        render_chat(tokenizer, _chats(1)[0], "teacher")
+    assert "row 0" in str(raised.value) and "teacher" in str(raised.value)
+
+
+def test_a_gemma_like_template_with_its_own_role_names():
+    tokenizer = chat_tokenizer("chatml")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    )
+    chat = _chats(3)[0]  # two assistant turns
+    rendering = render_chat(tokenizer, chat, "student")
+    assert [rendering.text[a:b] for a, b in rendering.content] == _contents(chat)
+    assert [rendering.text[a:b] for a, b in rendering.turn_ends] == ["<end_of_turn>"] * 2
