@@ -76,45 +76,40 @@ def render_chat(tokenizer: Any, chat: Chat, role: str) -> Rendering:
         raise UserError(
             f"{chat.where}: the {role} chat template rejects this conversation ({error})"
         ) from None
-    spans, rebuilt, cursor = [], [], 0
+    for strip in (
+        False,
+        True,
+    ):  # as given, or stripped of surrounding whitespace (as Llama 3's template does)
+        filled, spans = _fill(template, chat, trained, strip, role)
+        if filled == text:
+            return _finish(tokenizer, text, spans)
+    raise UserError(
+        f"{chat.where}: the {role} chat template changes an assistant message's text, so its loss span "
+        "cannot be found: use a template that writes assistant content as given"
+    )
+
+
+def _fill(
+    template: str, chat: Chat, trained: list[int], strip: bool, role: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The placeholder rendering with each trained content put back (stripped when `strip`), and the span
+    of each content, without its surrounding whitespace, in the result."""
+    parts, spans, cursor, length = [], [], 0, 0
     for i in trained:
         marker = f"{_OPEN}{i}{_CLOSE}"
         at = template.find(marker, cursor)
         if at < 0:
             raise UserError(f"{chat.where}: the {role} chat template drops assistant message {i}")
         content = chat.messages[i]["content"]
-        rebuilt.append(template[cursor:at])
-        start = sum(map(len, rebuilt)) + len(content) - len(content.lstrip())
+        written = content.strip() if strip else content
+        length += at - cursor
+        start = length + len(written) - len(written.lstrip())
         spans.append((start, start + len(content.strip())))
-        rebuilt.append(content)
-        cursor = at + len(marker)
-    rebuilt.append(template[cursor:])
-    if "".join(rebuilt) != text:
-        spans, text = _trimmed_spans(template, trained, chat, text, role)
-    return _finish(tokenizer, text, spans)
-
-
-def _trimmed_spans(
-    template: str, trained: list[int], chat: Chat, text: str, role: str
-) -> tuple[list[tuple[int, int]], str]:
-    """The spans when the template strips each content's surrounding whitespace (as Llama 3's does)."""
-    spans, parts, cursor = [], [], 0
-    for i in trained:
-        marker = f"{_OPEN}{i}{_CLOSE}"
-        at = template.find(marker, cursor)
-        parts.append(template[cursor:at])
-        start = sum(map(len, parts))
-        content = chat.messages[i]["content"].strip()
-        spans.append((start, start + len(content)))
-        parts.append(content)
+        parts += [template[cursor:at], written]
+        length += len(written)
         cursor = at + len(marker)
     parts.append(template[cursor:])
-    if "".join(parts) != text:
-        raise UserError(
-            f"{chat.where}: the {role} chat template changes an assistant message's text, so its loss span "
-            "cannot be found: use a template that writes assistant content as given"
-        )
-    return spans, text
+    return "".join(parts), spans
 
 
 def _finish(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> Rendering:
