@@ -76,10 +76,8 @@ def render_chat(tokenizer: Any, chat: Chat, role: str) -> Rendering:
         raise UserError(
             f"{chat.where}: the {role} chat template rejects this conversation ({error})"
         ) from None
-    for strip in (
-        False,
-        True,
-    ):  # as given, or stripped of surrounding whitespace (as Llama 3's template does)
+    # contents written as given, or stripped of surrounding whitespace (as Llama 3's template does)
+    for strip in (False, True):
         filled, spans = _fill(template, chat, trained, strip, role)
         if filled == text:
             return _finish(tokenizer, text, spans)
