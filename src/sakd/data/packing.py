@@ -99,38 +99,16 @@ def pack_windows(
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    if teacher_docs is None:
-        sizes = np.ones(sum(len(doc) for doc in student_docs), dtype=np.int64)
-        streams = [_Stream.of(student_docs, sizes)]
-        doc_units = [len(doc) for doc in student_docs]
-    else:
-        if len(teacher_docs) != len(student_docs):
-            raise ValueError(
-                f"{len(teacher_docs)} teacher documents for {len(student_docs)} student documents"
-            )
-        pairs = [(s, t) for s, t in zip(student_docs, teacher_docs, strict=True) if len(s) and len(t)]
-        student_docs, teacher_docs = [s for s, _ in pairs], [t for _, t in pairs]
-        units = [_doc_units(s, t) for s, t in pairs]
-        empty = np.zeros(0, dtype=np.int64)
-        student_sizes, teacher_sizes, aligned = (
-            np.concatenate([empty, *(u[i] for u in units)]) for i in range(3)
-        )
-        aligned = aligned.astype(bool)
-        streams = [
-            _Stream.of(student_docs, student_sizes, aligned),
-            _Stream.of(teacher_docs, teacher_sizes, aligned),
-        ]
-        doc_units = [len(u[0]) for u in units]
-    chat = any(doc.target is not None for doc in student_docs)
-    doc_starts = np.cumsum([0, *doc_units])[:-1] if chat else None
-    if chat:
+    streams, doc_units = _streams(student_docs, teacher_docs)
+    doc_starts = None
+    if any(doc.target is not None for doc in student_docs):  # chat data: conversations stay whole
+        doc_starts = np.cumsum([0, *doc_units])[:-1]
         longest = [
             max(len(s), len(t)) for s, t in zip(student_docs, teacher_docs or student_docs, strict=True)
         ]
-        cut = sum(n > max_length for n in longest)
         log.info(
             "%d of %d conversations are longer than %d tokens: cut at group boundaries",
-            cut,
+            sum(n > max_length for n in longest),
             len(longest),
             max_length,
         )
@@ -154,6 +132,29 @@ def pack_windows(
             )
         )
     return windows
+
+
+def _streams(
+    student_docs: list[TokenizedDoc], teacher_docs: list[TokenizedDoc] | None
+) -> tuple[list[_Stream], list[int]]:
+    """Each side's stream of the documents kept (those with tokens on both sides), and the number of units
+    in each document."""
+    if teacher_docs is None:
+        sizes = np.ones(sum(len(doc) for doc in student_docs), dtype=np.int64)
+        return [_Stream.of(student_docs, sizes)], [len(doc) for doc in student_docs]
+    if len(teacher_docs) != len(student_docs):
+        raise ValueError(f"{len(teacher_docs)} teacher documents for {len(student_docs)} student documents")
+    pairs = [(s, t) for s, t in zip(student_docs, teacher_docs, strict=True) if len(s) and len(t)]
+    units = [_doc_units(s, t) for s, t in pairs]
+    empty = np.zeros(0, dtype=np.int64)
+    student_sizes, teacher_sizes, aligned = (
+        np.concatenate([empty, *(u[i] for u in units)]) for i in range(3)
+    )
+    streams = [
+        _Stream.of([s for s, _ in pairs], student_sizes, aligned.astype(bool)),
+        _Stream.of([t for _, t in pairs], teacher_sizes, aligned.astype(bool)),
+    ]
+    return streams, [len(u[0]) for u in units]
 
 
 def _doc_units(
