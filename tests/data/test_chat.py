@@ -272,3 +272,24 @@ def test_a_gemma_like_template_with_its_own_role_names():
     rendering = render_chat(tokenizer, chat, "student")
     assert [rendering.text[a:b] for a, b in rendering.content] == _contents(chat)
     assert [rendering.text[a:b] for a, b in rendering.turn_ends] == ["<end_of_turn>"] * 2
+
+
+def test_a_teacher_cache_refuses_chat_data(tmp_path, tokenizers):
+    from sakd.cache.keys import keyed_windows
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": conversation(0)}) + "\n")
+    with pytest.raises(UserError, match="teacher cache needs plain text data"):
+        keyed_windows([str(path)], *tokenizers, 64)
+
+
+def test_text_rows_among_chat_rows_keep_every_token_as_target(tmp_path, tokenizers):
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"messages": conversation(0)}, {"text": "Plain words, all of them learnt."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    windows = build_windows([str(path)], *tokenizers, max_length=256)
+    batch = collate_windows(windows, input_format(tokenizers[0]), input_format(tokenizers[1]))
+    labels = batch["student_labels"][0]
+    text = tokenizers[0].decode(labels[labels != -100].tolist(), skip_special_tokens=False)
+    assert text.endswith("Plain words, all of them learnt.<|endoftext|>")
+    assert text.startswith(_contents(_chats(1)[0])[0] + STUDENT_END)
