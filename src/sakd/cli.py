@@ -63,7 +63,9 @@ def _generate(args: argparse.Namespace) -> int:
     from sakd.generate import run_generate
 
     print(
-        run_generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.device)
+        run_generate(
+            args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.device, args.chat
+        )
     )
     return 0
 
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user message for the chat template")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.md and report.html (with plots) for a run folder")

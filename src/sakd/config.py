@@ -17,6 +17,7 @@ from sakd.curriculum import CurriculumSpec
 from sakd.errors import UserError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DataFormat = Literal["messages", "prompt_completion", "text"]
 CACHE_UNAVAILABLE_LOSSES = ("feature", "attention", "router", "balance", "layerwise", "contrastive")
 
 
@@ -31,9 +32,19 @@ class HFSource(Section):
     config: str | None = None
     split: str = "train"
     text_field: str = "text"
+    format: DataFormat | None = None
+    """Force the row format (null: detected from each row's fields)."""
 
 
-Source = str | HFSource
+class PathSource(Section):
+    """A file or folder whose rows are read in one forced format."""
+
+    path: str
+    format: DataFormat | None = None
+    """messages, prompt_completion or text (null: detected from each row's fields)."""
+
+
+Source = str | HFSource | PathSource
 
 
 class ModelSpec(Section):
@@ -45,6 +56,8 @@ class ModelSpec(Section):
     """Weights' dtype. auto: fp32 on CPU; on GPU bf16 where supported, else fp16 (teacher) / fp32 (student)."""
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     """auto picks sdpa unless a loss needs attention maps (then eager, since sdpa returns none)."""
+    chat_template: str | None = None
+    """A file holding a Jinja chat template, for chat data when the tokenizer has none (or to replace its own)."""
 
     @property
     def tokenizer_path(self) -> str:
@@ -85,7 +98,8 @@ class StudentSpec(ModelSpec):
 
 class DataConfig(Section):
     train: list[Source] = Field(min_length=1)
-    """Text sources: .txt, .jsonl (a `text` field), a folder of those, or an HF dataset."""
+    """Sources: .txt, .jsonl (`text`, `messages` or `prompt` + `completion` rows), a folder of those, an HF
+    dataset, or `{path: F, format: messages|prompt_completion|text}`."""
     eval: list[Source] = Field(default_factory=list)
     """Held-out sources; without them no evaluation runs during training."""
     max_length: int = Field(256, ge=8, le=1_048_576)
@@ -256,16 +270,18 @@ def _file_problems(raw: dict[str, Any]) -> list[str]:
     problems = []
     for role in ("student", "teacher"):
         spec = raw.get(role)
-        for key in ("model", "tokenizer"):
+        for key in ("model", "tokenizer", "chat_template"):
             ref = spec.get(key) if isinstance(spec, dict) else None
-            if isinstance(ref, str) and ref and _looks_like_path(ref) and not Path(ref).expanduser().exists():
+            is_path = key == "chat_template" or (isinstance(ref, str) and _looks_like_path(ref))
+            if isinstance(ref, str) and ref and is_path and not Path(ref).expanduser().exists():
                 problems.append(f"{role}.{key}: '{ref}' does not exist")
     data = raw.get("data")
     for split in ("train", "eval"):
         sources = data.get(split) if isinstance(data, dict) else None
         for src in sources if isinstance(sources, list) else []:
-            if isinstance(src, str) and not Path(src).expanduser().exists():
-                problems.append(f"data.{split}: '{src}' does not exist")
+            path = src.get("path") if isinstance(src, dict) else src
+            if isinstance(path, str) and not Path(path).expanduser().exists():
+                problems.append(f"data.{split}: '{path}' does not exist")
     return problems
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from sakd.data.corpus import tokenized_sources
 from sakd.data.packing import Window, pack_windows
 from sakd.data.tokenize import TokenizedDoc
+from sakd.errors import UserError
 
 
 @dataclass
@@ -78,6 +79,8 @@ def keyed_windows(sources: Sequence, student_tokenizer, teacher_tokenizer, max_l
     """The windows `build_windows(sources, student_tokenizer, teacher_tokenizer, max_length)` gives, with the
     key of every teacher token."""
     docs, student_docs, teacher_docs = tokenized_sources(sources, student_tokenizer, teacher_tokenizer)
+    if any(not isinstance(doc, str) for doc in docs):  # keys count characters of plain documents only
+        raise UserError("a teacher cache needs plain text data: drop teacher.cache for chat data")
     windows = pack_windows(student_docs, teacher_docs, max_length)
 
     has_eos = teacher_tokenizer.eos_token_id is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def alignment_groups(teacher_ends: np.ndarray, student_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def alignment_groups(
+    teacher_ends: np.ndarray, student_ends: np.ndarray, final_eos: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Group the tokens of two tokenizations of the same text so that each group covers the same characters.
 
     `teacher_ends` (Nt,), `student_ends` (Ns,): non-decreasing end character offsets of each token.
@@ -18,7 +20,8 @@ def alignment_groups(teacher_ends: np.ndarray, student_ends: np.ndarray) -> tupl
     form one unit, because the text between them has no character boundary. Two exceptions:
     - identical end offsets (the same tokenizer): every token is its own group;
     - both sequences end with a zero-width token (EOS appended to both): the two final tokens form their
-      own group, so that EOS is aligned to EOS and the last text group predicts EOS on both sides.
+      own group, so that EOS is aligned to EOS and the last text group predicts EOS on both sides
+      (unless `final_eos` is False: text that ends in byte pieces of one character on both sides).
     Text left over after the last common boundary joins the last group. Empty input on either side gives
     no groups.
     """
@@ -31,7 +34,7 @@ def alignment_groups(teacher_ends: np.ndarray, student_ends: np.ndarray) -> tupl
     if np.array_equal(teacher_ends, student_ends):
         same = np.arange(1, num_teacher + 1, dtype=np.int64)
         return same, same.copy()
-    if _ends_zero_width(teacher_ends) and _ends_zero_width(student_ends):
+    if final_eos and _ends_zero_width(teacher_ends) and _ends_zero_width(student_ends):
         teacher_text_ends, student_text_ends = _text_groups(teacher_ends[:-1], student_ends[:-1])
         return np.append(teacher_text_ends, num_teacher), np.append(student_text_ends, num_student)
     return _text_groups(teacher_ends, student_ends)

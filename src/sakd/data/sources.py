@@ -1,4 +1,7 @@
-"""Text sources -> documents: `.txt` files, `.jsonl` files, folders of both, and Hugging Face datasets."""
+"""Data sources -> examples: `.txt` files, `.jsonl` files, folders of both, and Hugging Face datasets.
+
+An example is a text document (a string) or a chat / prompt-completion row (`sakd.data.formats`).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +11,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sakd.data.formats import FORMATS, Example, detect_format, parse_row
 from sakd.errors import UserError
 
 DataSource = str | os.PathLike | Mapping[str, Any]
-"""A path (file or folder) or a mapping `{"hf": NAME, ...}`; an object with those attributes also works."""
+"""A path (file or folder), a mapping `{"hf": NAME, ...}` or `{"path": P, "format": F}`; an object with those
+attributes also works."""
 
 FILE_SUFFIXES = (".txt", ".jsonl")
 
 
-def load_documents(source: DataSource, *, setting: str = "data.train") -> list[str]:
-    """Read one source into documents; `setting` names the config key to fix in error messages.
+def load_documents(source: DataSource, *, setting: str = "data.train") -> list[Example]:
+    """Read one source into examples; `setting` names the config key to fix in error messages.
 
-    Documents that are empty or whitespace only are skipped. Raises `UserError` for a missing path, an
-    unreadable or malformed file, an unloadable dataset, or a source without any non-empty document.
+    Text documents that are empty or whitespace only are skipped. Raises `UserError` for a missing path, an
+    unreadable or malformed file or row, an unloadable dataset, or a source without any non-empty example.
     """
     if isinstance(source, (str, os.PathLike)):
-        documents = _path_documents(Path(source), setting)
+        documents = _path_documents(Path(source), setting, None)
         shown = str(source)
+    elif _spec_field(source, "path", None) is not None:
+        shown = str(_spec_field(source, "path", None))
+        documents = _path_documents(Path(shown), setting, _format(source, setting))
     else:
         documents = _dataset_documents(source, setting)
         shown = str(_spec_field(source, "hf", None))
@@ -33,7 +41,7 @@ def load_documents(source: DataSource, *, setting: str = "data.train") -> list[s
     return documents
 
 
-def load_sources(sources: Sequence[DataSource] | DataSource, *, setting: str = "data.train") -> list[str]:
+def load_sources(sources: Sequence[DataSource] | DataSource, *, setting: str = "data.train") -> list[Example]:
     """Concatenate `load_documents` over a list of sources (a single source is accepted as well)."""
     if isinstance(sources, (str, os.PathLike, Mapping)) or not isinstance(sources, Sequence):
         sources = [sources]
@@ -43,7 +51,14 @@ def load_sources(sources: Sequence[DataSource] | DataSource, *, setting: str = "
     return documents
 
 
-def _path_documents(path: Path, setting: str) -> list[str]:
+def _format(spec: Any, setting: str) -> str | None:
+    fmt = _spec_field(spec, "format", None)
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"data format {fmt!r} is unknown: use one of {', '.join(FORMATS)} in {setting}")
+    return fmt
+
+
+def _path_documents(path: Path, setting: str, fmt: str | None) -> list[Example]:
     if not path.exists():
         raise UserError(
             f"data source '{path}' does not exist: check {setting} "
@@ -53,11 +68,11 @@ def _path_documents(path: Path, setting: str) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
         if not files:
             raise UserError(f"data folder '{path}' holds no .txt or .jsonl files: check {setting}")
-        return [document for file in files for document in _file_documents(file, setting)]
-    return _file_documents(path, setting)
+        return [document for file in files for document in _file_documents(file, setting, fmt)]
+    return _file_documents(path, setting, fmt)
 
 
-def _file_documents(path: Path, setting: str) -> list[str]:
+def _file_documents(path: Path, setting: str, fmt: str | None) -> list[Example]:
     if path.suffix not in FILE_SUFFIXES:
         raise UserError(
             f"data file '{path}' has an unsupported type: "
@@ -72,11 +87,13 @@ def _file_documents(path: Path, setting: str) -> list[str]:
     except OSError as error:
         raise UserError(f"data file '{path}' cannot be read ({error.strerror}): check {setting}") from None
     if path.suffix == ".txt":
+        if fmt not in (None, "text"):
+            raise UserError(f"data file '{path}' is plain text: it cannot hold {fmt} rows (use .jsonl)")
         return [text] if text.strip() else []
-    return _jsonl_documents(path, text)
+    return _jsonl_documents(path, text, fmt)
 
 
-def _jsonl_documents(path: Path, text: str) -> list[str]:
+def _jsonl_documents(path: Path, text: str, fmt: str | None) -> list[Example]:
     documents = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -87,13 +104,9 @@ def _jsonl_documents(path: Path, text: str) -> list[str]:
             raise UserError(
                 f"data file '{path}' line {line_number} is not valid JSON ({error.msg}): fix it"
             ) from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(
-                f"data file '{path}' line {line_number} has no string 'text' field: "
-                'write one JSON object per line, e.g. {"text": "..."}'
-            )
-        if record["text"].strip():
-            documents.append(record["text"])
+        example = parse_row(record, f"data file '{path}' line {line_number}", fmt)
+        if example is not None:
+            documents.append(example)
     return documents
 
 
@@ -103,7 +116,7 @@ def _spec_field(spec: Any, name: str, default: Any) -> Any:
     return getattr(spec, name, default)
 
 
-def _dataset_documents(spec: Any, setting: str) -> list[str]:
+def _dataset_documents(spec: Any, setting: str) -> list[Example]:
     name = _spec_field(spec, "hf", None)
     if not name:
         raise UserError(f"data source {spec!r} is neither a path nor {{hf: NAME}}: check {setting}")
@@ -121,6 +134,11 @@ def _dataset_documents(spec: Any, setting: str) -> list[str]:
             f"dataset '{name}' (config {config!r}, split {split!r}) could not be loaded ({reason}): "
             f"check {setting} and your network or cache"
         ) from None
+    fmt = _format(spec, setting) or detect_format(dict.fromkeys(dataset.column_names), text_field)
+    if fmt in ("messages", "prompt_completion"):
+        where = f"dataset '{name}' row {{}}"
+        rows = (parse_row(row, where.format(i), fmt) for i, row in enumerate(dataset))
+        return [row for row in rows if row is not None]
     if text_field not in dataset.column_names:
         raise UserError(
             f"dataset '{name}' has no column '{text_field}' (it has {', '.join(dataset.column_names)}): "

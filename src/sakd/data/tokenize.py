@@ -38,11 +38,18 @@ class TokenizedDoc:
     byte length (when it has any text token). A character split over several tokens (byte-level pieces) counts
     its bytes at its first piece and 0 at the others, and EOS carries 0: per-token byte counts only matter
     summed over whole characters, which every window and every alignment group holds.
+
+    Chat and prompt-completion rows (`sakd.data.chat`) also set `target` (n,) bool: whether a token carries
+    the loss (assistant content and end-of-turn tokens), and `content_ends` (n,) int64: where each content
+    token ends in the concatenated assistant contents, -1 for every other token; there `nbytes` counts
+    content bytes only. Plain documents leave both None: every token is a target and alignment uses `ends`.
     """
 
     ids: np.ndarray
     ends: np.ndarray
     nbytes: np.ndarray
+    target: np.ndarray | None = None
+    content_ends: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

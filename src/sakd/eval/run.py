@@ -63,7 +63,7 @@ def model_metrics(
 ) -> dict[str, Any]:
     """Perplexity, bits per byte, parameters, size on disk and (unless `gen_new_tokens` is 0) decoding speed."""
     device = next(model.parameters()).device
-    windows = build_windows(sources, tokenizer, None, max_length, max_windows)
+    windows = build_windows(sources, tokenizer, None, max_length, max_windows, role)
     if not windows:
         raise UserError(f"the evaluation data gives no window of tokens for the {role}: use more text")
     log_input_format(tokenizer, role)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from sakd.cache.keys import keyed_windows
 from sakd.cache.training import CachedBatches, CachedTeacher, open_training_cache
 from sakd.config import Config
+from sakd.data.chat import use_chat_templates
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.data.packing import Window
@@ -42,6 +43,7 @@ class TrainingInputs:
 def training_inputs(cfg: Config, student_tok, teacher_tok, processes: int, progress: bool) -> TrainingInputs:
     """Tokenize and pack the training (and held-out) data, and open the teacher cache if the config names one:
     a UserError when the data gives less than one batch over `processes`, or the cache does not fit."""
+    use_chat_templates(student_tok, teacher_tok, cfg)  # templates from files, where the config names them
     bar = tqdm(total=2 if cfg.data.eval else 1, desc="tokenizing", disable=not progress)
     keyed = None
     if cfg.teacher and cfg.teacher.cache:  # the cache's keys come with the windows: one tokenization
