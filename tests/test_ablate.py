@@ -78,8 +78,11 @@ class FakeSetup:
         self.work = work
         self.calls: list[tuple[str, int, bool]] = []
 
-    def student_run(self, slug: str, teacher: bool = True, seed: int = 0, curriculum=None) -> dict:
+    def student_run(
+        self, slug: str, teacher: bool = True, seed: int = 0, curriculum=None, distill=None
+    ) -> dict:
         self.calls.append((slug, seed, teacher))
+        self.distill = getattr(self, "distill", {}) | {slug: distill}
         name = BASELINE if not teacher else next(n for n, v in ablate.VARIANTS.items() if v == curriculum)
         shift = {BASELINE: [0.05] * 3, "KD + token weights": SHIFTS["steady gain"]}.get(name, [0.0] * 3)
         (self.work / slug).mkdir(parents=True)
@@ -142,3 +145,11 @@ def test_the_seed_reaches_the_student_config(tmp_path):
 def test_seeds_below_one_are_refused(capsys):
     assert main(["ablate", "--seeds", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --seeds must be at least 1, got 0"
+
+
+def test_objective_variants_keep_plain_kds_losses_and_change_the_divergence(fake, tmp_path):
+    name = next(iter(ablate.OBJECTIVES))
+    assert name in ablate.variant_names()
+    run_ablation(tmp_path, quick=True, variants=[name])
+    slug = fake.calls[1][0]
+    assert fake.distill[slug] == ablate.OBJECTIVES[name] and fake.distill[slug]["divergence"] == "taid"

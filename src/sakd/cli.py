@@ -86,11 +86,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from sakd.tools.ablate import VARIANTS, run_ablation
+    from sakd.tools.ablate import run_ablation, variant_names
 
-    unknown = [v for v in args.variant if v not in VARIANTS]
+    unknown = [v for v in args.variant if v not in variant_names()]
     if unknown:
-        raise UserError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
+        raise UserError(f"unknown variant(s) {unknown}: choose from {variant_names()}")
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     run_ablation(args.workdir, quick=args.quick, variants=args.variant or None, seeds=args.seeds)
