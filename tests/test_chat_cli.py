@@ -15,7 +15,7 @@ from chat_kinds import chat_tokenizer, conversation, write_chat_jsonl
 from transformers import AutoModelForCausalLM
 
 from sakd.cli import main
-from sakd.eval.run import run_eval
+from sakd.eval.run import EvalData, run_eval
 from sakd.models.tiny import dense_student_config, moe_teacher_config
 
 EVAL_ROWS = range(30, 36)
@@ -84,8 +84,7 @@ def test_eval_scores_completion_bytes_only(chat_assets):
     result = run_eval(
         str(chat_assets["student"]),
         str(chat_assets["teacher"]),
-        [str(chat_assets["eval"])],
-        None,
+        EvalData([str(chat_assets["eval"])]),
         gen_new_tokens=0,
     )
     contents = [m["content"].strip() for i in EVAL_ROWS for m in conversation(i) if m["role"] == "assistant"]

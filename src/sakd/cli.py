@@ -36,16 +36,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from sakd.eval.run import run_eval
+    from sakd.eval.run import EvalData, run_eval
 
     result = run_eval(
         args.student,
         args.teacher,
-        args.data,
+        EvalData(args.data, args.max_length, args.batch_size, args.max_windows),
         args.output,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        max_windows=args.max_windows,
         device=args.device,
         top_k=args.top_k,
         gen_new_tokens=args.gen_new_tokens,

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.eval.agreement import EXACT_KL, PROJECTED_KL, agreement_metrics
-from sakd.eval.run import evaluate_agreement
+from sakd.eval.run import EvalData, evaluate_agreement
 from sakd.losses import build_vocab_mapping, projected_teacher_probs
 
 
@@ -20,7 +20,9 @@ def _load(folder):
 
 def test_a_student_that_is_the_teacher_agrees_fully(assets):
     tok, model = _load(assets["student_same"])
-    got = evaluate_agreement(model, tok, model, tok, [str(assets["eval"])], max_length=48, max_windows=4)
+    got = evaluate_agreement(
+        model, tok, model, tok, EvalData([str(assets["eval"])], max_length=48, max_windows=4)
+    )
     assert got["kl_kind"] == EXACT_KL and got["positions"] > 50 and got["unscored_positions"] == 0
     assert got["top1_agreement"] == 1.0 and got["top_k_overlap"] == 1.0
     assert abs(got["kl"]) < 1e-5

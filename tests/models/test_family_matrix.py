@@ -16,7 +16,7 @@ from sakd.config import validate
 from sakd.data.corpus import build_windows
 from sakd.data.packing import collate_windows
 from sakd.data.tokenize import input_format
-from sakd.eval.run import evaluate_model
+from sakd.eval.run import EvalData, evaluate_model
 from sakd.generate import generate_ids
 from sakd.models.head import check_head
 from sakd.models.tiny import FAMILIES, tiny_family_model
@@ -96,7 +96,7 @@ def test_family_conventions_head_eval_and_generate(family, folders):
     assert batch["student_input_ids"][:, : len(fmt.prefix)].tolist() == [list(fmt.prefix)] * len(windows)
     check_head(model, batch["student_input_ids"], batch["student_attention_mask"], "student")
 
-    metrics = evaluate_model(str(folders[family]), "student", [str(folders["data"])], 32, 2, 4)
+    metrics = evaluate_model(str(folders[family]), "student", EvalData([str(folders["data"])], 32, 2, 4))
     assert math.isfinite(metrics["bits_per_byte"]) and metrics["bits_per_byte"] > 0
 
     new = generate_ids(model, tokenizer, "def greet", max_new_tokens=3, exact_length=True)

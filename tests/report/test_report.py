@@ -17,7 +17,7 @@ from report_helpers import assert_plot_has_data, report_sections, small_run_conf
 
 from sakd.cli import main
 from sakd.config import validate
-from sakd.eval.run import run_eval
+from sakd.eval.run import EvalData, run_eval
 from sakd.report import build_report
 from sakd.train.loop import train
 
@@ -29,10 +29,8 @@ def test_report_of_a_finished_run_with_an_eval_json(base_config, assets, capsys)
     evaluated = run_eval(
         str(run / "final"),
         str(assets["teacher"]),
-        [str(assets["eval"])],
+        EvalData([str(assets["eval"])], max_length=48, max_windows=4),
         str(run / "eval.json"),
-        max_length=48,
-        max_windows=4,
         gen_new_tokens=1,
     )
     # The same windows, weights and forward KL on the projected teacher as the training's held-out KD loss.

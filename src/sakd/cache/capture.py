@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,82 +96,59 @@ def _check_capture_arguments(cfg: Config, top_k: int, shard_windows: int, probs_
         raise UserError(f"unknown probability dtype {probs_dtype!r}: choose one of {sorted(PROBS_DTYPES)}")
 
 
+@dataclass(frozen=True)
+class CaptureOptions:
+    """How `capture_teacher_cache` captures: `top_k` ids per position, probabilities stored as `probs_dtype`,
+    `shard_windows` windows per shard, `batch_size` windows per teacher forward (None: train.batch_size), on
+    `device` (None: CUDA if present); `max_shards` stops after writing that many (an interrupted capture, for
+    tests)."""
+
+    top_k: int = 64
+    batch_size: int | None = None
+    shard_windows: int = 1024
+    probs_dtype: str = "float16"
+    device: str | None = None
+    max_shards: int | None = None
+    progress: bool = True
+
+
 def capture_teacher_cache(
-    cfg: Config,
-    top_k: int = 64,
-    path: str | Path | None = None,
-    batch_size: int | None = None,
-    shard_windows: int = 1024,
-    probs_dtype: str = "float16",
-    device: str | None = None,
-    max_shards: int | None = None,
-    progress: bool = True,
+    cfg: Config, path: str | Path | None = None, options: CaptureOptions | None = None, **settings: Any
 ) -> dict[str, Any]:
-    """Write (or continue) the teacher cache of `cfg`; returns a summary. `max_shards` stops after writing
-    that many shards (an interrupted capture, for tests); re-running continues with the missing ones."""
-    _check_capture_arguments(cfg, top_k, shard_windows, probs_dtype)
+    """Write (or continue) the teacher cache of `cfg` in `path` (None: the config's default place); returns a
+    summary. `settings` override fields of `options` by name; re-running continues with the missing shards."""
+    o = replace(options or CaptureOptions(), **settings)
+    _check_capture_arguments(cfg, o.top_k, o.shard_windows, o.probs_dtype)
     t0 = time.perf_counter()
     root = Path(path).expanduser() if path else cache_path(cfg)
     student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
-    vocab_size = len(teacher_tok)
-    top_k = min(top_k, vocab_size)
+    top_k = min(o.top_k, len(teacher_tok))
     keyed = keyed_windows(cfg.data.train, student_tok, teacher_tok, cfg.data.max_length)
     windows = keyed.windows
-    settings = capture_settings(
+    settings_record = capture_settings(
         cfg.teacher.model, teacher_tok, data_sources(cfg), cfg.data.max_length, keyed.data_fingerprint
     )
     layout = {
         "top_k": top_k,
-        "probs_dtype": probs_dtype,
-        "shard_windows": shard_windows,
+        "probs_dtype": o.probs_dtype,
+        "shard_windows": o.shard_windows,
         "num_windows": len(windows),
         "num_documents": keyed.num_documents,
         "capture_student_vocab": vocab_hash(student_tok),
     }
-    num_shards = math.ceil(len(windows) / shard_windows)
-    writer = CacheWriter(root, settings, layout, num_shards)
+    num_shards = math.ceil(len(windows) / o.shard_windows)
+    writer = CacheWriter(root, settings_record, layout, num_shards)
     todo = [i for i in range(num_shards) if not writer.done(i)]
-    if max_shards is not None:
-        todo = todo[:max_shards]
-
+    if o.max_shards is not None:
+        todo = todo[: o.max_shards]
     if todo:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        precision = resolve_precision(cfg.train.precision, dev)
-        teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
-        attn = attention_implementation(False, cfg.teacher.attn_implementation)
-        teacher = freeze(load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), attn)).to(dev)
-        head = model_head(teacher)
-        autocast = (
-            torch.autocast(dev.type, dtype=weights_dtype(precision)) if precision != "fp32" else nullcontext()
-        )
-        batch = batch_size or cfg.train.batch_size
-        student_format, teacher_format = input_format(student_tok), input_format(teacher_tok)
-        log_input_format(teacher_tok, "teacher")
-        probe = {
-            k: v.to(dev) for k, v in collate_windows(windows[:1], student_format, teacher_format).items()
-        }
-        check_head(teacher, probe["teacher_input_ids"], probe["teacher_attention_mask"], "teacher")
-        chunk = chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, head.weight.shape[0])
-        total = sum(min(shard_windows, len(windows) - i * shard_windows) for i in todo)
-        bar = tqdm(total=total, desc="caching the teacher", unit="window", disable=not progress)
+        runner = _TeacherRunner(cfg, o, (student_tok, teacher_tok), windows, top_k)
+        total = sum(min(o.shard_windows, len(windows) - i * o.shard_windows) for i in todo)
+        bar = tqdm(total=total, desc="caching the teacher", unit="window", disable=not o.progress)
         for index in todo:
-            first, end = index * shard_windows, min((index + 1) * shard_windows, len(windows))
-            parts: dict[str, list[torch.Tensor]] = {"ids": [], "probs": [], "tail": []}
-            for start in range(first, end, batch):
-                stop = min(start + batch, end)
-                collated = collate_windows(windows[start:stop], student_format, teacher_format)
-                collated = {k: v.to(dev) for k, v in collated.items()}
-                with torch.no_grad(), autocast:
-                    hidden = teacher_pass(teacher, collated).hidden  # (B, Lt, H)
-                    # (n, H) the windows' own tokens, window by window: not the prefix, not the padding
-                    rows = hidden[collated["teacher_group"] >= 0]
-                    ids, probs, tail = top_k_rows(rows, head, None, vocab_size, top_k, chunk)
-                parts["ids"].append(ids.to(torch.int32).cpu())
-                parts["probs"].append(probs.to(PROBS_DTYPES[probs_dtype]).cpu())
-                parts["tail"].append(tail.float().cpu())
-                bar.update(stop - start)
-            tensors = {k: torch.cat(v) for k, v in parts.items()}
+            first, end = index * o.shard_windows, min((index + 1) * o.shard_windows, len(windows))
+            tensors = runner.shard(windows, first, end, bar)
             keys = np.concatenate([keyed.window_keys(w) for w in range(first, end)])
             tensors["keys"] = torch.from_numpy(keys)
             if len(keys) != tensors["ids"].shape[0]:
@@ -186,6 +164,51 @@ def capture_teacher_cache(
         "top_k": top_k,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+class _TeacherRunner:
+    """The loaded teacher, its head (checked against the model's own forward) and how it runs."""
+
+    def __init__(self, cfg: Config, o: CaptureOptions, tokenizers: tuple[Any, Any], windows, top_k: int):
+        dev = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = resolve_precision(cfg.train.precision, dev)
+        teacher_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
+        attn = attention_implementation(False, cfg.teacher.attn_implementation)
+        self.teacher = freeze(
+            load_model(cfg.teacher.model, "teacher", weights_dtype(teacher_dtype), attn)
+        ).to(dev)
+        self.head = model_head(self.teacher)
+        self.autocast = (
+            torch.autocast(dev.type, dtype=weights_dtype(precision)) if precision != "fp32" else nullcontext()
+        )
+        self.device, self.options, self.top_k = dev, o, top_k
+        self.batch = o.batch_size or cfg.train.batch_size
+        self.vocab_size = len(tokenizers[1])
+        self.formats = input_format(tokenizers[0]), input_format(tokenizers[1])
+        log_input_format(tokenizers[1], "teacher")
+        probe = self._collate(windows[:1])
+        check_head(self.teacher, probe["teacher_input_ids"], probe["teacher_attention_mask"], "teacher")
+        self.chunk = chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, self.head.weight.shape[0])
+
+    def _collate(self, windows) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate_windows(windows, *self.formats).items()}
+
+    def shard(self, windows, first: int, end: int, bar) -> dict[str, torch.Tensor]:
+        """The top-k rows of windows[first:end], every position of each window's own tokens in order."""
+        parts: dict[str, list[torch.Tensor]] = {"ids": [], "probs": [], "tail": []}
+        for start in range(first, end, self.batch):
+            stop = min(start + self.batch, end)
+            collated = self._collate(windows[start:stop])
+            with torch.no_grad(), self.autocast:
+                hidden = teacher_pass(self.teacher, collated).hidden  # (B, Lt, H)
+                # (n, H) the windows' own tokens, window by window: not the prefix, not the padding
+                rows = hidden[collated["teacher_group"] >= 0]
+                ids, probs, tail = top_k_rows(rows, self.head, None, self.vocab_size, self.top_k, self.chunk)
+            parts["ids"].append(ids.to(torch.int32).cpu())
+            parts["probs"].append(probs.to(PROBS_DTYPES[self.options.probs_dtype]).cpu())
+            parts["tail"].append(tail.float().cpu())
+            bar.update(stop - start)
+        return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def _shards_summary(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ weight files and greedy decoding speed. With a teacher: the compression ratio an
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,27 +51,30 @@ def weights_size_on_disk(model_ref: str) -> int | None:
     return sum(p.stat().st_size for p in files) if files else None
 
 
+@dataclass(frozen=True)
+class EvalData:
+    """What an evaluation reads: the held-out sources, cut into windows of `max_length` tokens (at most
+    `max_windows` of them), `batch_size` windows at a time."""
+
+    sources: list
+    max_length: int = 256
+    batch_size: int = 8
+    max_windows: int | None = None
+
+
 def model_metrics(
-    model: nn.Module,
-    tokenizer,
-    model_ref: str,
-    role: str,
-    sources: list,
-    max_length: int = 256,
-    batch_size: int = 8,
-    max_windows: int | None = None,
-    gen_new_tokens: int = 32,
+    model: nn.Module, tokenizer, model_ref: str, role: str, data: EvalData, gen_new_tokens: int = 32
 ) -> dict[str, Any]:
     """Perplexity, bits per byte, parameters, size on disk and (unless `gen_new_tokens` is 0) decoding speed."""
     device = next(model.parameters()).device
-    windows = build_windows(sources, tokenizer, None, max_length, max_windows, role)
+    windows = build_windows(data.sources, tokenizer, None, data.max_length, data.max_windows, role)
     if not windows:
         raise UserError(f"the evaluation data gives no window of tokens for the {role}: use more text")
     log_input_format(tokenizer, role)
     fmt = input_format(tokenizer)
     probe = collate_windows(windows[:2], fmt, None)
     check_head(model, probe["student_input_ids"].to(device), probe["student_attention_mask"].to(device), role)
-    loader = WindowLoader(windows, batch_size, seed=0, shuffle=False, drop_last=False, student=fmt)
+    loader = WindowLoader(windows, data.batch_size, seed=0, shuffle=False, drop_last=False, student=fmt)
     metrics: dict[str, Any] = lm_metrics(model, loader, "student", device)
     metrics["parameters"] = count_parameters(model)
     metrics["windows"] = len(windows)
@@ -81,21 +85,12 @@ def model_metrics(
 
 
 def evaluate_model(
-    model_ref: str,
-    role: str,
-    sources: list,
-    max_length: int = 256,
-    batch_size: int = 8,
-    max_windows: int | None = None,
-    device: str | None = None,
-    gen_new_tokens: int = 0,
+    model_ref: str, role: str, data: EvalData, device: str | None = None, gen_new_tokens: int = 0
 ) -> dict[str, Any]:
     """Load `model_ref` and return its `model_metrics` (decoding speed only when `gen_new_tokens` > 0)."""
     tokenizer = load_tokenizer(model_ref, role)
     model = load_model(model_ref, role, torch.float32).to(_device(device))
-    return model_metrics(
-        model, tokenizer, model_ref, role, sources, max_length, batch_size, max_windows, gen_new_tokens
-    )
+    return model_metrics(model, tokenizer, model_ref, role, data, gen_new_tokens)
 
 
 def evaluate_agreement(
@@ -103,22 +98,21 @@ def evaluate_agreement(
     student_tokenizer,
     teacher: nn.Module,
     teacher_tokenizer,
-    sources: list,
-    max_length: int = 256,
-    batch_size: int = 8,
-    max_windows: int | None = None,
+    data: EvalData,
     top_k: int = 5,
     chunk_size: int = 256,
 ) -> dict[str, Any]:
-    """`agreement_metrics` on windows of `sources` built with both tokenizers."""
-    windows = build_windows(sources, student_tokenizer, teacher_tokenizer, max_length, max_windows)
+    """`agreement_metrics` on windows of the held-out data built with both tokenizers."""
+    windows = build_windows(
+        data.sources, student_tokenizer, teacher_tokenizer, data.max_length, data.max_windows
+    )
     if not windows:
         raise UserError(
             "the evaluation data gives no window aligned between teacher and student: use more text"
         )
     loader = WindowLoader(
         windows,
-        batch_size,
+        data.batch_size,
         seed=0,
         shuffle=False,
         drop_last=False,
@@ -146,38 +140,32 @@ def evaluate_agreement(
 def run_eval(
     student: str,
     teacher: str | None,
-    sources: list,
-    output: str | None,
-    max_length: int = 256,
-    batch_size: int = 8,
-    max_windows: int | None = None,
+    data: EvalData,
+    output: str | None = None,
     device: str | None = None,
     top_k: int = 5,
     gen_new_tokens: int = 32,
 ) -> dict[str, Any]:
     """All of `sakd eval`; written to `output` as JSON when given."""
     dev = _device(device)
-    common = {"max_length": max_length, "batch_size": batch_size, "max_windows": max_windows}
     student_tok = load_tokenizer(student, "student")
     student_model = load_model(student, "student", torch.float32).to(dev)
     result: dict[str, Any] = {
-        "data": [str(s) for s in sources],
-        "student": model_metrics(
-            student_model, student_tok, student, "student", sources, gen_new_tokens=gen_new_tokens, **common
-        ),
+        "data": [str(s) for s in data.sources],
+        "student": model_metrics(student_model, student_tok, student, "student", data, gen_new_tokens),
     }
     if teacher:
         teacher_tok = load_tokenizer(teacher, "teacher")
         teacher_model = load_model(teacher, "teacher", torch.float32).to(dev)
         result["teacher"] = model_metrics(
-            teacher_model, teacher_tok, teacher, "teacher", sources, gen_new_tokens=gen_new_tokens, **common
+            teacher_model, teacher_tok, teacher, "teacher", data, gen_new_tokens
         )
         s, t = result["student"], result["teacher"]
         result["compression_ratio"] = t["parameters"] / s["parameters"]
         if s["size_on_disk_bytes"] and t["size_on_disk_bytes"]:
             result["size_ratio"] = t["size_on_disk_bytes"] / s["size_on_disk_bytes"]
         result["agreement"] = evaluate_agreement(
-            student_model, student_tok, teacher_model, teacher_tok, sources, top_k=top_k, **common
+            student_model, student_tok, teacher_model, teacher_tok, data, top_k=top_k
         )
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

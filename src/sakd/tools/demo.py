@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.config import validate
-from sakd.eval.run import evaluate_model
+from sakd.eval.run import EvalData, evaluate_model
 from sakd.models.tiny import dense_student_config, moe_teacher_config, train_tokenizer
 from sakd.train.loop import train
 
@@ -145,14 +145,8 @@ class DemoSetup:
         return _run(name, self.work, self.student_config(teacher, seed, **sections))
 
     def score(self, model: Path, role: str) -> dict[str, Any]:
-        return evaluate_model(
-            str(model),
-            role,
-            [str(self.eval_path)],
-            self.size.max_length,
-            batch_size=16,
-            max_windows=self.size.eval_windows,
-        )
+        data = EvalData([str(self.eval_path)], self.size.max_length, 16, self.size.eval_windows)
+        return evaluate_model(str(model), role, data)
 
 
 def _common_train(size: DemoSize) -> dict[str, Any]:
