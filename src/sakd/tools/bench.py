@@ -229,10 +229,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
-    from sakd.tools.bench_loss import loss_ratios, run_loss_bench
-    from sakd.tools.bench_step import StepSizes, bench_config, build_assets, run_data_bench, run_step_bench
     from sakd.config import apply_overrides
     from sakd.models.load import resolve_precision
+    from sakd.tools.bench_loss import loss_ratios, run_loss_bench
+    from sakd.tools.bench_step import StepSizes, bench_config, build_assets, run_data_bench, run_step_bench
 
     hf_logging.disable_progress_bar()
     o = resolve(args)

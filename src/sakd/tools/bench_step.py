@@ -35,10 +35,10 @@ from sakd.curriculum import CurriculumPoint, curriculum_at
 from sakd.data.corpus import build_windows
 from sakd.data.loader import WindowLoader
 from sakd.data.tokenize import input_format
-from sakd.tools.demo import stdlib_files
 from sakd.errors import UserError
 from sakd.models.load import load_tokenizer
 from sakd.models.tiny import dense_student_config, moe_teacher_config, train_tokenizer
+from sakd.tools.demo import stdlib_files
 from sakd.train.step import build_training, prepare_batch, step_batches, to_device, train_step
 
 MAX_STEP_BATCHES = 16

@@ -1,0 +1,281 @@
+"""`sakd bench` part (e): sakd's distillation step against TRL's GKD trainer step, fp32 on the CPU.
+
+Both sides train the same random Llama student from the same random Llama teacher (one tokenizer, as GKD
+requires) on the same batches, with the same divergence (forward KL = GKD's beta 0, or JSD at beta 0.5),
+temperature 1, no cross-entropy term (GKD has none), off-policy (lmbda 0: no generation), and the same fused
+AdamW settings, gradient clipping at 1 and cosine schedule. sakd runs without its EMA copy, which GKD lacks.
+TRL's step is `GKDTrainer.training_step` followed by what `Trainer`'s loop does after it (clip, optimizer and
+scheduler step, zero_grad).
+
+The tokenizer is a word-level one whose vocabulary is exactly the measured size, so that sakd compares
+distributions over every logit as TRL does (sakd drops logit columns beyond the tokenizer's length), and the
+corpus draws its words uniformly from that vocabulary.
+
+Each (vocabulary, divergence, side) runs in a fresh process (`bench_loss.in_fresh_process`); its peak memory is
+measured as part (a) measures it: the resident high-water mark over the timed steps above the resident size
+after set-up and warm-up, i.e. what a step adds on top of weights and optimizer state.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DIVERGENCES = {"forward_kl": 0.0, "jsd": 0.5}  # sakd's name: GKD's beta
+SIDES = ("sakd", "trl")
+
+
+@dataclass(frozen=True)
+class TrlSizes:
+    vocabs: tuple[int, ...]
+    batch_size: int
+    max_length: int
+    teacher_hidden: int
+    student_hidden: int
+    layers: int
+    warmup_steps: int
+    steps: int
+
+
+def trl_version() -> str | None:
+    """TRL's version, or None when it is not installed."""
+    if importlib.util.find_spec("trl") is None:
+        return None
+    from importlib.metadata import version
+
+    return version("trl")
+
+
+def word_tokenizer(vocab_size: int):
+    """A whitespace-split word-level tokenizer with exactly `vocab_size` entries: EOS, PAD, UNK, w0, w1, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sakd.models.tiny import EOS, PAD
+
+    vocab = {EOS: 0, PAD: 1, "[UNK]": 2}
+    vocab.update({f"w{i}": i + 3 for i in range(vocab_size - 3)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token="[UNK]")
+
+
+def build_pair(root: Path, vocab: int, sizes: TrlSizes) -> dict[str, str]:
+    """Tokenizer, corpus (random words, enough for every timed batch) and the two model folders."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sakd.models.tiny import dense_student_config
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = word_tokenizer(vocab)
+    rng = random.Random(0)
+    words = sizes.batch_size * sizes.max_length * (sizes.warmup_steps + sizes.steps + 2)
+    corpus = root / "corpus.jsonl"
+    with corpus.open("w") as f:
+        for _ in range(0, words, 500):
+            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(vocab - 3)}" for _ in range(500))}) + "\n")
+    paths = {"corpus": str(corpus)}
+    positions = 2 * sizes.max_length
+    for role, hidden in (("teacher", sizes.teacher_hidden), ("student", sizes.student_hidden)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(
+            dense_student_config(vocab, hidden, sizes.layers, max_length=positions)
+        )
+        folder = root / role
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        paths[role] = str(folder)
+    return paths
+
+
+def _sakd_config(paths: dict[str, str], sizes: TrlSizes, divergence: str, out: Path):
+    from sakd.config import validate
+
+    raw = {
+        "teacher": {"model": paths["teacher"]},
+        "student": {"model": paths["student"], "init": "pretrained"},
+        "data": {"train": [paths["corpus"]], "max_length": sizes.max_length},
+        "distill": {"divergence": divergence, "jsd_beta": DIVERGENCES["jsd"]},
+        "curriculum": {"weights": {"kd": 1.0, "lm": 0.0}},
+        "train": {"batch_size": sizes.batch_size, "progress": False, "ema_decay": None, "precision": "fp32"},
+        "output_dir": str(out),
+    }
+    return validate(raw)
+
+
+def _host_batches(cfg, tok, sizes: TrlSizes) -> list[dict]:
+    from sakd.data.corpus import build_windows
+    from sakd.data.loader import WindowLoader
+    from sakd.data.tokenize import input_format
+
+    windows = build_windows(cfg.data.train, tok, tok, sizes.max_length)
+    loader = WindowLoader(
+        windows, sizes.batch_size, seed=0, student=input_format(tok), teacher=input_format(tok)
+    )
+    return [loader.next_batch() for _ in range(sizes.warmup_steps + sizes.steps)]
+
+
+def _sakd_runner(cfg, tok, batches: list[dict]):
+    from accelerate import Accelerator
+
+    from sakd.curriculum import curriculum_at
+    from sakd.tools.bench_step import SakdStep, _prepared, _sakd_step
+
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    sakd = SakdStep(cfg, accelerator, "fp32", curriculum_at(0.0, cfg.curriculum))
+    prepared = _prepared(batches, accelerator.device)
+    return lambda i: _sakd_step(sakd.training, sakd.point, [prepared[i]]), sakd.training.student
+
+
+def _trl_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
+    """`GKDTrainer.training_step` and the rest of `Trainer`'s optimizer step, on the same batches."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tc = cfg.train
+    args = GKDConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.train.batch_size,
+        max_length=cfg.data.max_length,
+        lmbda=0.0,
+        beta=beta,
+        temperature=1.0,
+        learning_rate=tc.lr,
+        adam_beta1=tc.betas[0],
+        adam_beta2=tc.betas[1],
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        lr_scheduler_type="cosine",
+        optim="adamw_torch_fused",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        max_steps=len(batches),
+    )
+    student = AutoModelForCausalLM.from_pretrained(cfg.student.model, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=torch.float32)
+    # GKD's collator is never used: the batches are handed to training_step directly.
+    dataset = Dataset.from_dict({"messages": [[{"role": "user", "content": "w0"}]]})
+    trainer = GKDTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tok
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=len(batches))
+    model = trainer.model
+    inputs = []
+    for b in batches:
+        ids, mask = b["student_input_ids"], b["student_attention_mask"]
+        inputs.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+
+    def step(i: int) -> int:
+        batch = dict(inputs[i])
+        count = (batch["labels"][:, 1:] != -100).sum()
+        trainer.training_step(model, batch, count)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        return int(inputs[i]["attention_mask"].sum())
+
+    return step, model
+
+
+def measure_side(spec: dict[str, Any]) -> dict[str, Any]:
+    """One side's tokens/s and step peak memory (run in a fresh process); `spec` holds side, divergence,
+    paths, sizes, out."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from sakd.models.load import load_tokenizer
+    from sakd.tools.bench_loss import MIB, _CpuPeak
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    sizes = TrlSizes(**spec["sizes"])
+    out = Path(spec["out"])
+    cfg = _sakd_config(spec["paths"], sizes, spec["divergence"], out / "run")
+    tok = load_tokenizer(cfg.student.tokenizer_path, "student")
+    batches = _host_batches(cfg, tok, sizes)
+    if spec["side"] == "sakd":
+        step, student = _sakd_runner(cfg, tok, batches)
+    else:
+        step, student = _trl_runner(cfg, tok, batches, DIVERGENCES[spec["divergence"]], out / "trl")
+    before = [p.detach().clone() for p in student.parameters()]
+    for i in range(sizes.warmup_steps):
+        step(i)
+    peak = _CpuPeak()
+    rates = []
+    for i in range(sizes.warmup_steps, sizes.warmup_steps + sizes.steps):
+        start = time.perf_counter()
+        tokens = step(i)
+        rates.append(tokens / (time.perf_counter() - start))
+    result = {
+        "tokens_per_s": statistics.median(rates),
+        "step_tokens_per_s": [round(r, 1) for r in rates],
+        "peak_mb": peak.peak() / MIB,
+        "memory_method": peak.method,
+        "threads": torch.get_num_threads(),
+        # that the step did train: the student's weights moved
+        "weights_changed": any(
+            not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True)
+        ),
+    }
+    return result
+
+
+def run_trl_bench(root: Path, sizes: TrlSizes, threads: int) -> dict[str, Any]:
+    """Both sides at every vocabulary and divergence. Returns {trl_version, sizes, results: {vocab:
+    {divergence: {sakd, trl, speed_ratio, memory_ratio}}}, ratios of the largest vocabulary and of 32k}."""
+    from sakd.tools.bench_loss import in_fresh_process
+
+    version = trl_version()
+    if version is None:
+        return {"trl_version": None, "note": "trl is not installed (pip install -e '.[bench]'): part skipped"}
+    results: dict[str, Any] = {}
+    for vocab in sizes.vocabs:
+        paths = build_pair(root / f"v{vocab}", vocab, sizes)
+        results[str(vocab)] = {}
+        for divergence in DIVERGENCES:
+            row: dict[str, Any] = {}
+            for side in SIDES:
+                spec = {
+                    "side": side,
+                    "divergence": divergence,
+                    "paths": paths,
+                    "sizes": asdict(sizes),
+                    "out": str(root / f"v{vocab}" / f"{divergence}-{side}"),
+                    "threads": threads,
+                }
+                row[side] = in_fresh_process("sakd.tools.bench_trl:measure_side", spec)
+            ok = all("error" not in row[s] for s in SIDES)
+            row["speed_ratio"] = row["sakd"]["tokens_per_s"] / row["trl"]["tokens_per_s"] if ok else None
+            row["memory_ratio"] = row["sakd"]["peak_mb"] / row["trl"]["peak_mb"] if ok else None
+            results[str(vocab)][divergence] = row
+    return {"trl_version": version, "sizes": asdict(sizes), "results": results}
+
+
+def headline(trl: dict[str, Any], vocab: int) -> tuple[float | None, float | None]:
+    """(speed ratio, memory ratio) at `vocab`: the geometric mean over the divergences, None if unmeasured."""
+    rows = trl.get("results", {}).get(str(vocab), {})
+    speed = [r["speed_ratio"] for r in rows.values() if r.get("speed_ratio")]
+    memory = [r["memory_ratio"] for r in rows.values() if r.get("memory_ratio")]
+    if not speed or len(speed) != len(rows) or len(memory) != len(rows):
+        return None, None
+    return statistics.geometric_mean(speed), statistics.geometric_mean(memory)
