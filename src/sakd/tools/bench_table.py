@@ -173,3 +173,55 @@ def render(result: dict[str, Any]) -> None:
         f"  loss ratios at vocabulary {result['loss_ratio_vocab']}; data_to_train_ratio and cache_speedup "
         "(cached / live sakd step tokens/s) on the cross-tokenizer pair"
     )
+
+
+def render_extra(result: dict[str, Any]) -> None:
+    """The parts after the summary's own: cache efficiency, (e) against TRL, and the seed-scale run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 110))
+    cross = result.get("step", {}).get("cross_vocab", {})
+    if cross.get("teacher_forward_s") is not None:
+        console.print(
+            f"  cache efficiency (cross tokenizer): teacher forward {_fmt(1000 * cross['teacher_forward_s'], 1)}"
+            f" ms of a {_fmt(1000 * cross['live_step_s'], 1)} ms live step -> ideal speedup "
+            f"{_fmt(cross['cache_ideal_speedup'])}, measured {_fmt(result['cache_speedup'])}, efficiency "
+            f"{_fmt(result.get('cache_efficiency'))}"
+        )
+    trl = result.get("trl", {})
+    if "results" in trl:
+        z = trl["sizes"]
+        t = Table(
+            title=f"(e) sakd vs TRL {trl['trl_version']} GKD step, fp32 CPU, batch {z['batch_size']} x "
+            f"{z['max_length']} tokens, median of {z['steps']} steps; peak = a step's memory above weights "
+            "and optimizer state"
+        )
+        for col in ("vocab", "divergence", "sakd t/s", "TRL t/s", "speed", "sakd MiB", "TRL MiB", "memory"):
+            t.add_column(col, justify="left" if col == "divergence" else "right")
+        for vocab, rows in trl["results"].items():
+            for divergence, r in rows.items():
+                sakd, other = r["sakd"], r["trl"]
+                if "error" in sakd or "error" in other:
+                    t.add_row(vocab, divergence, sakd.get("error", "ok"), other.get("error", "ok"))
+                    continue
+                t.add_row(
+                    vocab,
+                    divergence,
+                    _fmt(sakd["tokens_per_s"], 0),
+                    _fmt(other["tokens_per_s"], 0),
+                    _fmt(r["speed_ratio"]),
+                    _fmt(sakd["peak_mb"], 1),
+                    _fmt(other["peak_mb"], 1),
+                    _fmt(r["memory_ratio"]),
+                )
+        console.print(t)
+    elif "skipped" in trl:
+        console.print(f"  (e) against TRL: skipped ({trl['skipped']})")
+    seed = result.get("seed_scale")
+    if seed:
+        console.print(
+            f"  seed scale: {_fmt(result['seed_scale_tokens_per_s'], 1)} tokens/s, peak RSS "
+            f"{_fmt(result['seed_scale_peak_gib'])} GiB, plan {_fmt(seed['plan_gib'])} GiB, plan_error "
+            f"{_fmt(result['plan_error'], 3)}"
+        )

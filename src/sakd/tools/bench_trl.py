@@ -23,6 +23,7 @@ import json
 import random
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,7 @@ def measure_side(spec: dict[str, Any]) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations inside TRL
 
     sizes = TrlSizes(**spec["sizes"])
     out = Path(spec["out"])
@@ -266,16 +268,19 @@ def run_trl_bench(root: Path, sizes: TrlSizes, threads: int) -> dict[str, Any]:
                 row[side] = in_fresh_process("sakd.tools.bench_trl:measure_side", spec)
             ok = all("error" not in row[s] for s in SIDES)
             row["speed_ratio"] = row["sakd"]["tokens_per_s"] / row["trl"]["tokens_per_s"] if ok else None
-            row["memory_ratio"] = row["sakd"]["peak_mb"] / row["trl"]["peak_mb"] if ok else None
+            # a tiny step can stay within pages already resident: no ratio of nothing
+            measurable = ok and row["trl"]["peak_mb"] > 0
+            row["memory_ratio"] = row["sakd"]["peak_mb"] / row["trl"]["peak_mb"] if measurable else None
             results[str(vocab)][divergence] = row
     return {"trl_version": version, "sizes": asdict(sizes), "results": results}
 
 
 def headline(trl: dict[str, Any], vocab: int) -> tuple[float | None, float | None]:
     """(speed ratio, memory ratio) at `vocab`: the geometric mean over the divergences, None if unmeasured."""
-    rows = trl.get("results", {}).get(str(vocab), {})
-    speed = [r["speed_ratio"] for r in rows.values() if r.get("speed_ratio")]
-    memory = [r["memory_ratio"] for r in rows.values() if r.get("memory_ratio")]
-    if not speed or len(speed) != len(rows) or len(memory) != len(rows):
-        return None, None
-    return statistics.geometric_mean(speed), statistics.geometric_mean(memory)
+    rows = list(trl.get("results", {}).get(str(vocab), {}).values())
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key)]
+        return statistics.geometric_mean(values) if rows and len(values) == len(rows) else None
+
+    return mean("speed_ratio"), mean("memory_ratio")
