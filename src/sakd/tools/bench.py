@@ -88,6 +88,7 @@ TARGETS = {
     "vs_trl_memory_ratio": ("<=", 0.35),
     "vs_trl_speed_ratio_32k": (">=", 1.3),
     "vs_trl_memory_ratio_32k": ("<=", 0.7),
+    "plan_error": ("abs<=", 0.2),
 }
 
 
@@ -200,6 +201,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         lap("step_and_data")
         _trl_part(result, o, root / "trl", args.no_trl, device)
         lap("trl")
+        _seed_scale_part(result, args, root / "seed-scale")
+        lap("seed_scale")
     result["cache_epoch_speedup"] = result["cache_epoch_bpb_difference"] = None
     if args.cache_epoch:
         from sakd.tools.cache_speed import demo_cache_epoch
@@ -322,6 +325,23 @@ def _trl_part(result: dict[str, Any], o: dict[str, Any], root: Path, skip: bool,
     result["trl"] = trl
     result["vs_trl_speed_ratio"], result["vs_trl_memory_ratio"] = headline(trl, max(sizes.vocabs))
     result["vs_trl_speed_ratio_32k"], result["vs_trl_memory_ratio_32k"] = headline(trl, min(sizes.vocabs))
+
+
+def _seed_scale_part(result: dict[str, Any], args: argparse.Namespace, root: Path) -> None:
+    """Part (f): the reference pair's size; its keys stay None unless --seed-scale."""
+    keys = ("seed_scale_tokens_per_s", "seed_scale_peak_gib", "plan_error")
+    result.update(dict.fromkeys(keys))
+    if not args.seed_scale:
+        return
+    from sakd.tools.seed_scale import run_seed_scale
+
+    print("(f) seed scale: 1 B MoE teacher into a 135 M student, fp32 CPU ...", file=sys.stderr)
+    seed = run_seed_scale(root, args.seed_batch_size, args.seed_max_length, 1, args.seed_steps)
+    result["seed_scale"] = seed
+    if "error" not in seed:
+        result["seed_scale_tokens_per_s"] = seed["tokens_per_s"]
+        result["seed_scale_peak_gib"] = seed["peak_gib"]
+        result["plan_error"] = seed["plan_error"]
 
 
 def _meets(value: float, op: str, bound: float) -> bool:

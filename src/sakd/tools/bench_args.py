@@ -82,6 +82,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _later_parts(p: argparse.ArgumentParser) -> None:
     """The flags of parts (d) and (e)."""
+    g = p.add_argument_group("(f) the reference pair's size from random weights, fp32 on the CPU")
+    g.add_argument(
+        "--seed-scale",
+        action="store_true",
+        help="also run a few steps of a 1 B-parameter Qwen3-MoE teacher into a 135 M student (about 8 GiB "
+        "of memory and several minutes on 2 CPU cores) and compare the peak with `sakd plan --device cpu`",
+    )
+    g.add_argument("--seed-batch-size", type=int, default=2, help="(default 2)")
+    g.add_argument("--seed-max-length", type=int, default=128, help="(default 128)")
+    g.add_argument("--seed-steps", type=int, default=3, help="timed steps after one warm-up step (default 3)")
     g = p.add_argument_group("(e) against TRL's GKD trainer (needs trl: pip install -e '.[bench]')")
     g.add_argument("--no-trl", action="store_true", help="skip part (e)")
     g.add_argument(

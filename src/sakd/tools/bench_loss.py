@@ -164,7 +164,8 @@ def _known_allocation(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child(target: str, spec: dict[str, Any], conn) -> None:
-    torch.set_num_threads(spec["threads"])
+    if spec["threads"]:  # 0: torch's own choice
+        torch.set_num_threads(spec["threads"])
     if spec.get("address_space_limit"):
         vm = _proc_status_bytes("VmSize") or 0
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)

@@ -282,6 +282,27 @@ def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _pair_result(rates, sakd: SakdStep, cached: CachedStep, ref_tok, cpu_batches) -> dict[str, Any]:
+    return {
+        **rates,
+        "ratio": rates["sakd"]["tokens_per_s"] / rates["reference"]["tokens_per_s"],
+        "cache_speedup": rates["sakd_cached"]["tokens_per_s"] / rates["sakd"]["tokens_per_s"],
+        "cache": {
+            "top_k": cached.capture["top_k"],
+            "coverage": cached.coverage,
+            "capture_s": round(cached.capture["seconds"], 2),
+        },
+        "teacher_to_student_parameters": _parameters(sakd.teacher) / _parameters(sakd.training.student),
+        "sakd_setup": sakd.describe(),
+        "teacher_vocab": len(sakd.teacher_tok),
+        "student_vocab": len(sakd.student_tok),
+        "reference_vocab": len(ref_tok),
+        "tokens_per_batch": round(
+            statistics.mean(int(b["student_attention_mask"].sum()) for b in cpu_batches)
+        ),
+    }
+
+
 def run_step_bench(
     assets: dict[str, Path],
     sizes: StepSizes,
@@ -340,25 +361,7 @@ def run_step_bench(
         )
         timer.close()
         efficiency = cache_efficiency(rates, timer.per_step(sizes.steps, cfg.train.grad_accum))
-        results[name] = {
-            **efficiency,
-            **rates,
-            "ratio": rates["sakd"]["tokens_per_s"] / rates["reference"]["tokens_per_s"],
-            "cache_speedup": rates["sakd_cached"]["tokens_per_s"] / rates["sakd"]["tokens_per_s"],
-            "cache": {
-                "top_k": cached.capture["top_k"],
-                "coverage": cached.coverage,
-                "capture_s": round(cached.capture["seconds"], 2),
-            },
-            "teacher_to_student_parameters": _parameters(sakd.teacher) / _parameters(sakd.training.student),
-            "sakd_setup": sakd.describe(),
-            "teacher_vocab": len(sakd.teacher_tok),
-            "student_vocab": len(sakd.student_tok),
-            "reference_vocab": len(ref_tok),
-            "tokens_per_batch": round(
-                statistics.mean(int(b["student_attention_mask"].sum()) for b in cpu_batches)
-            ),
-        }
+        results[name] = {**efficiency, **_pair_result(rates, sakd, cached, ref_tok, cpu_batches)}
         del sakd, reference, cached
     results["cross_vocab"]["reference_note"] = (
         "no hand-written cross-tokenizer reference exists: the reference is the same-tokenizer reference "

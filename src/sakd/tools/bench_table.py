@@ -219,7 +219,9 @@ def render_extra(result: dict[str, Any]) -> None:
     elif "skipped" in trl:
         console.print(f"  (e) against TRL: skipped ({trl['skipped']})")
     seed = result.get("seed_scale")
-    if seed:
+    if seed and "error" in seed:
+        console.print(f"  (f) seed scale failed: {seed['error']}")
+    elif seed:
         console.print(
             f"  seed scale: {_fmt(result['seed_scale_tokens_per_s'], 1)} tokens/s, peak RSS "
             f"{_fmt(result['seed_scale_peak_gib'])} GiB, plan {_fmt(seed['plan_gib'])} GiB, plan_error "
