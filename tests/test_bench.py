@@ -67,6 +67,10 @@ def test_bench_quick_writes_every_number(tmp_path, capsys) -> None:
     if result["trl_version"] is not None:  # part (e) ran at the quick sizes
         assert all(isinstance(result[key], float) for key in TRL_KEYS if "speed" in key)
         assert set(result["trl"]["results"]) == {"256", "512"}
+        gold = result["trl"]["gold"]
+        assert (gold["teacher_vocab"], gold["student_vocab"]) == (256, 64)
+        assert result["vs_trl_gold_speed_ratio"] == gold["speed_ratio"] > 0
+        assert gold["sakd"]["weights_changed"] and gold["gold"]["weights_changed"]
     assert result["cache_epoch_speedup"] is None and result["targets"]["cache_epoch_speedup"]["met"] is None
 
     table = capsys.readouterr().out
@@ -146,7 +150,8 @@ def test_teacher_timer_and_cache_efficiency_against_plain_arithmetic() -> None:
 def test_trl_part_trains_both_sides_on_the_same_batches(tmp_path) -> None:
     """Part (e) at tiny sizes: both divergences, both sides measured in their own process, both trained."""
     pytest.importorskip("trl")
-    from sakd.tools.bench_trl import DIVERGENCES, TrlSizes, headline, run_trl_bench
+    from sakd.tools.bench_pairs import TrlSizes
+    from sakd.tools.bench_trl import DIVERGENCES, headline, run_trl_bench
 
     sizes = TrlSizes(
         (300,),
@@ -174,6 +179,20 @@ def test_trl_part_trains_both_sides_on_the_same_batches(tmp_path) -> None:
     assert speed is not None and speed > 0
 
 
+def test_gold_part_trains_both_sides_across_tokenizers(tmp_path) -> None:
+    pytest.importorskip("trl")
+    from sakd.tools.bench_gold import run_gold_bench
+    from sakd.tools.bench_pairs import TrlSizes
+
+    sizes = TrlSizes((600,), 2, 16, teacher_hidden=32, student_hidden=16, layers=1, warmup_steps=1, steps=2)
+    row = run_gold_bench(tmp_path, sizes, 600, 150, threads=1)
+    assert (row["teacher_vocab"], row["student_vocab"]) == (600, 150)
+    for side in ("sakd", "gold"):
+        assert "error" not in row[side], row[side]
+        assert row[side]["weights_changed"] and row[side]["tokens_per_s"] > 0
+    assert row["speed_ratio"] == row["sakd"]["tokens_per_s"] / row["gold"]["tokens_per_s"]
+
+
 def test_trl_part_is_skipped_with_one_line_without_trl(monkeypatch, capsys) -> None:
     import torch
 
@@ -189,7 +208,7 @@ def test_trl_part_is_skipped_with_one_line_without_trl(monkeypatch, capsys) -> N
 
 
 def test_word_tokenizer_has_exactly_the_vocabulary_asked_for() -> None:
-    from sakd.tools.bench_trl import word_tokenizer
+    from sakd.tools.bench_pairs import word_tokenizer
 
     tok = word_tokenizer(1000)
     assert len(tok) == 1000

@@ -295,9 +295,16 @@ def _trl_part(result: dict[str, Any], o: dict[str, Any], root: Path, skip: bool,
     """Part (e): against TRL's GKD trainer; the vs_trl keys stay None when skipped."""
     import torch
 
+    from sakd.tools.bench_gold import run_gold_bench
     from sakd.tools.bench_trl import TrlSizes, headline, run_trl_bench, trl_version
 
-    keys = ("vs_trl_speed_ratio", "vs_trl_memory_ratio", "vs_trl_speed_ratio_32k", "vs_trl_memory_ratio_32k")
+    keys = (
+        "vs_trl_speed_ratio",
+        "vs_trl_memory_ratio",
+        "vs_trl_speed_ratio_32k",
+        "vs_trl_memory_ratio_32k",
+        "vs_trl_gold_speed_ratio",
+    )
     result.update(dict.fromkeys(keys), trl_version=trl_version())
     if skip or result["trl_version"] is None or device.type != "cpu":
         why = (
@@ -322,6 +329,12 @@ def _trl_part(result: dict[str, Any], o: dict[str, Any], root: Path, skip: bool,
         steps=o["steps"],
     )
     trl = run_trl_bench(root, sizes, torch.get_num_threads())
+    # GOLD across tokenizers: a teacher of the smallest vocabulary, a student tokenizer a quarter of it
+    teacher_vocab = min(sizes.vocabs)
+    trl["gold"] = run_gold_bench(
+        root / "gold", sizes, teacher_vocab, teacher_vocab // 4, torch.get_num_threads()
+    )
+    result["vs_trl_gold_speed_ratio"] = trl["gold"]["speed_ratio"]
     result["trl"] = trl
     result["vs_trl_speed_ratio"], result["vs_trl_memory_ratio"] = headline(trl, max(sizes.vocabs))
     result["vs_trl_speed_ratio_32k"], result["vs_trl_memory_ratio_32k"] = headline(trl, min(sizes.vocabs))

@@ -194,8 +194,8 @@ def render_extra(result: dict[str, Any]) -> None:
         z = trl["sizes"]
         t = Table(
             title=f"(e) sakd vs TRL {trl['trl_version']} GKD step, fp32 CPU, batch {z['batch_size']} x "
-            f"{z['max_length']} tokens, median of {z['steps']} steps; peak = a step's memory above weights "
-            "and optimizer state"
+            f"{z['max_length']} tokens, median of {z['steps']} steps; peak = memory that training adds to the "
+            "loaded models"
         )
         for col in ("vocab", "divergence", "sakd t/s", "TRL t/s", "speed", "sakd MiB", "TRL MiB", "memory"):
             t.add_column(col, justify="left" if col == "divergence" else "right")
@@ -216,6 +216,17 @@ def render_extra(result: dict[str, Any]) -> None:
                     _fmt(r["memory_ratio"]),
                 )
         console.print(t)
+        gold = trl.get("gold", {})
+        if gold.get("speed_ratio") is not None:
+            console.print(
+                f"  across tokenizers ({gold['teacher_vocab']} -> {gold['student_vocab']}), ULD on both sides: sakd "
+                f"{_fmt(gold['sakd']['tokens_per_s'], 0)} t/s, TRL GOLD {_fmt(gold['gold']['tokens_per_s'], 0)} "
+                f"t/s, ratio {_fmt(gold['speed_ratio'])}"
+            )
+        elif gold:
+            console.print(
+                f"  TRL GOLD: {gold.get('gold', {}).get('error') or gold.get('sakd', {}).get('error')}"
+            )
     elif "skipped" in trl:
         console.print(f"  (e) against TRL: skipped ({trl['skipped']})")
     seed = result.get("seed_scale")

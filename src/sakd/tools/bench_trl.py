@@ -12,8 +12,9 @@ distributions over every logit as TRL does (sakd drops logit columns beyond the 
 corpus draws its words uniformly from that vocabulary.
 
 Each (vocabulary, divergence, side) runs in a fresh process (`bench_loss.in_fresh_process`); its peak memory is
-measured as part (a) measures it: the resident high-water mark over the timed steps above the resident size
-after set-up and warm-up, i.e. what a step adds on top of weights and optimizer state.
+measured as part (a) measures it, the resident high-water mark (VmHWM, reset through /proc/self/clear_refs)
+minus the resident size at the reset, here taken after the models are loaded and before the first step: what
+training adds to the weights (gradients, AdamW state, activations, logits and the loss's tensors).
 """
 
 from __future__ import annotations
@@ -24,24 +25,14 @@ import random
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sakd.tools.bench_pairs import TrlSizes, word_tokenizer
+
 DIVERGENCES = {"forward_kl": 0.0, "jsd": 0.5}  # sakd's name: GKD's beta
 SIDES = ("sakd", "trl")
-
-
-@dataclass(frozen=True)
-class TrlSizes:
-    vocabs: tuple[int, ...]
-    batch_size: int
-    max_length: int
-    teacher_hidden: int
-    student_hidden: int
-    layers: int
-    warmup_steps: int
-    steps: int
 
 
 def trl_version() -> str | None:
@@ -51,21 +42,6 @@ def trl_version() -> str | None:
     from importlib.metadata import version
 
     return version("trl")
-
-
-def word_tokenizer(vocab_size: int):
-    """A whitespace-split word-level tokenizer with exactly `vocab_size` entries: EOS, PAD, UNK, w0, w1, ..."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from sakd.models.tiny import EOS, PAD
-
-    vocab = {EOS: 0, PAD: 1, "[UNK]": 2}
-    vocab.update({f"w{i}": i + 3 for i in range(vocab_size - 3)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token="[UNK]")
 
 
 def build_pair(root: Path, vocab: int, sizes: TrlSizes) -> dict[str, str]:
@@ -97,14 +73,14 @@ def build_pair(root: Path, vocab: int, sizes: TrlSizes) -> dict[str, str]:
     return paths
 
 
-def _sakd_config(paths: dict[str, str], sizes: TrlSizes, divergence: str, out: Path):
+def _sakd_config(paths: dict[str, str], sizes: TrlSizes, divergence: str, out: Path, cross_vocab: str):
     from sakd.config import validate
 
     raw = {
         "teacher": {"model": paths["teacher"]},
         "student": {"model": paths["student"], "init": "pretrained"},
         "data": {"train": [paths["corpus"]], "max_length": sizes.max_length},
-        "distill": {"divergence": divergence, "jsd_beta": DIVERGENCES["jsd"]},
+        "distill": {"divergence": divergence, "jsd_beta": DIVERGENCES["jsd"], "cross_vocab": cross_vocab},
         "curriculum": {"weights": {"kd": 1.0, "lm": 0.0}},
         "train": {"batch_size": sizes.batch_size, "progress": False, "ema_decay": None, "precision": "fp32"},
         "output_dir": str(out),
@@ -112,7 +88,7 @@ def _sakd_config(paths: dict[str, str], sizes: TrlSizes, divergence: str, out: P
     return validate(raw)
 
 
-def _host_batches(cfg, tok, sizes: TrlSizes) -> list[dict]:
+def _host_batches(cfg, tok, teacher_tok, sizes: TrlSizes) -> list[dict]:
     from sakd.data.corpus import build_windows
     from sakd.data.loader import WindowLoader
     from sakd.data.tokenize import input_format
@@ -212,17 +188,26 @@ def measure_side(spec: dict[str, Any]) -> dict[str, Any]:
 
     sizes = TrlSizes(**spec["sizes"])
     out = Path(spec["out"])
-    cfg = _sakd_config(spec["paths"], sizes, spec["divergence"], out / "run")
+    cfg = _sakd_config(
+        spec["paths"], sizes, spec["divergence"], out / "run", spec.get("cross_vocab", "projection")
+    )
     tok = load_tokenizer(cfg.student.tokenizer_path, "student")
-    batches = _host_batches(cfg, tok, sizes)
+    teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
+    batches = _host_batches(cfg, tok, teacher_tok, sizes)
     if spec["side"] == "sakd":
         step, student = _sakd_runner(cfg, tok, batches)
+    elif spec["side"] == "gold":
+        from sakd.tools.bench_gold import gold_runner
+
+        step, student = gold_runner(cfg, tok, batches, out / "gold")
     else:
         step, student = _trl_runner(cfg, tok, batches, DIVERGENCES[spec["divergence"]], out / "trl")
     before = [p.detach().clone() for p in student.parameters()]
+    # From before the first step: what training adds to the loaded models (gradients, AdamW state, a step's
+    # activations and logits). A reset after warm-up would miss memory the allocator kept from the warm-up.
+    peak = _CpuPeak()
     for i in range(sizes.warmup_steps):
         step(i)
-    peak = _CpuPeak()
     rates = []
     for i in range(sizes.warmup_steps, sizes.warmup_steps + sizes.steps):
         start = time.perf_counter()

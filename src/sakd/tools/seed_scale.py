@@ -52,7 +52,7 @@ def build_assets(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
     from sakd.models.tiny import train_tokenizer
-    from sakd.tools.bench_trl import word_tokenizer
+    from sakd.tools.bench_pairs import word_tokenizer
 
     root = Path(spec["root"])
     rng = random.Random(0)

@@ -1,0 +1,150 @@
+"""`sakd bench` part (e), two tokenizers: sakd's step against TRL's cross-tokenizer GOLD trainer, fp32 CPU.
+
+Both use ULD (sorted-probability distance between the teacher's and the student's next-token distributions),
+sakd as `distill.cross_vocab: uld`, GOLD as `use_uld_loss` in its positional form (`use_extended_uld: false`,
+the original paper's, and the lighter of its two), with no cross-entropy term, temperature 1, off-policy. The
+pair: a word-level teacher tokenizer over exactly the teacher's vocabulary and a byte-level BPE student
+tokenizer trained on the same random-word text, so that their token boundaries differ. GOLD re-tokenizes each
+window's text for the teacher itself, as it does in training; its step is `compute_loss`, backward, clipping,
+optimizer and scheduler step (its `training_step` would also fill its generation buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sakd.tools.bench_pairs import TrlSizes, word_tokenizer
+
+
+def build_cross_pair(root: Path, teacher_vocab: int, student_vocab: int, sizes: TrlSizes) -> dict[str, str]:
+    """Corpus of random words, the two tokenizers, and a teacher and a student of Llama shape."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sakd.models.tiny import dense_student_config, train_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = max(
+        20 * student_vocab, sizes.batch_size * sizes.max_length * (sizes.warmup_steps + sizes.steps + 2)
+    )
+    lines = [
+        " ".join(f"w{rng.randrange(teacher_vocab - 3)}" for _ in range(500)) for _ in range(0, words, 500)
+    ]
+    corpus = root / "corpus.jsonl"
+    with corpus.open("w") as f:
+        f.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+    tokenizers = {"teacher": word_tokenizer(teacher_vocab), "student": train_tokenizer(lines, student_vocab)}
+    paths = {"corpus": str(corpus)}
+    for role, hidden in (("teacher", sizes.teacher_hidden), ("student", sizes.student_hidden)):
+        torch.manual_seed(0)
+        config = dense_student_config(
+            len(tokenizers[role]), hidden, sizes.layers, max_length=2 * sizes.max_length
+        )
+        AutoModelForCausalLM.from_config(config).save_pretrained(root / role)
+        tokenizers[role].save_pretrained(root / role)
+        paths[role] = str(root / role)
+    return paths
+
+
+def gold_runner(cfg, student_tok, batches: list[dict], out: Path):
+    """GOLD's compute_loss on each batch's text, then the rest of `Trainer`'s optimizer step."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+    tc = cfg.train
+    args = GOLDConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=tc.batch_size,
+        max_length=cfg.data.max_length,
+        max_completion_length=cfg.data.max_length // 2,  # generation only; must leave room for a prompt
+        lmbda=0.0,
+        temperature=1.0,
+        use_uld_loss=True,
+        use_extended_uld=False,
+        uld_crossentropy_weight=0.0,
+        teacher_tokenizer_name_or_path=cfg.teacher.model,
+        learning_rate=tc.lr,
+        adam_beta1=tc.betas[0],
+        adam_beta2=tc.betas[1],
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        lr_scheduler_type="cosine",
+        optim="adamw_torch_fused",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        max_steps=len(batches),
+    )
+    student = AutoModelForCausalLM.from_pretrained(cfg.student.model, dtype=torch.float32)
+    # GOLD prepares its (unused, one-row) dataset through a chat template, which the bench's tokenizers lack.
+    student_tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    dataset = Dataset.from_dict({"messages": [[{"role": "user", "content": "w0"}]]})
+    trainer = GOLDTrainer(
+        model=student,
+        teacher_model=cfg.teacher.model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=student_tok,
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=len(batches))
+    model = trainer.model
+    inputs = []
+    for b in batches:
+        ids, mask = b["student_input_ids"], b["student_attention_mask"]
+        texts = [student_tok.decode(row[m.bool()]) for row, m in zip(ids, mask, strict=True)]
+        inputs.append(
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": ids.masked_fill(mask == 0, -100),
+                "original_prompt_text": [""] * len(texts),
+                "original_completion_text": texts,
+            }
+        )
+
+    def step(i: int) -> int:
+        model.train()
+        loss = trainer.compute_loss(model, dict(inputs[i]))
+        trainer.accelerator.backward(loss)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        return int(inputs[i]["attention_mask"].sum())
+
+    return step, model
+
+
+def run_gold_bench(root: Path, sizes: TrlSizes, teacher_vocab: int, student_vocab: int, threads: int):
+    """sakd (cross_vocab uld) and GOLD (ULD) on the same cross-tokenizer pair, each in a fresh process."""
+    from sakd.tools.bench_loss import in_fresh_process
+
+    paths = build_cross_pair(root, teacher_vocab, student_vocab, sizes)
+    row: dict[str, Any] = {"teacher_vocab": teacher_vocab, "student_vocab": student_vocab}
+    for side in ("sakd", "gold"):
+        spec = {
+            "side": side,
+            "divergence": "forward_kl",
+            "cross_vocab": "uld",
+            "paths": paths,
+            "sizes": asdict(sizes),
+            "out": str(root / side),
+            "threads": threads,
+        }
+        row[side] = in_fresh_process("sakd.tools.bench_trl:measure_side", spec)
+    ok = all("error" not in row[s] for s in ("sakd", "gold"))
+    row["speed_ratio"] = row["sakd"]["tokens_per_s"] / row["gold"]["tokens_per_s"] if ok else None
+    return row
