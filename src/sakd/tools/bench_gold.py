@@ -20,8 +20,11 @@ from typing import Any
 from sakd.tools.bench_pairs import TrlSizes, word_tokenizer
 
 
-def build_cross_pair(root: Path, teacher_vocab: int, student_vocab: int, sizes: TrlSizes) -> dict[str, str]:
-    """Corpus of random words, the two tokenizers, and a teacher and a student of Llama shape."""
+def build_cross_pair(
+    root: Path, teacher_vocab: int, student_vocab: int, sizes: TrlSizes
+) -> tuple[dict[str, str], dict[str, int]]:
+    """Corpus of random words, the two tokenizers, and a teacher and a student of Llama shape; the paths and
+    the tokenizers' sizes (a byte-level BPE has at least its 256 bytes and 2 special tokens)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -48,7 +51,7 @@ def build_cross_pair(root: Path, teacher_vocab: int, student_vocab: int, sizes: 
         AutoModelForCausalLM.from_config(config).save_pretrained(root / role)
         tokenizers[role].save_pretrained(root / role)
         paths[role] = str(root / role)
-    return paths
+    return paths, {f"{role}_vocab": len(tok) for role, tok in tokenizers.items()}
 
 
 def gold_runner(cfg, student_tok, batches: list[dict], out: Path):
@@ -132,8 +135,8 @@ def run_gold_bench(root: Path, sizes: TrlSizes, teacher_vocab: int, student_voca
     """sakd (cross_vocab uld) and GOLD (ULD) on the same cross-tokenizer pair, each in a fresh process."""
     from sakd.tools.bench_loss import in_fresh_process
 
-    paths = build_cross_pair(root, teacher_vocab, student_vocab, sizes)
-    row: dict[str, Any] = {"teacher_vocab": teacher_vocab, "student_vocab": student_vocab}
+    paths, vocabs = build_cross_pair(root, teacher_vocab, student_vocab, sizes)
+    row: dict[str, Any] = dict(vocabs)
     for side in ("sakd", "gold"):
         spec = {
             "side": side,
