@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from sakd.cli import main
 from sakd.tools import ablate
 from sakd.tools.ablate import BASELINE, REFERENCE, aggregate_seeds, run_ablation, seeds_table
-from sakd.cli import main
 from sakd.tools.demo import QUICK, DemoSetup
 
 PLAIN = [2.0, 2.1, 2.3]

@@ -39,7 +39,8 @@ def test_only_the_training_package_imports_the_loop():
     offenders = [
         str(p.relative_to(PACKAGE))
         for p in _library_modules()
-        if "train" not in p.relative_to(PACKAGE).parts and any(n.startswith("sakd.train.loop") for n in _imports(p))
+        if "train" not in p.relative_to(PACKAGE).parts
+        and any(n.startswith("sakd.train.loop") for n in _imports(p))
     ]
     assert offenders == []
 

@@ -10,11 +10,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from sakd.tools.ablate import VARIANTS
 from sakd.config import validate
 from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, CurriculumSpec, curriculum_at
 from sakd.models.load import load_tokenizer
 from sakd.router import blend_token_weights
+from sakd.tools.ablate import VARIANTS
 from sakd.train import auxiliary
 from sakd.train.inputs import training_inputs
 from sakd.train.loop import curriculum_point, train
