@@ -6,7 +6,8 @@ the original paper's, and the lighter of its two), with no cross-entropy term, t
 pair: a word-level teacher tokenizer over exactly the teacher's vocabulary and a byte-level BPE student
 tokenizer trained on the same random-word text, so that their token boundaries differ. GOLD re-tokenizes each
 window's text for the teacher itself, as it does in training; its step is `compute_loss`, backward, clipping,
-optimizer and scheduler step (its `training_step` would also fill its generation buffers).
+optimizer and scheduler step (its `training_step` would also fill its generation buffers); see
+`bench_trl_runners.gold_runner`.
 """
 
 from __future__ import annotations
@@ -52,83 +53,6 @@ def build_cross_pair(
         tokenizers[role].save_pretrained(root / role)
         paths[role] = str(root / role)
     return paths, {f"{role}_vocab": len(tok) for role, tok in tokenizers.items()}
-
-
-def gold_runner(cfg, student_tok, batches: list[dict], out: Path):
-    """GOLD's compute_loss on each batch's text, then the rest of `Trainer`'s optimizer step."""
-    import os
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl.experimental.gold import GOLDConfig, GOLDTrainer
-
-    tc = cfg.train
-    args = GOLDConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=tc.batch_size,
-        max_length=cfg.data.max_length,
-        max_completion_length=cfg.data.max_length // 2,  # generation only; must leave room for a prompt
-        lmbda=0.0,
-        temperature=1.0,
-        use_uld_loss=True,
-        use_extended_uld=False,
-        uld_crossentropy_weight=0.0,
-        teacher_tokenizer_name_or_path=cfg.teacher.model,
-        learning_rate=tc.lr,
-        adam_beta1=tc.betas[0],
-        adam_beta2=tc.betas[1],
-        weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm,
-        lr_scheduler_type="cosine",
-        optim="adamw_torch_fused",
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        max_steps=len(batches),
-    )
-    student = AutoModelForCausalLM.from_pretrained(cfg.student.model, dtype=torch.float32)
-    # GOLD prepares its (unused, one-row) dataset through a chat template, which the bench's tokenizers lack.
-    student_tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    dataset = Dataset.from_dict({"messages": [[{"role": "user", "content": "w0"}]]})
-    trainer = GOLDTrainer(
-        model=student,
-        teacher_model=cfg.teacher.model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=student_tok,
-    )
-    trainer.create_optimizer_and_scheduler(num_training_steps=len(batches))
-    model = trainer.model
-    inputs = []
-    for b in batches:
-        ids, mask = b["student_input_ids"], b["student_attention_mask"]
-        texts = [student_tok.decode(row[m.bool()]) for row, m in zip(ids, mask, strict=True)]
-        inputs.append(
-            {
-                "input_ids": ids,
-                "attention_mask": mask,
-                "labels": ids.masked_fill(mask == 0, -100),
-                "original_prompt_text": [""] * len(texts),
-                "original_completion_text": texts,
-            }
-        )
-
-    def step(i: int) -> int:
-        model.train()
-        loss = trainer.compute_loss(model, dict(inputs[i]))
-        trainer.accelerator.backward(loss)
-        trainer.accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        model.zero_grad(set_to_none=True)
-        return int(inputs[i]["attention_mask"].sum())
-
-    return step, model
 
 
 def run_gold_bench(root: Path, sizes: TrlSizes, teacher_vocab: int, student_vocab: int, threads: int):

@@ -194,27 +194,28 @@ def render_extra(result: dict[str, Any]) -> None:
         z = trl["sizes"]
         t = Table(
             title=f"(e) sakd vs TRL {trl['trl_version']} GKD step, fp32 CPU, batch {z['batch_size']} x "
-            f"{z['max_length']} tokens, median of {z['steps']} steps; peak = memory that training adds to the "
-            "loaded models"
+            f"{z['max_length']} tokens, median of {z['steps']} steps; TRL's GKDTrainer and DistillationTrainer's "
+            "chunked loss; ratios against TRL's faster / leaner; memory = what training adds to the loaded models"
         )
-        for col in ("vocab", "divergence", "sakd t/s", "TRL t/s", "speed", "sakd MiB", "TRL MiB", "memory"):
+        sides = ("sakd", "trl", "trl_chunked")
+        for col in (
+            "vocab",
+            "divergence",
+            "t/s: sakd",
+            "GKD",
+            "chunked",
+            "speed",
+            "MiB: sakd",
+            "GKD",
+            "chunked",
+        ):
             t.add_column(col, justify="left" if col == "divergence" else "right")
+        t.add_column("memory", justify="right")
         for vocab, rows in trl["results"].items():
             for divergence, r in rows.items():
-                sakd, other = r["sakd"], r["trl"]
-                if "error" in sakd or "error" in other:
-                    t.add_row(vocab, divergence, sakd.get("error", "ok"), other.get("error", "ok"))
-                    continue
-                t.add_row(
-                    vocab,
-                    divergence,
-                    _fmt(sakd["tokens_per_s"], 0),
-                    _fmt(other["tokens_per_s"], 0),
-                    _fmt(r["speed_ratio"]),
-                    _fmt(sakd["peak_mb"], 1),
-                    _fmt(other["peak_mb"], 1),
-                    _fmt(r["memory_ratio"]),
-                )
+                rate = [_fmt(r[s].get("tokens_per_s"), 0) if "error" not in r[s] else "failed" for s in sides]
+                peak = [_fmt(r[s].get("peak_mb"), 1) for s in sides]
+                t.add_row(vocab, divergence, *rate, _fmt(r["speed_ratio"]), *peak, _fmt(r["memory_ratio"]))
         console.print(t)
         gold = trl.get("gold", {})
         if gold.get("speed_ratio") is not None:
