@@ -292,11 +292,13 @@ def _step_and_data_parts(
 
 
 def _trl_part(result: dict[str, Any], o: dict[str, Any], root: Path, skip: bool, device) -> None:
-    """Part (e): against TRL's GKD trainer; the vs_trl keys stay None when skipped."""
+    """Part (e): against TRL's GKD and chunked distillation steps, and across tokenizers its GOLD step; the
+    vs_trl keys stay None when skipped."""
     import torch
 
     from sakd.tools.bench_gold import run_gold_bench
-    from sakd.tools.bench_trl import TrlSizes, headline, run_trl_bench, trl_version
+    from sakd.tools.bench_pairs import TrlSizes
+    from sakd.tools.bench_trl import headline, run_trl_bench, trl_version
 
     keys = (
         "vs_trl_speed_ratio",
@@ -317,7 +319,7 @@ def _trl_part(result: dict[str, Any], o: dict[str, Any], root: Path, skip: bool,
         print(f"(e) against TRL: skipped ({why}; pip install -e '.[bench]' installs trl)", file=sys.stderr)
         result["trl"] = {"skipped": why}
         return
-    print(f"(e) sakd vs TRL GKD step, vocabularies {o['trl_vocabs']} ...", file=sys.stderr)
+    print(f"(e) sakd vs TRL's steps, vocabularies {o['trl_vocabs']} ...", file=sys.stderr)
     sizes = TrlSizes(
         vocabs=tuple(sorted(o["trl_vocabs"])),
         batch_size=o["trl_batch_size"],

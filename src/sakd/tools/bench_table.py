@@ -193,7 +193,7 @@ def render_extra(result: dict[str, Any]) -> None:
     if "results" in trl:
         z = trl["sizes"]
         t = Table(
-            title=f"(e) sakd vs TRL {trl['trl_version']} GKD step, fp32 CPU, batch {z['batch_size']} x "
+            title=f"(e) sakd vs TRL {trl['trl_version']}, fp32 CPU, batch {z['batch_size']} x "
             f"{z['max_length']} tokens, median of {z['steps']} steps; TRL's GKDTrainer and DistillationTrainer's "
             "chunked loss; ratios against TRL's faster / leaner; memory = what training adds to the loaded models"
         )
