@@ -131,7 +131,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.processes < 1:
         raise UserError(f"--processes must be at least 1, got {args.processes}")
     cfg = validate(apply_overrides(read_yaml(args.config), args.set), check_files=False)
-    plan = estimate(cfg, args.precision, memory, args.processes)
+    plan = estimate(cfg, args.precision, memory, args.processes, device=args.device)
     print(json.dumps(plan.as_dict(), indent=1) if args.format == "json" else format_plan(plan, args.config))
     return 0
 
@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="processes (devices) of the run: divides sharded parts (train.strategy fsdp, teacher.placement shard)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: the peak resident size of a CPU process (auto precision: fp32), runtime included",
     )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_plan)

@@ -276,3 +276,50 @@ def test_estimate_against_measured_peak_memory(base_config, assets, measured_mod
     )
     assert 0.5 < student_ratio < 2 and 0.5 < teacher_ratio < 2
     assert 0.5 < total_ratio < 2
+
+
+PEAK_OF_A_RUN = r"""
+import json, sys
+import torch
+import matplotlib.pyplot  # noqa: F401 (the report at the end of training draws plots)
+from sakd.config import load_config
+from sakd.train import loop
+
+torch.set_num_threads(1)
+loop.train(load_config(sys.argv[1]))
+with open("/proc/self/status") as f:
+    print(json.dumps({"peak": next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))}))
+"""
+
+
+def test_cpu_fp32_plan_against_the_peak_of_a_real_cpu_run(base_config, assets, measured_models, tmp_path):
+    """`--device cpu` estimates a whole CPU process in fp32 (runtime, fp32 teacher, no autocast copies); its
+    total is compared with the peak resident size of a fresh `sakd train` process of the same config."""
+    raw = {
+        **base_config,
+        "teacher": {"model": str(measured_models["teacher"])},
+        "student": {"model": str(measured_models["student"])},
+        "data": {"train": [str(assets["train"])], "max_length": 64, "eval": []},
+        "train": {**base_config["train"], "max_steps": 2, "batch_size": 4, "precision": "auto"},
+    }
+    raw["train"]["tensorboard"] = False
+    cfg = validate(raw)
+    cpu, gpu = estimate(cfg, device="cpu"), estimate(cfg)
+    assert cpu.precision == "fp32" and gpu.precision == "auto"
+    assert "autocast 16-bit weights" in gpu.parts and "autocast 16-bit weights" not in cpu.parts
+    teacher_params = cpu.teacher.params
+    assert cpu.parts["teacher weights"] == 4 * teacher_params  # the bf16 checkpoint trains in fp32 on the CPU
+    assert cpu.parts["runtime (Python, torch, libraries)"] > 0
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_OF_A_RUN)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(write_yaml(raw, tmp_path / "cpu.yaml"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    print(f"CPU fp32 run: measured peak {peak / 2**20:.0f} MiB, plan {cpu.total / 2**20:.0f} MiB")
+    assert 0.67 < peak / cpu.total < 1.5

@@ -5,6 +5,8 @@
 (b) a sakd distillation step against a minimal hand-written step, for one shared tokenizer and for two
     different tokenizers: tokens/s (`sakd.tools.bench_step`);
 (c) the data pipeline (dual tokenization, alignment, packing, collation): tokens/s against the training rate;
+(e) sakd's step against TRL's GKD trainer step, fp32 on the CPU, at two vocabularies (`sakd.tools.bench_trl`;
+    skipped without trl);
 (d) with --cache-epoch, one epoch of the demo's models trained live and from a teacher cache: the epoch
     speedup and both students' held-out bits per byte (`sakd.tools.cache_speed.demo_cache_epoch`).
 The defaults fit a small CPU; the size flags scale it up on a GPU. `--quick` is a smaller run.
@@ -21,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from sakd.tools.bench_args import add_arguments
 
 DEFAULTS: dict[str, Any] = {
     "tokens": 4096,
@@ -41,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
     "steps": 10,
     "data_mb": 1.0,
     "cache_top_k": 64,
+    "trl_vocabs": [32000, 151936],
+    "trl_batch_size": 2,
+    "trl_max_length": 128,
 }
 QUICK: dict[str, Any] = {
     "tokens": 512,
@@ -62,6 +69,9 @@ QUICK: dict[str, Any] = {
     "steps": 3,
     "data_mb": 0.1,
     "cache_top_k": 16,
+    "trl_vocabs": [256, 512],
+    "trl_batch_size": 2,
+    "trl_max_length": 32,
 }
 # JSON key: (comparison, bound)
 TARGETS = {
@@ -73,94 +83,13 @@ TARGETS = {
     "cache_speedup": (">=", 2.0),
     "cache_epoch_speedup": (">=", 2.0),
     "cache_epoch_bpb_difference": ("abs<=", 0.01),
+    "cache_efficiency": (">=", 0.9),
+    "vs_trl_speed_ratio": (">=", 2.0),
+    "vs_trl_memory_ratio": ("<=", 0.35),
+    "vs_trl_speed_ratio_32k": (">=", 1.3),
+    "vs_trl_memory_ratio_32k": ("<=", 0.7),
+    "plan_error": ("abs<=", 0.2),
 }
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The bench flags (shared by `sakd bench` and `python -m sakd.tools.bench`); unset sizes take the defaults,
-    or the --quick sizes."""
-    p.add_argument("--quick", action="store_true", help="a small run (about a minute on 2 CPU cores)")
-    p.add_argument("--output", metavar="FILE.json", help="also write every number to this JSON file")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="training precision of part (b), as train.precision (auto: fp32 on CPU)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        help="torch CPU threads (default on CPU: 1, so that sakd and reference are compared op for op even "
-        "on a busy shared machine, where each op of several threads can wait for a descheduled one; 0: "
-        "torch's own choice, as training uses)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the sakd run config of part (b), e.g. --set curriculum.weights.attention=0",
-    )
-    g = p.add_argument_group("(a) KD loss")
-    g.add_argument("--tokens", type=int, help="rows of the loss (default 4096)")
-    g.add_argument("--hidden", type=int, help="hidden size of student and teacher (default 64)")
-    g.add_argument(
-        "--vocabs",
-        type=lambda s: [int(v) for v in s.split(",")],
-        help="comma-separated vocabulary sizes (default 4096,32768,151936)",
-    )
-    g.add_argument(
-        "--chunk-size", type=int, help="rows per chunk (default: distill.chunk_size of the config)"
-    )
-    g.add_argument(
-        "--chunk-logits",
-        type=int,
-        help="at most rows x vocabulary logits per chunk (default: distill.chunk_logits of the config)",
-    )
-    g.add_argument("--repeats", type=int, help="timed passes per variant after a warm-up (default 3)")
-    g.add_argument(
-        "--loss-budget-s",
-        type=float,
-        help="stop repeating a variant once this many seconds are spent (default 30)",
-    )
-    g = p.add_argument_group("(b) training step and (c) data")
-    g.add_argument("--batch-size", type=int, help="windows per batch (default 8)")
-    g.add_argument("--max-length", type=int, help="tokens per window (default 128)")
-    g.add_argument("--teacher-hidden", type=int, help="MoE teacher hidden size (default 128)")
-    g.add_argument("--teacher-layers", type=int, help="(default 2)")
-    g.add_argument("--experts", type=int, help="teacher experts per MoE layer (default 8)")
-    g.add_argument("--student-hidden", type=int, help="dense student hidden size (default 64)")
-    g.add_argument("--student-layers", type=int, help="(default 2)")
-    g.add_argument(
-        "--teacher-vocab", type=int, help="tokenizer A size, teacher (and same-vocab student) (4096)"
-    )
-    g.add_argument("--student-vocab", type=int, help="tokenizer B size, cross-vocab student (2048)")
-    g.add_argument("--warmup-steps", type=int, help="untimed steps per variant (default 3)")
-    g.add_argument("--steps", type=int, help="timed steps per variant, alternating sakd and reference (10)")
-    g.add_argument("--data-mb", type=float, help="MB of standard-library text for tokenizers and data (1.0)")
-    g.add_argument(
-        "--cache-top-k", type=int, help="teacher distributions kept per position by the cached step (64)"
-    )
-    g.add_argument(
-        "--progress",
-        type=float,
-        default=0.0,
-        help="training progress whose curriculum point the sakd step uses (0: phase 1, KD + LM)",
-    )
-    g = p.add_argument_group("(d) a whole epoch from the teacher cache")
-    g.add_argument(
-        "--cache-epoch",
-        choices=["quick", "full"],
-        help="also train one epoch of the quick or full demo's models live and from a teacher cache, with "
-        "torch's own threads (quick: about 3 minutes on 2 CPU cores, once the demo teacher exists)",
-    )
-    g.add_argument(
-        "--workdir",
-        default="demo-runs",
-        help="the demo's corpus and pretrained teacher (shared with `sakd demo`)",
-    )
-    g.add_argument("--epoch-repeats", type=int, default=1, help="live and cached epochs each, alternating")
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,13 +155,11 @@ def _load() -> list[float] | None:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
     from sakd.config import apply_overrides
     from sakd.models.load import resolve_precision
-    from sakd.tools.bench_loss import loss_ratios, run_loss_bench
-    from sakd.tools.bench_step import StepSizes, bench_config, build_assets, run_data_bench, run_step_bench
+    from sakd.tools.bench_step import StepSizes, bench_config
 
     hf_logging.disable_progress_bar()
     o = resolve(args)
@@ -254,6 +181,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     info = _device_info(device)
     result: dict[str, Any] = {"device": f"{device.type}: {info['name']}", "device_info": info}
     result["load_average_start"] = _load()
+    part_s: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        part_s[name] = round(time.perf_counter() - started - sum(part_s.values()), 1)
+
     sizes = StepSizes(**{k: o[k] for k in StepSizes.__dataclass_fields__})
     with tempfile.TemporaryDirectory(prefix="sakd-bench-") as tmp:
         root = Path(tmp)
@@ -263,53 +195,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if o[key] is None:
                 o[key] = getattr(distill, key)
         result["settings"] = {**o, "precision": precision, "progress": args.progress, "overrides": args.set}
-
-        print(
-            f"(a) KD loss, chunked vs full logits, {o['tokens']} tokens, vocabularies {o['vocabs']} ...",
-            file=sys.stderr,
-        )
-        loss = run_loss_bench(
-            o["tokens"],
-            o["hidden"],
-            o["vocabs"],
-            o["chunk_size"],
-            o["repeats"],
-            o["loss_budget_s"],
-            device,
-            o["chunk_logits"],
-        )
-        ratios = loss_ratios(loss["results"])
-        loss["ratios"] = {str(v): r for v, r in ratios.items()}
-        result["loss"] = loss
-        part_s = {"loss": round(time.perf_counter() - started, 1)}
-        largest = max(ratios)
-        result["loss_ratio_vocab"] = largest
-        result["loss_memory_ratio"] = ratios[largest]["memory_ratio"]
-        result["loss_time_ratio"] = ratios[largest]["time_ratio"]
-        unmeasured = [r for r in loss["results"] if r["vocab"] == largest and r["status"] != "ok"]
-        if unmeasured:
-            result["loss_note"] = "; ".join(f"{r['variant']} {r['status']}: {r['note']}" for r in unmeasured)
-
-        print("(b) training steps, sakd vs reference ...", file=sys.stderr)
-        assets = build_assets(root, sizes)
-        accelerator = Accelerator(
-            cpu=device.type == "cpu", mixed_precision="no" if precision == "fp32" else precision
-        )
-        step = run_step_bench(
-            assets, sizes, args.progress, overrides, accelerator, precision, root / "runs", o["cache_top_k"]
-        )
-        result["step"] = step
-        part_s["step"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
-        result["step_speed_ratio_same_vocab"] = step["same_vocab"]["ratio"]
-        result["step_speed_ratio_cross_vocab"] = step["cross_vocab"]["ratio"]
-        result["cache_speedup"] = step["cross_vocab"]["cache_speedup"]
-
-        print("(c) data loading ...", file=sys.stderr)
-        data = run_data_bench(assets, sizes)
-        data["train_tokens_per_s"] = step["cross_vocab"]["sakd"]["tokens_per_s"]
-        result["data"] = data
-        part_s["data"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
-        result["data_to_train_ratio"] = data["tokens_per_s"] / data["train_tokens_per_s"]
+        _loss_part(result, o, device)
+        lap("loss")
+        _step_and_data_parts(result, o, sizes, root, device, precision, overrides, args.progress)
+        lap("step_and_data")
+        _trl_part(result, o, root / "trl", args.no_trl, device)
+        lap("trl")
+        _seed_scale_part(result, args, root / "seed-scale")
+        lap("seed_scale")
     result["cache_epoch_speedup"] = result["cache_epoch_bpb_difference"] = None
     if args.cache_epoch:
         from sakd.tools.cache_speed import demo_cache_epoch
@@ -322,18 +215,148 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         result["cache_epoch"] = epoch
         result["cache_epoch_speedup"] = epoch["speedup"]
         result["cache_epoch_bpb_difference"] = epoch["bpb_relative_difference"]
-        part_s["epoch"] = round(time.perf_counter() - started - sum(part_s.values()), 1)
+        lap("epoch")
     result["part_s"] = part_s
     result["targets"] = {
         name: {
             "target": f"{op} {bound}",
-            "met": None if result[name] is None else _meets(result[name], op, bound),
+            "met": None if result.get(name) is None else _meets(result[name], op, bound),
         }
         for name, (op, bound) in TARGETS.items()
     }
     result["load_average_end"] = _load()
     result["total_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _loss_part(result: dict[str, Any], o: dict[str, Any], device) -> None:
+    """Part (a): the chunked against the full-logits KD loss."""
+    from sakd.tools.bench_loss import loss_ratios, run_loss_bench
+
+    print(
+        f"(a) KD loss, chunked vs full logits, {o['tokens']} tokens, vocabularies {o['vocabs']} ...",
+        file=sys.stderr,
+    )
+    loss = run_loss_bench(
+        o["tokens"],
+        o["hidden"],
+        o["vocabs"],
+        o["chunk_size"],
+        o["repeats"],
+        o["loss_budget_s"],
+        device,
+        o["chunk_logits"],
+    )
+    ratios = loss_ratios(loss["results"])
+    loss["ratios"] = {str(v): r for v, r in ratios.items()}
+    result["loss"] = loss
+    largest = max(ratios)
+    result["loss_ratio_vocab"] = largest
+    result["loss_memory_ratio"] = ratios[largest]["memory_ratio"]
+    result["loss_time_ratio"] = ratios[largest]["time_ratio"]
+    unmeasured = [r for r in loss["results"] if r["vocab"] == largest and r["status"] != "ok"]
+    if unmeasured:
+        result["loss_note"] = "; ".join(f"{r['variant']} {r['status']}: {r['note']}" for r in unmeasured)
+
+
+def _step_and_data_parts(
+    result: dict[str, Any], o: dict[str, Any], sizes, root: Path, device, precision, overrides, progress
+) -> None:
+    """Parts (b) and (c): the sakd step against the reference and the cached step; the data pipeline."""
+    from accelerate import Accelerator
+
+    from sakd.tools.bench_data import run_data_bench
+    from sakd.tools.bench_step import build_assets, run_step_bench
+
+    print("(b) training steps, sakd vs reference ...", file=sys.stderr)
+    assets = build_assets(root, sizes)
+    accelerator = Accelerator(
+        cpu=device.type == "cpu", mixed_precision="no" if precision == "fp32" else precision
+    )
+    step = run_step_bench(
+        assets, sizes, progress, overrides, accelerator, precision, root / "runs", o["cache_top_k"]
+    )
+    result["step"] = step
+    result["step_speed_ratio_same_vocab"] = step["same_vocab"]["ratio"]
+    result["step_speed_ratio_cross_vocab"] = step["cross_vocab"]["ratio"]
+    cross = step["cross_vocab"]
+    result["cache_speedup"] = cross["cache_speedup"]
+    result["cache_ideal_speedup"] = cross["cache_ideal_speedup"]
+    result["cache_efficiency"] = cross.get("cache_efficiency")
+
+    print("(c) data loading ...", file=sys.stderr)
+    data = run_data_bench(assets, sizes)
+    data["train_tokens_per_s"] = cross["sakd"]["tokens_per_s"]
+    result["data"] = data
+    result["data_to_train_ratio"] = data["tokens_per_s"] / data["train_tokens_per_s"]
+
+
+def _trl_part(result: dict[str, Any], o: dict[str, Any], root: Path, skip: bool, device) -> None:
+    """Part (e): against TRL's GKD and chunked distillation steps, and across tokenizers its GOLD step; the
+    vs_trl keys stay None when skipped."""
+    import torch
+
+    from sakd.tools.bench_gold import run_gold_bench
+    from sakd.tools.bench_pairs import TrlSizes
+    from sakd.tools.bench_trl import headline, run_trl_bench, trl_version
+
+    keys = (
+        "vs_trl_speed_ratio",
+        "vs_trl_memory_ratio",
+        "vs_trl_speed_ratio_32k",
+        "vs_trl_memory_ratio_32k",
+        "vs_trl_gold_speed_ratio",
+    )
+    result.update(dict.fromkeys(keys), trl_version=trl_version())
+    if skip or result["trl_version"] is None or device.type != "cpu":
+        why = (
+            "--no-trl"
+            if skip
+            else "it runs on the CPU only"
+            if result["trl_version"]
+            else "trl is not installed"
+        )
+        print(f"(e) against TRL: skipped ({why}; pip install -e '.[bench]' installs trl)", file=sys.stderr)
+        result["trl"] = {"skipped": why}
+        return
+    print(f"(e) sakd vs TRL's steps, vocabularies {o['trl_vocabs']} ...", file=sys.stderr)
+    sizes = TrlSizes(
+        vocabs=tuple(sorted(o["trl_vocabs"])),
+        batch_size=o["trl_batch_size"],
+        max_length=o["trl_max_length"],
+        teacher_hidden=o["teacher_hidden"],
+        student_hidden=o["student_hidden"],
+        layers=o["student_layers"],
+        warmup_steps=o["warmup_steps"],
+        steps=o["steps"],
+    )
+    trl = run_trl_bench(root, sizes, torch.get_num_threads())
+    # GOLD across tokenizers: a teacher of the smallest vocabulary, a student tokenizer a quarter of it
+    teacher_vocab = min(sizes.vocabs)
+    trl["gold"] = run_gold_bench(
+        root / "gold", sizes, teacher_vocab, teacher_vocab // 4, torch.get_num_threads()
+    )
+    result["vs_trl_gold_speed_ratio"] = trl["gold"]["speed_ratio"]
+    result["trl"] = trl
+    result["vs_trl_speed_ratio"], result["vs_trl_memory_ratio"] = headline(trl, max(sizes.vocabs))
+    result["vs_trl_speed_ratio_32k"], result["vs_trl_memory_ratio_32k"] = headline(trl, min(sizes.vocabs))
+
+
+def _seed_scale_part(result: dict[str, Any], args: argparse.Namespace, root: Path) -> None:
+    """Part (f): the reference pair's size; its keys stay None unless --seed-scale."""
+    keys = ("seed_scale_tokens_per_s", "seed_scale_peak_gib", "plan_error")
+    result.update(dict.fromkeys(keys))
+    if not args.seed_scale:
+        return
+    from sakd.tools.seed_scale import run_seed_scale
+
+    print("(f) seed scale: 1 B MoE teacher into a 135 M student, fp32 CPU ...", file=sys.stderr)
+    seed = run_seed_scale(root, args.seed_batch_size, args.seed_max_length, 1, args.seed_steps)
+    result["seed_scale"] = seed
+    if "error" not in seed:
+        result["seed_scale_tokens_per_s"] = seed["tokens_per_s"]
+        result["seed_scale_peak_gib"] = seed["peak_gib"]
+        result["plan_error"] = seed["plan_error"]
 
 
 def _meets(value: float, op: str, bound: float) -> bool:
@@ -350,9 +373,10 @@ def main_from_args(args: argparse.Namespace) -> int:
         result = run_bench(args)
     finally:  # the bench may pin torch to one thread: leave the caller's setting as it was
         torch.set_num_threads(threads)
-    from sakd.tools.bench_table import render
+    from sakd.tools.bench_table import render, render_extra
 
     render(result)
+    render_extra(result)
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -20,6 +20,7 @@ allocation error instead.
 from __future__ import annotations
 
 import gc
+import importlib
 import multiprocessing
 import os
 import resource
@@ -163,7 +164,8 @@ def _known_allocation(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child(target: str, spec: dict[str, Any], conn) -> None:
-    torch.set_num_threads(spec["threads"])
+    if spec["threads"]:  # 0: torch's own choice
+        torch.set_num_threads(spec["threads"])
     if spec.get("address_space_limit"):
         vm = _proc_status_bytes("VmSize") or 0
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -171,7 +173,12 @@ def _child(target: str, spec: dict[str, Any], conn) -> None:
         if hard == resource.RLIM_INFINITY or limit < hard:
             resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
-        result = {"measure": measure_variant, "calibrate": _known_allocation}[target](spec)
+        if ":" in target:  # another bench part's measure, "module:function"
+            module, name = target.split(":")
+            function = getattr(importlib.import_module(module), name)
+        else:
+            function = {"measure": measure_variant, "calibrate": _known_allocation}[target]
+        result = function(spec)
     except Exception as e:  # e.g. an allocation above the address-space limit: report it, do not hang
         result = {"error": f"{type(e).__name__}: " + " ".join(str(e).split())[:200]}
     conn.send(result)
@@ -188,7 +195,9 @@ def _context():
     return ctx
 
 
-def _in_fresh_process(target: str, spec: dict[str, Any]) -> dict[str, Any]:
+def in_fresh_process(target: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """`target(spec)` in a clean fork: "measure", "calibrate" or "module:function"; errors come back as
+    {"error": ...}."""
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(target, spec, send), daemon=True)
@@ -237,7 +246,7 @@ def run_loss_bench(
     calibration = None
     if not cuda:
         calibration_mb = 256
-        check = _in_fresh_process("calibrate", {"threads": threads, "calibration_mb": calibration_mb})
+        check = in_fresh_process("calibrate", {"threads": threads, "calibration_mb": calibration_mb})
         calibration = {"allocated_mb": calibration_mb, "measured_mb": check.get("peak_mb"), **check}
     results = []
     for vocab in sorted(vocabs):
@@ -282,7 +291,7 @@ def run_loss_bench(
                 gc.collect()
                 torch.cuda.empty_cache()
             else:
-                measured = _in_fresh_process("measure", spec)
+                measured = in_fresh_process("measure", spec)
             if "error" in measured:
                 row.update(status="failed", note=measured["error"])
             else:

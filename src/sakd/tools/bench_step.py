@@ -1,5 +1,5 @@
-"""`sakd bench` parts (b) and (c): a sakd distillation step against a hand-written reference step, and the
-data pipeline's token rate.
+"""`sakd bench` part (b): a sakd distillation step against a hand-written reference step, and against itself
+reading a teacher cache.
 
 The sakd step is the optimizer step of `sakd.train.loop.train` built from the same pieces (config defaults,
 `DistillObjective`, heads, AdamW groups, scheduler, Accelerate, EMA) and run at one fixed curriculum point.
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM
@@ -38,6 +37,8 @@ from sakd.data.tokenize import input_format
 from sakd.errors import UserError
 from sakd.models.load import load_tokenizer
 from sakd.models.tiny import dense_student_config, moe_teacher_config, train_tokenizer
+from sakd.tools.bench_reference import ReferenceStep
+from sakd.tools.cache_speed import TeacherTimer, cache_efficiency
 from sakd.tools.demo import stdlib_files
 from sakd.train.step import build_training, prepare_batch, step_batches, to_device, train_step
 
@@ -182,61 +183,6 @@ class SakdStep:
         return _sakd_step(self.training, self.point, batches)
 
 
-class ReferenceStep:
-    """A minimal hand-written distillation step with full logits (transformers' default attention)."""
-
-    def __init__(
-        self, teacher: Path, student: Path, cfg: Config, teacher_dtype: torch.dtype, accelerator, point
-    ):
-        device = accelerator.device
-        self.autocast = accelerator.autocast
-        self.teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=teacher_dtype).to(device).eval()
-        self.teacher.requires_grad_(False)
-        self.student = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).to(device).train()
-        tc = cfg.train
-        # the same fused AdamW as sakd's step, so that the comparison is of everything else
-        self.optimizer = torch.optim.AdamW(
-            self.student.parameters(),
-            lr=tc.lr,
-            betas=tuple(tc.betas),
-            weight_decay=tc.weight_decay,
-            fused=True,
-        )
-        self.temperature = point.temperature
-        self.lm_weight, self.kd_weight = point.weights["lm"], point.weights["kd"]
-
-    def step(self, batches: list[dict[str, torch.Tensor]]) -> int:
-        tokens = 0
-        for batch in batches:
-            labels = batch["student_labels"]  # (B, L)
-            with self.autocast():
-                with torch.no_grad():
-                    t_logits = self.teacher(
-                        input_ids=batch["teacher_input_ids"],
-                        attention_mask=batch["teacher_attention_mask"],
-                        use_cache=False,
-                    ).logits  # (B, L, V)
-                s_logits = self.student(
-                    input_ids=batch["student_input_ids"],
-                    attention_mask=batch["student_attention_mask"],
-                    use_cache=False,
-                ).logits  # (B, L, V)
-            rows = labels != -100
-            s, t, temp = s_logits[rows].float(), t_logits[rows].float(), self.temperature  # (N, V)
-            kd = F.kl_div(
-                F.log_softmax(s / temp, -1),
-                F.log_softmax(t / temp, -1),
-                log_target=True,
-                reduction="batchmean",
-            )
-            loss = self.lm_weight * F.cross_entropy(s, labels[rows]) + self.kd_weight * temp**2 * kd
-            (loss / len(batches)).backward()
-            tokens += int(batch["student_attention_mask"].sum())
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return tokens
-
-
 def _batches(corpus: Path, student_tok, teacher_tok, sizes: StepSizes, count: int) -> tuple[list, list[dict]]:
     """The windows of `corpus` and `count` batches of them (on the CPU; the loader wraps around)."""
     windows = build_windows([corpus], student_tok, teacher_tok, sizes.max_length)
@@ -313,21 +259,48 @@ def _rates(
             step(name)
     _sync(device)
     rates: dict[str, list[float]] = {name: [] for name in runners}
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for i in range(sizes.steps):
         for name in names if i % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             tokens = step(name)
             _sync(device)
-            rates[name].append(tokens / (time.perf_counter() - start))
+            seconds[name].append(time.perf_counter() - start)
+            rates[name].append(tokens / seconds[name][-1])
     return {
-        name: {"tokens_per_s": statistics.median(values), "step_tokens_per_s": [round(v, 1) for v in values]}
+        name: {
+            "tokens_per_s": statistics.median(values),
+            "step_tokens_per_s": [round(v, 1) for v in values],
+            "step_s": seconds[name],
+        }
         for name, values in rates.items()
     }
 
 
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _pair_result(rates, sakd: SakdStep, cached: CachedStep, ref_tok, cpu_batches) -> dict[str, Any]:
+    return {
+        **rates,
+        "ratio": rates["sakd"]["tokens_per_s"] / rates["reference"]["tokens_per_s"],
+        "cache_speedup": rates["sakd_cached"]["tokens_per_s"] / rates["sakd"]["tokens_per_s"],
+        "cache": {
+            "top_k": cached.capture["top_k"],
+            "coverage": cached.coverage,
+            "capture_s": round(cached.capture["seconds"], 2),
+        },
+        "teacher_to_student_parameters": _parameters(sakd.teacher) / _parameters(sakd.training.student),
+        "sakd_setup": sakd.describe(),
+        "teacher_vocab": len(sakd.teacher_tok),
+        "student_vocab": len(sakd.student_tok),
+        "reference_vocab": len(ref_tok),
+        "tokens_per_batch": round(
+            statistics.mean(int(b["student_attention_mask"].sum()) for b in cpu_batches)
+        ),
+    }
 
 
 def run_step_bench(
@@ -375,6 +348,7 @@ def run_step_bench(
             cache_top_k,
             out / f"{name}-teacher-cache",
         )
+        timer = TeacherTimer(sakd.teacher, device)  # the live step's teacher forward, timed on its own
         rates = _rates(
             {
                 "sakd": (sakd.step, sakd_batches),
@@ -385,24 +359,9 @@ def run_step_bench(
             cfg.train.grad_accum,
             device,
         )
-        results[name] = {
-            **rates,
-            "ratio": rates["sakd"]["tokens_per_s"] / rates["reference"]["tokens_per_s"],
-            "cache_speedup": rates["sakd_cached"]["tokens_per_s"] / rates["sakd"]["tokens_per_s"],
-            "cache": {
-                "top_k": cached.capture["top_k"],
-                "coverage": cached.coverage,
-                "capture_s": round(cached.capture["seconds"], 2),
-            },
-            "teacher_to_student_parameters": _parameters(sakd.teacher) / _parameters(sakd.training.student),
-            "sakd_setup": sakd.describe(),
-            "teacher_vocab": len(sakd.teacher_tok),
-            "student_vocab": len(sakd.student_tok),
-            "reference_vocab": len(ref_tok),
-            "tokens_per_batch": round(
-                statistics.mean(int(b["student_attention_mask"].sum()) for b in cpu_batches)
-            ),
-        }
+        timer.close()
+        efficiency = cache_efficiency(rates, timer.per_step(sizes.steps, cfg.train.grad_accum))
+        results[name] = {**efficiency, **_pair_result(rates, sakd, cached, ref_tok, cpu_batches)}
         del sakd, reference, cached
     results["cross_vocab"]["reference_note"] = (
         "no hand-written cross-tokenizer reference exists: the reference is the same-tokenizer reference "
@@ -410,35 +369,3 @@ def run_step_bench(
         "student tokens"
     )
     return results
-
-
-def run_data_bench(assets: dict[str, Path], sizes: StepSizes) -> dict[str, Any]:
-    """Windows/s and tokens/s of dual tokenization + alignment + packing (build_windows) and collation (one
-    epoch of WindowLoader) for the cross-tokenizer pair; tokens are student tokens, as in training."""
-    student_tok = load_tokenizer(str(assets["student_b"]), "student")
-    teacher_tok = load_tokenizer(str(assets["teacher_a"]), "teacher")
-    start = time.perf_counter()
-    windows = build_windows([assets["corpus"]], student_tok, teacher_tok, sizes.max_length)
-    packed = time.perf_counter()
-    loader = WindowLoader(
-        windows,
-        sizes.batch_size,
-        seed=0,
-        student=input_format(student_tok),
-        teacher=input_format(teacher_tok),
-        drop_last=False,
-    )
-    batches = sum(1 for _ in loader)
-    end = time.perf_counter()
-    tokens = sum(len(w.student_ids) for w in windows)
-    return {
-        "windows": len(windows),
-        "batches": batches,
-        "student_tokens": tokens,
-        "teacher_tokens": sum(len(w.teacher_ids) for w in windows),
-        "tokenize_align_pack_s": packed - start,
-        "collate_s": end - packed,
-        "windows_per_s": len(windows) / (end - start),
-        "tokens_per_s": tokens / (end - start),
-        "collate_tokens_per_s": tokens / max(end - packed, 1e-9),
-    }

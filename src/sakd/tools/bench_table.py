@@ -173,3 +173,69 @@ def render(result: dict[str, Any]) -> None:
         f"  loss ratios at vocabulary {result['loss_ratio_vocab']}; data_to_train_ratio and cache_speedup "
         "(cached / live sakd step tokens/s) on the cross-tokenizer pair"
     )
+
+
+def render_extra(result: dict[str, Any]) -> None:
+    """The parts after the summary's own: cache efficiency, (e) against TRL, and the seed-scale run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 110))
+    cross = result.get("step", {}).get("cross_vocab", {})
+    if cross.get("teacher_forward_s") is not None:
+        console.print(
+            f"  cache efficiency (cross tokenizer): teacher forward {_fmt(1000 * cross['teacher_forward_s'], 1)}"
+            f" ms of a {_fmt(1000 * cross['live_step_s'], 1)} ms live step -> ideal speedup "
+            f"{_fmt(cross['cache_ideal_speedup'])}, measured {_fmt(result['cache_speedup'])}, efficiency "
+            f"{_fmt(result.get('cache_efficiency'))}"
+        )
+    trl = result.get("trl", {})
+    if "results" in trl:
+        z = trl["sizes"]
+        t = Table(
+            title=f"(e) sakd vs TRL {trl['trl_version']}, fp32 CPU, batch {z['batch_size']} x "
+            f"{z['max_length']} tokens, median of {z['steps']} steps; TRL's GKDTrainer and DistillationTrainer's "
+            "chunked loss; ratios against TRL's faster / leaner; memory = what training adds to the loaded models"
+        )
+        sides = ("sakd", "trl", "trl_chunked")
+        for col in (
+            "vocab",
+            "divergence",
+            "t/s: sakd",
+            "GKD",
+            "chunked",
+            "speed",
+            "MiB: sakd",
+            "GKD",
+            "chunked",
+        ):
+            t.add_column(col, justify="left" if col == "divergence" else "right")
+        t.add_column("memory", justify="right")
+        for vocab, rows in trl["results"].items():
+            for divergence, r in rows.items():
+                rate = [_fmt(r[s].get("tokens_per_s"), 0) if "error" not in r[s] else "failed" for s in sides]
+                peak = [_fmt(r[s].get("peak_mb"), 1) for s in sides]
+                t.add_row(vocab, divergence, *rate, _fmt(r["speed_ratio"]), *peak, _fmt(r["memory_ratio"]))
+        console.print(t)
+        gold = trl.get("gold", {})
+        if gold.get("speed_ratio") is not None:
+            console.print(
+                f"  across tokenizers ({gold['teacher_vocab']} -> {gold['student_vocab']}), ULD on both sides: sakd "
+                f"{_fmt(gold['sakd']['tokens_per_s'], 0)} t/s, TRL GOLD {_fmt(gold['gold']['tokens_per_s'], 0)} "
+                f"t/s, ratio {_fmt(gold['speed_ratio'])}"
+            )
+        elif gold:
+            console.print(
+                f"  TRL GOLD: {gold.get('gold', {}).get('error') or gold.get('sakd', {}).get('error')}"
+            )
+    elif "skipped" in trl:
+        console.print(f"  (e) against TRL: skipped ({trl['skipped']})")
+    seed = result.get("seed_scale")
+    if seed and "error" in seed:
+        console.print(f"  (f) seed scale failed: {seed['error']}")
+    elif seed:
+        console.print(
+            f"  seed scale: {_fmt(result['seed_scale_tokens_per_s'], 1)} tokens/s, peak RSS "
+            f"{_fmt(result['seed_scale_peak_gib'])} GiB, plan {_fmt(seed['plan_gib'])} GiB, plan_error "
+            f"{_fmt(result['plan_error'], 3)}"
+        )

@@ -106,3 +106,58 @@ def demo_cache_epoch(
     result["setup"] = "quick demo" if quick else "full demo"
     result["teacher_to_student_parameters"] = plan.teacher.params / plan.student.params
     return result
+
+
+class TeacherTimer:
+    """Seconds of every forward of `teacher` (a pre- and a post-forward hook), to tell how much of a live step
+    the teacher takes; on CUDA the hooks synchronize, so that the time is the device's."""
+
+    def __init__(self, teacher, device):
+        import torch
+
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        def before(*_):
+            sync()
+            self._start = time.perf_counter()
+
+        def after(*_):
+            sync()
+            self.seconds.append(time.perf_counter() - self._start)
+
+        self._handles = [teacher.register_forward_pre_hook(before), teacher.register_forward_hook(after)]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def per_step(self, steps: int, grad_accum: int) -> list[float]:
+        """Teacher seconds of each of the last `steps` optimizer steps (`grad_accum` forwards each)."""
+        last = self.seconds[-steps * grad_accum :]
+        return [sum(last[i : i + grad_accum]) for i in range(0, len(last), grad_accum)]
+
+
+def cache_efficiency(rates: dict[str, dict[str, Any]], teacher_s: list[float]) -> dict[str, float | None]:
+    """How close the cached step comes to a live step without its teacher forward. `rates`: the bench's
+    per-runner timings ("sakd" live, "sakd_cached"), `teacher_s`: the live steps' teacher seconds.
+
+    cache_ideal_speedup = live step time / (live step time - teacher forward time): what a cache that costs
+    nothing to read would give; cache_efficiency = measured cache_speedup / cache_ideal_speedup."""
+    live = statistics.median(rates["sakd"]["step_s"])
+    teacher = statistics.median(teacher_s) if teacher_s else None
+    if teacher is None or teacher >= live:
+        return {"live_step_s": live, "teacher_forward_s": teacher, "cache_ideal_speedup": None}
+    ideal = live / (live - teacher)
+    speedup = rates["sakd_cached"]["tokens_per_s"] / rates["sakd"]["tokens_per_s"]
+    return {
+        "live_step_s": live,
+        "teacher_forward_s": teacher,
+        "teacher_share_of_live_step": teacher / live,
+        "cache_ideal_speedup": ideal,
+        "cache_efficiency": speedup / ideal,
+    }

@@ -113,8 +113,10 @@ class Plan:
     formulas: dict[str, str]
     per_window: int
     """Bytes each extra window of a micro-batch adds (activations, teacher forward)."""
-    teacher: ModelShape | None
-    student: ModelShape
+    teacher: ModelShape | None = None
+    student: ModelShape | None = None
+    device: str = "cuda"
+    """Where the run trains: "cuda" (device memory) or "cpu" (the process's resident memory)."""
     device_memory: int | None = None
     suggestion: dict[str, Any] = field(default_factory=dict)
     processes: int = 1
@@ -148,6 +150,40 @@ def _teacher_weights(teacher: ModelShape, placement: str, processes: int, t_byte
             layer + embeddings
         ) * t_bytes, f"one layer {layer:,} + embeddings and head {embeddings:,}, x {t_bytes} B"
     return teacher.params * t_bytes, f"{teacher.params:,} params x {t_bytes} B"
+
+
+DEVICES = ("cuda", "cpu")
+# What a CPU training process holds before any model: Python, torch, transformers and sakd's training code
+# (the resident size after importing them, measured on Linux x86-64 with torch 2.13: about 340 MiB).
+CPU_RUNTIME = 400 * 1024**2
+
+
+@dataclass
+class _Models:
+    """The run's models and what follows from them for the estimate."""
+
+    student: ModelShape
+    student_model: nn.Module
+    teacher: ModelShape | None
+    teacher_model: nn.Module | None
+    runs_teacher: bool
+    eager: bool
+    adapters: int | None = None  # a LoRA student's trainable parameters (None: full fine-tuning)
+
+
+def _read_models(cfg: Config) -> _Models:
+    from sakd.models.attention import attention_implementation
+
+    full = cfg.curriculum.weights
+    needs_maps = cfg.teacher is not None and full.attention > 0
+    eager = attention_implementation(needs_maps, cfg.student.attn_implementation) == "eager"
+    student, student_model = ModelShape.read(cfg.student.model, "student")
+    teacher = teacher_model = None
+    if cfg.teacher is not None:
+        teacher, teacher_model = ModelShape.read(cfg.teacher.model, "teacher")
+    # With a teacher cache the teacher is not loaded: its top-k distributions are read from disk.
+    runs_teacher = teacher is not None and not getattr(cfg.teacher, "cache", None)
+    return _Models(student, student_model, teacher, teacher_model, runs_teacher, eager)
 
 
 def _adapter_params(cfg: Config, student_model: nn.Module, shards: int) -> int | None:
@@ -197,99 +233,128 @@ def estimate(
     device_memory: int | None = None,
     processes: int = 1,
     placement: str | None = None,
+    device: str = "cuda",
 ) -> Plan:
     """The per-device memory of `cfg` (train.precision unless `precision`; 'auto' counts as 16-bit, what it
-    gives on a GPU), and with `device_memory` the largest micro-batch that fits and the accumulation that
-    keeps the config's windows per optimizer step."""
-    from sakd.models.attention import attention_implementation
-    from sakd.train.auxiliary import build_heads
-
+    gives on a GPU, or as fp32 with `device` "cpu"), and with `device_memory` the largest micro-batch that
+    fits and the accumulation that keeps the config's windows per optimizer step. On the CPU the process's
+    runtime counts too: the estimate is then of the peak resident size."""
+    if device not in DEVICES:
+        raise UserError(f"device '{device}' is not one of {', '.join(DEVICES)}")
     precision = precision or cfg.train.precision
-    act = _bytes(precision)
-    full = cfg.curriculum.weights
-    needs_maps = cfg.teacher is not None and full.attention > 0
-    eager = attention_implementation(needs_maps, cfg.student.attn_implementation) == "eager"
-    student, student_model = ModelShape.read(cfg.student.model, "student")
-    teacher = teacher_model = None
-    if cfg.teacher is not None:
-        teacher, teacher_model = ModelShape.read(cfg.teacher.model, "teacher")
-    # With a teacher cache the teacher is not loaded: its top-k distributions are read from disk.
-    runs_teacher = teacher is not None and not getattr(cfg.teacher, "cache", None)
-    s = cfg.data.max_length
-    parts: dict[str, int] = {}
-    formulas: dict[str, str] = {}
-
+    if device == "cpu" and precision == "auto":
+        precision = "fp32"  # what `auto` resolves to on the CPU
+    m = _read_models(cfg)
+    m.adapters = _adapter_params(cfg, m.student_model, processes if cfg.train.strategy == "fsdp" else 1)
     t_bytes = _bytes(cfg.teacher.dtype if cfg.teacher and cfg.teacher.dtype != "auto" else precision)
     placement = placement or (cfg.teacher.placement if cfg.teacher is not None else "replicate")
-    if runs_teacher:
+    parts, formulas = _fixed_parts(cfg, m, precision, processes, placement, t_bytes)
+    if device == "cpu":
+        parts["runtime (Python, torch, libraries)"] = CPU_RUNTIME
+        formulas["runtime (Python, torch, libraries)"] = "resident size after the imports, a constant"
+    per_window, batch_parts = _batch_costs(cfg, m, precision, t_bytes, formulas)
+    batch = cfg.train.batch_size
+    plan = Plan(precision, batch, cfg.data.max_length, {**parts, **batch_parts(batch)}, formulas, per_window)
+    plan.teacher, plan.student, plan.device = m.teacher, m.student, device
+    plan.processes, plan.placement = processes, placement if m.runs_teacher else None
+    if device_memory is None:
+        return plan
+    if m.runs_teacher and cfg.teacher is not None and placement == cfg.teacher.placement:
+        # The cheapest placement (in device time) whose plan fits one window: replicate, shard, offload.
+        for option in PLACEMENTS:
+            if option == "shard" and processes < 2:
+                continue
+            trial = estimate(cfg, precision, None, processes, option, device)
+            if trial.total - sum(batch_parts(batch).values()) + sum(batch_parts(1).values()) <= int(
+                device_memory * (1 - HEADROOM)
+            ):
+                if option != placement:
+                    return estimate(cfg, precision, device_memory, processes, option, device)
+                break
+    _suggest(plan, cfg, parts, batch_parts, device_memory, m.runs_teacher, placement)
+    return plan
+
+
+def _fixed_parts(
+    cfg: Config, m: _Models, precision: str, processes: int, placement: str, t_bytes: int
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The parts that do not grow with the micro-batch: weights, gradients, optimizer state, EMA, heads."""
+    from sakd.train.auxiliary import build_heads
+
+    parts: dict[str, int] = {}
+    formulas: dict[str, str] = {}
+    student, teacher = m.student, m.teacher
+    if m.runs_teacher:
         parts["teacher weights"], formulas["teacher weights"] = _teacher_weights(
             teacher, placement, processes, t_bytes
         )
     # FSDP keeps 1/processes of the student's weights, gradients, AdamW state and EMA on each device.
     shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
-    adapters = _adapter_params(cfg, student_model, shards)
-    _student_state(parts, formulas, student.params, adapters, shards, bool(cfg.train.ema_decay), act)
+    ema = bool(cfg.train.ema_decay)
+    _student_state(parts, formulas, student.params, m.adapters, shards, ema, _bytes(precision))
+    full = cfg.curriculum.weights
     if teacher is not None and any(getattr(full, k) > 0 for k in AUX_LOSSES):
         with torch.device("meta"):
             heads, _ = build_heads(
-                student_model, teacher_model, cfg.router, cfg.distill.layer_map, cfg.distill.layerwise_pairs
+                m.student_model,
+                m.teacher_model,
+                cfg.router,
+                cfg.distill.layer_map,
+                cfg.distill.layerwise_pairs,
             )
         head_params = sum(p.numel() for p in heads.parameters())
         parts["router and projection heads"] = head_params * 16
         formulas["router and projection heads"] = f"{head_params:,} params x 16 B"
+    return parts, formulas
 
+
+def _batch_costs(cfg: Config, m: _Models, precision: str, t_bytes: int, formulas: dict[str, str]):
+    """(bytes per window, a function of the micro-batch giving the parts that grow with it); fills in their
+    formulas."""
+    act, s, student, teacher = _bytes(precision), cfg.data.max_length, m.student, m.teacher
     h, f, layers = student.hidden, student.intermediate, student.layers
-    per_token_layer = act * (10 * h + 4 * f) + (6 * student.heads * s if eager else 0)
+    per_token_layer = act * (10 * h + 4 * f) + (6 * student.heads * s if m.eager else 0)
     student_window = s * (layers * per_token_layer + 8 * h)
     formulas["student activations"] = (
-        f"b x s x (L x ({act} x (10 h + 4 f){' + 6 x heads x s' if eager else ''}) + 8 h) with s={s}, "
-        f"L={layers}, h={h}, f={f}{f', heads={student.heads}' if eager else ''}"
+        f"b x s x (L x ({act} x (10 h + 4 f){' + 6 x heads x s' if m.eager else ''}) + 8 h) with s={s}, "
+        f"L={layers}, h={h}, f={f}{f', heads={student.heads}' if m.eager else ''}"
     )
     teacher_window = 0
-    if runs_teacher:
+    full = cfg.curriculum.weights
+    if m.runs_teacher:
         sources = 0
         if full.router > 0 or full.balance > 0:
             sources = teacher.experts or cfg.router.num_sources
         teacher_window = s * (sources + 3) * teacher.hidden * t_bytes
         formulas["teacher forward"] = f"b x s x ({sources} sources + 3) x {teacher.hidden} x {t_bytes} B"
-    per_window = student_window + teacher_window
+    t_vocab = teacher.vocab if teacher is not None else 0
 
     def batch_parts(batch: int) -> dict[str, int]:
-        t_vocab = teacher.vocab if teacher is not None else 0
         rows = min(
             chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, max(student.vocab, t_vocab)),
             batch * s,
         )
         out = {"student activations": batch * student_window}
-        if runs_teacher:
+        if m.runs_teacher:
             out["teacher forward"] = batch * teacher_window
-        head_grad = student.vocab * h * 4 if adapters is None else 0  # a LoRA student's head is frozen
+        head_grad = student.vocab * h * 4 if m.adapters is None else 0  # a LoRA student's head is frozen
         out["loss (one chunk)"] = rows * (4 * student.vocab + 3 * t_vocab) * 4 + head_grad
         return out
 
+    head_term = f" + {student.vocab} x {h} x 4 B" if m.adapters is None else ""
     formulas["loss (one chunk)"] = (
-        f"min(chunk rows, b x s) x (4 x {student.vocab} + 3 x {teacher.vocab if teacher else 0}) x 4 B"
-        f"{f' + {student.vocab} x {h} x 4 B' if adapters is None else ''}, chunk rows = min(chunk_size "
-        f"{cfg.distill.chunk_size}, chunk_logits "
+        f"min(chunk rows, b x s) x (4 x {student.vocab} + 3 x {t_vocab}) x 4 B"
+        f"{head_term}, chunk rows = min(chunk_size {cfg.distill.chunk_size}, chunk_logits "
         f"{cfg.distill.chunk_logits} / widest vocabulary)"
     )
-    batch = cfg.train.batch_size
-    plan = Plan(precision, batch, s, {**parts, **batch_parts(batch)}, formulas, per_window, teacher, student)
-    plan.processes, plan.placement = processes, placement if runs_teacher else None
-    if device_memory is None:
-        return plan
-    if runs_teacher and cfg.teacher is not None and placement == cfg.teacher.placement:
-        # The cheapest placement (in device time) whose plan fits one window: replicate, shard, offload.
-        for option in PLACEMENTS:
-            if option == "shard" and processes < 2:
-                continue
-            trial = estimate(cfg, precision, None, processes, option)
-            if trial.total - sum(batch_parts(batch).values()) + sum(batch_parts(1).values()) <= int(
-                device_memory * (1 - HEADROOM)
-            ):
-                if option != placement:
-                    return estimate(cfg, precision, device_memory, processes, option)
-                break
+    return student_window + teacher_window, batch_parts
+
+
+def _suggest(
+    plan: Plan, cfg: Config, parts, batch_parts, device_memory: int, runs_teacher, placement
+) -> None:
+    """The largest power-of-two micro-batch that fits `device_memory`, and the accumulation that keeps the
+    config's windows per optimizer step."""
     plan.device_memory = device_memory
     usable = int(device_memory * (1 - HEADROOM))
     fixed = sum(parts.values())
@@ -297,7 +362,7 @@ def estimate(
     windows_per_step = cfg.train.batch_size * cfg.train.grad_accum
     if not fits:
         plan.suggestion = {"fits": False, "advice": _advice(plan, fixed, usable)}
-        return plan
+        return
     best = min(max(fits), windows_per_step)
     best = 1 << (best.bit_length() - 1)  # a power of two divides the usual batch sizes
     accum = math.ceil(windows_per_step / best)
@@ -310,7 +375,6 @@ def estimate(
         "total_at_suggestion": fixed + sum(batch_parts(best).values()),
         "teacher_placement": placement if runs_teacher else None,
     }
-    return plan
 
 
 def _advice(plan: Plan, fixed: int, usable: int) -> str:
@@ -335,8 +399,9 @@ def _size(n: int) -> str:
 
 def format_plan(plan: Plan, config_path: str) -> str:
     precision = "auto, counted as 16-bit as on a GPU" if plan.precision == "auto" else plan.precision
+    where = "per device" if plan.device == "cuda" else "of the CPU process (peak resident size)"
     lines = [
-        f"memory per device for {config_path} ({precision}, micro-batch {plan.batch_size} x "
+        f"memory {where} for {config_path} ({precision}, micro-batch {plan.batch_size} x "
         f"{plan.seq_len} tokens, {plan.processes} process(es)"
         + (f", teacher.placement {plan.placement}" if plan.placement else "")
         + "):"
