@@ -48,10 +48,10 @@ def _run(row_loss, params, row_inputs, weights, chunk):
     return total, parts, torch.autograd.grad(total, [hidden, weight, bias])
 
 
-def _check(kd, target, temperature, chunk, weights, seed=0, teacher_width=TEACHER_WIDTH):
+def _check(kd, target, temperature, chunk, weights, seed=0, teacher_width=TEACHER_WIDTH, jsd_beta=None):
     params, row_inputs, t_weight, t_bias = _inputs(seed, teacher_width)
     reference = make_distill_row_loss(kd, t_weight, t_bias)
-    fused = FusedForwardKL(reference, target, t_weight, t_bias, temperature)
+    fused = FusedForwardKL(reference, target, t_weight, t_bias, temperature, jsd_beta)
     total, parts, grads = _run(fused, params, row_inputs, weights, chunk)
     ref_total, ref_parts, ref_grads = _run(reference, params, row_inputs, weights, chunk)
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
@@ -74,6 +74,28 @@ def test_projection_matches_autograd(temperature):
     mapping = _mapping(60)
     kd = functools.partial(projected_divergence, mapping=mapping, temperature=temperature)
     _check(kd, projected_target(mapping, STUDENT_WIDTH), temperature, 9, {"lm": 1.0, "kd": 0.4})
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_matches_autograd(beta, temperature):
+    """The closed-form JSD gradient, same vocabulary (padded and unpadded student) and projected."""
+    kd = functools.partial(_same_vocab_kd, VOCAB, "jsd", temperature=temperature, beta=beta)
+    _check(kd, same_vocab_target(VOCAB), temperature, 7, {"lm": 0.7, "kd": 1.3}, jsd_beta=beta)
+    kd = functools.partial(_same_vocab_kd, STUDENT_WIDTH, "jsd", temperature=temperature, beta=beta)
+    _check(kd, same_vocab_target(STUDENT_WIDTH), temperature, 1000, {"lm": 1.0, "kd": 1.0}, jsd_beta=beta)
+    mapping = _mapping(60)  # unmapped teacher tokens: the projected rows carry less than all the mass
+    kd = functools.partial(
+        projected_divergence, mapping=mapping, temperature=temperature, divergence="jsd", beta=beta
+    )
+    _check(
+        kd, projected_target(mapping, STUDENT_WIDTH), temperature, 9, {"lm": 1.0, "kd": 0.4}, jsd_beta=beta
+    )
+
+
+def test_the_fused_jsd_refuses_its_ends():
+    with pytest.raises(ValueError, match="strictly between"):
+        FusedForwardKL(None, same_vocab_target(VOCAB), torch.zeros(3, 2), None, 1.0, 1.0)
 
 
 def test_same_vocabulary_unpadded_student_shares_the_softmax():

@@ -21,7 +21,7 @@ def tokenizers(assets):
     return load(str(assets["teacher"]), "teacher"), load(str(assets["student"]), "student")
 
 
-def test_the_fused_path_is_chosen_for_forward_kl_only(assets, tokenizers):
+def test_the_fused_path_is_chosen_for_forward_kl_and_jsd(assets, tokenizers):
     teacher_tok, student_tok = tokenizers
     teacher = load_model(str(assets["teacher"]), "teacher")
     head = model_head(teacher)
@@ -31,7 +31,14 @@ def test_the_fused_path_is_chosen_for_forward_kl_only(assets, tokenizers):
         jsd = logit_kd(KDSettings("jsd"), teacher_tok, student)
         assert isinstance(fused.row_loss(1.0, head, len(student)), FusedForwardKL)
         assert not isinstance(plain.row_loss(1.0, head, len(student)), FusedForwardKL)
-        assert not isinstance(jsd.row_loss(1.0, head, len(student)), FusedForwardKL)
+        fused_jsd = jsd.row_loss(1.0, head, len(student))
+        assert isinstance(fused_jsd, FusedForwardKL) and fused_jsd.jsd_beta == 0.5
+        reverse_end = logit_kd(KDSettings("jsd", 1.0), teacher_tok, student).row_loss(1.0, head, len(student))
+        assert not isinstance(reverse_end, FusedForwardKL)
+        forward_end = logit_kd(KDSettings("jsd", 0.0), teacher_tok, student).row_loss(1.0, head, len(student))
+        assert isinstance(forward_end, FusedForwardKL) and forward_end.jsd_beta is None
+        skew = logit_kd(KDSettings("skew_kl", 0.1), teacher_tok, student).row_loss(1.0, head, len(student))
+        assert not isinstance(skew, FusedForwardKL)
         assert fused.kind.startswith("same-vocabulary" if same else "cross-vocabulary")
         assert isinstance(
             top_k_kd(KDSettings("forward_kl"), teacher_tok, student).row_loss(1.0), FusedCachedForwardKL

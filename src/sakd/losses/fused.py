@@ -14,6 +14,7 @@ two).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -99,11 +100,15 @@ class FusedForwardKL(_FusedRowLoss):
         teacher_head: ModelHead | torch.Tensor,
         teacher_bias: torch.Tensor | None,
         temperature: float,
+        jsd_beta: float | None = None,
     ):
+        if jsd_beta is not None and not 0.0 < jsd_beta < 1.0:
+            raise ValueError(f"the fused JSD takes beta strictly between 0 and 1, got {jsd_beta}")
         self.reference = reference
         self.target = target
         self.teacher = as_head(teacher_head, teacher_bias)
         self.temperature = temperature
+        self.jsd_beta = jsd_beta
 
     @torch.no_grad()
     def with_grad(
@@ -137,13 +142,25 @@ class FusedForwardKL(_FusedRowLoss):
         cols = p.shape[-1]
         shared = _shares_softmax(s, cols, t)
         logq = logsm[rows] if shared else _tempered_logprobs(s[rows], cols, t)  # (k, C)
+        weight = kd_weight[rows].float()
+        kd_coef = kd_w * t * weight  # (k,)
+        if self.jsd_beta is not None:
+            values, kd_grad = _jsd_with_grad(p, logp, logq, self.jsd_beta)
+            parts["kd"] = (weight * values).sum() * t**2
+            del p, logp
+            grad = logsm.exp_().mul_(lm_coef[:, None])
+            kd_grad.mul_(kd_coef[:, None])
+            if isinstance(rows, slice):
+                grad[rows, :cols] += kd_grad
+            else:
+                grad[:, :cols].index_add_(0, rows, kd_grad)
+            grad.scatter_add_(1, column, -lm_coef[:, None])
+            return parts, grad
         # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
         kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (k,)
-        weight = kd_weight[rows].float()
         parts["kd"] = (weight * kl).sum()
         del logp
 
-        kd_coef = kd_w * t * weight  # (k,)
         kd_mass = kd_coef * p.sum(-1)  # (k,) mass 1, or 0 for a projected row whose mass is all unmapped
         p.mul_(kd_coef[:, None])
         if shared:  # the KD rows' softmax is the LM's: one scaling of it serves both parts
@@ -160,6 +177,28 @@ class FusedForwardKL(_FusedRowLoss):
             grad[:, :cols].index_add_(0, rows, kd_grad)
         grad.scatter_add_(1, column, -lm_coef[:, None])
         return parts, grad
+
+
+def _jsd_with_grad(
+    p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generalised JSD per row, beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q,
+    and its gradient with respect to the student's tempered logits u (q = softmax(u)), both without
+    temperature scaling. (k, C) x3 -> (k,), (k, C).
+
+    With g = (1 - beta) log(q / m) (the derivative with respect to q: the mixture's terms cancel), the
+    softmax's Jacobian gives d JSD / d u_j = q_j (g_j - sum_i q_i g_i)."""
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))  # (k, C)
+    q = logq.exp()
+    # Terms where a probability is 0 are 0 (masking the difference, as the reference does).
+    teacher_part = torch.where(p == 0, 0.0, p * (logp - logm)).sum(-1)
+    g = logq.sub(logm).mul_(1.0 - beta)  # (k, C)
+    qg = torch.where(q == 0, 0.0, q * g)
+    del g, logm
+    student_part = qg.sum(-1) / (1.0 - beta)  # sum q (log q - log m)
+    values = beta * teacher_part + (1.0 - beta) * student_part
+    grad = qg.sub_(q.mul_(qg.sum(-1, keepdim=True)))  # (k, C)
+    return values, grad
 
 
 class FusedCachedForwardKL(_FusedRowLoss):

@@ -63,6 +63,17 @@ class KDSettings:
     def fused_forward_kl(self) -> bool:
         return self.fused and self.divergence == "forward_kl"
 
+    @property
+    def fused_logits(self) -> bool:
+        """Whether a live teacher's KD takes the closed-form gradient path: forward KL, and JSD short of its
+        reverse-KL end."""
+        return self.fused_forward_kl or (self.fused and self.divergence == "jsd" and self.parameter < 1.0)
+
+    @property
+    def fused_jsd_beta(self) -> float | None:
+        """The fused path's JSD beta (None: forward KL, which JSD at beta 0 is)."""
+        return self.parameter if self.divergence == "jsd" and self.parameter > 0.0 else None
+
 
 def same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> bool:
     return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
@@ -94,14 +105,16 @@ class LogitKD:
         row_loss = make_distill_row_loss(self.at(temperature, progress), teacher_head)
         if self.fused_target is None:
             return row_loss
-        return FusedForwardKL(row_loss, self.fused_target(student_width), teacher_head, None, temperature)
+        target = self.fused_target(student_width)
+        beta = self.settings.fused_jsd_beta if self.settings is not None else None
+        return FusedForwardKL(row_loss, target, teacher_head, None, temperature, beta)
 
 
 def logit_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: Any) -> LogitKD:
     name = settings.divergence
     if same_vocabulary(teacher_tokenizer, student_tokenizer):
         vocab = len(student_tokenizer)
-        fused = (lambda _width: same_vocab_target(vocab)) if settings.fused_forward_kl else None
+        fused = (lambda _width: same_vocab_target(vocab)) if settings.fused_logits else None
         return LogitKD(
             f"same-vocabulary {name}",
             partial(_same_vocab_kd, vocab, name),
@@ -112,7 +125,7 @@ def logit_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: An
     mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
     uld = settings.cross_vocab == "uld"
     fused = None
-    if settings.fused_forward_kl and settings.cross_vocab == "projection":
+    if settings.fused_logits and settings.cross_vocab == "projection":
         fused = partial(projected_target, mapping)
     return LogitKD(
         f"cross-vocabulary {settings.cross_vocab}" + ("" if uld or name == "forward_kl" else f" {name}"),
