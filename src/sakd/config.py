@@ -146,8 +146,9 @@ class DistillConfig(Section):
     `chunk_size` rows, so the loss's peak memory does not grow with the vocabulary (2**26: 256 MiB per fp32
     (rows x vocabulary) tensor; 441 rows at 151,936)."""
     fused_loss: bool = True
-    """Forward KL (same vocabulary or projection) uses closed-form logit gradients instead of autograd through
-    the loss: the same result with fewer (rows x vocabulary) tensors per chunk."""
+    """Forward KL and JSD (same vocabulary or projection; forward KL from a cache too) use closed-form logit
+    gradients instead of autograd through the loss: the same result with fewer (rows x vocabulary) tensors per
+    chunk."""
     layer_map: list[tuple[int, int]] | None = None
     """(student, teacher) indices into the models' hidden_states (0 = embeddings) for the layer-wise loss;
     null: `layerwise_pairs` evenly spaced pairs."""
