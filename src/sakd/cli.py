@@ -142,10 +142,7 @@ def _bench(args: argparse.Namespace) -> int:
     return main_from_args(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sakd", description="Student-Aware Knowledge Distillation")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="distil a teacher into a student from a YAML config")
     p.add_argument("config", help="YAML config file")
     p.add_argument(
@@ -161,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="resume even if the config changes the run")
     p.set_defaults(func=_train)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and bits per byte of a student (and a teacher) on text")
     p.add_argument("--student", required=True, help="model folder, .gguf file or hub id")
     p.add_argument("--teacher", help="model folder, .gguf file or hub id")
@@ -177,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.set_defaults(func=_eval)
 
+
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="the text a model writes after a prompt (greedy at temperature 0)")
     p.add_argument("--model", required=True, help="model folder (e.g. RUN_DIR/final), .gguf file or hub id")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -187,14 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="the prompt is a user message for the chat template")
     p.set_defaults(func=_generate)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report.md and report.html (with plots) for a run folder")
     p.add_argument("run_dir", help="the output_dir of a `sakd train` run")
     p.set_defaults(func=_report)
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="offline demo: MoE teacher -> small student with another tokenizer")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
     p.add_argument("--workdir", default="demo-runs", help="where the corpus, models and report go")
     p.set_defaults(func=_demo)
+
+
+def _ablate_parser(sub) -> None:
     p = sub.add_parser("ablate", help="measure each student-aware part on the demo setup")
     p.add_argument("--quick", action="store_true", help="the quick demo's sizes")
     p.add_argument("--workdir", default="demo-runs", help="shared with `sakd demo` (the teacher is reused)")
@@ -203,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=int, default=1, help="run each variant on seeds 0..N-1, paired with plain KD"
     )
     p.set_defaults(func=_ablate)
+
+
+def _cache_teacher_parser(sub) -> None:
     p = sub.add_parser(
         "cache-teacher", help="run the teacher once over the training data and store its top-k"
     )
@@ -220,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probs-dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.set_defaults(func=_cache_teacher)
+
+
+def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="estimate per-device memory and a batch size that fits a device")
     p.add_argument("config", help="YAML config file (its data files need not exist)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -239,11 +253,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_plan)
+
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time and peak memory: chunked KD loss, training step, data loading")
     from sakd.tools.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(func=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sakd", description="Student-Aware Knowledge Distillation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _train_parser,
+        _eval_parser,
+        _generate_parser,
+        _report_parser,
+        _demo_parser,
+        _ablate_parser,
+        _cache_teacher_parser,
+        _plan_parser,
+        _bench_parser,
+    ):
+        add(sub)
     return parser
 
 
