@@ -93,6 +93,7 @@ def test_bench_leaves_the_thread_count_as_it_found_it(tmp_path):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow  # two live and two cached training runs
 def test_bench_cache_epoch_trains_a_demo_epoch_live_and_cached(tmp_path, monkeypatch, capsys) -> None:
     """Part (d) on a demo shrunk to seconds: one epoch live and one from the cache, same steps, and both
     students evaluated."""
