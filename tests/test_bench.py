@@ -148,6 +148,7 @@ def test_teacher_timer_and_cache_efficiency_against_plain_arithmetic() -> None:
     assert cache_efficiency(rates, [])["cache_ideal_speedup"] is None
 
 
+@pytest.mark.slow  # each side in its own process
 def test_trl_part_trains_both_sides_on_the_same_batches(tmp_path) -> None:
     """Part (e) at tiny sizes: both divergences, sakd and TRL's two steps each measured in their own process,
     all trained."""
@@ -181,6 +182,7 @@ def test_trl_part_trains_both_sides_on_the_same_batches(tmp_path) -> None:
     assert speed is not None and speed > 0
 
 
+@pytest.mark.slow  # each side in its own process
 def test_gold_part_trains_both_sides_across_tokenizers(tmp_path) -> None:
     pytest.importorskip("trl")
     from sakd.tools.bench_gold import run_gold_bench
