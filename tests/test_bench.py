@@ -21,6 +21,7 @@ RATIOS = [
 TRL_KEYS = ["vs_trl_speed_ratio", "vs_trl_memory_ratio", "vs_trl_speed_ratio_32k", "vs_trl_memory_ratio_32k"]
 
 
+@pytest.mark.slow  # every part, TRL's steps each in their own process
 def test_bench_quick_writes_every_number(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--device", "cpu", "--output", str(out)]) == 0
@@ -89,7 +90,7 @@ def test_bench_leaves_the_thread_count_as_it_found_it(tmp_path):
     from sakd.cli import main
 
     before = torch.get_num_threads()
-    assert main(["bench", "--quick", "--output", str(tmp_path / "b.json")]) == 0
+    assert main(["bench", "--quick", "--no-trl", "--output", str(tmp_path / "b.json")]) == 0
     assert torch.get_num_threads() == before
 
 
