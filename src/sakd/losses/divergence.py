@@ -99,11 +99,8 @@ def skew_reverse_kl_logprobs(
     """DistiLLM's skew reverse KL: KL(q_S || alpha q_S + (1 - alpha) p_T), no temperature scaling.
     (N, V) -> (N,). Finite even where the teacher rules a token out (a projected teacher does), unlike
     reverse KL; alpha = 0 is reverse KL."""
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
-    if alpha == 0.0:
-        return reverse_kl_logprobs(student_logprobs, teacher_logprobs)
-    return _weighted_log_ratio(student_logprobs, _log_mixture(student_logprobs, teacher_logprobs, alpha))
+    # skew KL with the two sides' roles swapped
+    return skew_kl_logprobs(teacher_logprobs, student_logprobs, alpha)
 
 
 def akl_logprobs(

@@ -150,27 +150,21 @@ class FusedForwardKL(_FusedRowLoss):
             del p, logp
             grad = logsm.exp_().mul_(lm_coef[:, None])
             kd_grad.mul_(kd_coef[:, None])
-            if isinstance(rows, slice):
-                grad[rows, :cols] += kd_grad
-            else:
-                grad[:, :cols].index_add_(0, rows, kd_grad)
-            grad.scatter_add_(1, column, -lm_coef[:, None])
-            return parts, grad
-        # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
-        kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (k,)
-        parts["kd"] = (weight * kl).sum()
-        del logp
-
-        kd_mass = kd_coef * p.sum(-1)  # (k,) mass 1, or 0 for a projected row whose mass is all unmapped
-        p.mul_(kd_coef[:, None])
-        if shared:  # the KD rows' softmax is the LM's: one scaling of it serves both parts
-            coef = lm_coef.clone()
-            coef[rows] += kd_mass
-            grad = logsm.exp_().mul_(coef[:, None])
-            kd_grad = p.neg_()
         else:
-            grad = logsm.exp_().mul_(lm_coef[:, None])
-            kd_grad = logq.exp_().mul_(kd_mass[:, None]).sub_(p)  # (k, C)
+            # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
+            kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (k,)
+            parts["kd"] = (weight * kl).sum()
+            del logp
+            kd_mass = kd_coef * p.sum(-1)  # (k,) mass 1, or 0 for a projected row whose mass is all unmapped
+            p.mul_(kd_coef[:, None])
+            if shared:  # the KD rows' softmax is the LM's: one scaling of it serves both parts
+                coef = lm_coef.clone()
+                coef[rows] += kd_mass
+                grad = logsm.exp_().mul_(coef[:, None])
+                kd_grad = p.neg_()
+            else:
+                grad = logsm.exp_().mul_(lm_coef[:, None])
+                kd_grad = logq.exp_().mul_(kd_mass[:, None]).sub_(p)  # (k, C)
         if isinstance(rows, slice):
             grad[rows, :cols] += kd_grad
         else:
