@@ -139,6 +139,14 @@ class DistillConfig(Section):
 
     cross_vocab: Literal["projection", "uld", "hybrid"] = "projection"
     """How the teacher's distribution is compared when the vocabularies differ."""
+    chunk_likelihood_weight: float = Field(0.0, ge=0.0)
+    """Approximate likelihood matching: each aligned group's text gets, from the student, the probability
+    the teacher gives it (its tokens' probabilities multiplied, each model in its own tokenization), which
+    reaches every student position of the group, not only its last one. This weight times the curriculum's
+    KD weight scales the term (0: off). It needs the live teacher."""
+    chunk_likelihood_temperature: float = Field(100.0, gt=0.0)
+    """The chunk probabilities are compared as exp(log-probability / this), which keeps long chunks' gradients
+    from vanishing."""
     chunk_size: int = Field(1024, ge=1)
     """Rows per chunk when projecting hidden states through the LM heads."""
     chunk_logits: int = Field(2**26, ge=1)

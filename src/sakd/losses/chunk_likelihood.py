@@ -19,10 +19,23 @@ Label log-probability of a position = -(its next-token cross-entropy), which the
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["BINARY_DIVERGENCES", "chunk_likelihood_loss", "chunk_logprobs", "label_groups"]
+from sakd.losses.rows import IGNORE_INDEX
+from sakd.models.head import ModelHead, head_logits
+
+__all__ = [
+    "BINARY_DIVERGENCES",
+    "ChunkLikelihood",
+    "WithChunkLikelihood",
+    "chunk_likelihood_loss",
+    "chunk_logprobs",
+    "label_groups",
+    "label_logprobs",
+]
 
 BINARY_DIVERGENCES = ("binary_kl", "reverse_binary_kl")
 
@@ -149,3 +162,90 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     near_zero = torch.log(-torch.expm1(x.clamp(min=cut)))
     far = torch.log1p(-torch.exp(x.clamp(max=cut)))
     return torch.where(x > cut, near_zero, far)
+
+
+@torch.no_grad()
+def label_logprobs(
+    hidden: torch.Tensor, head: ModelHead, labels: torch.Tensor, rows_per_chunk: int
+) -> torch.Tensor:
+    """Each row's log-probability of its label, fp32 (N,) (0 where the label is ignore_index), from hidden
+    (N, H) through the LM `head` a chunk of rows at a time, so no (N x vocabulary) logits exist in full."""
+    out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], max(rows_per_chunk, 1)):
+        stop = start + rows_per_chunk
+        logits = head_logits(hidden[start:stop].to(head.weight.dtype), head)  # (n, V) fp32
+        chunk_labels = labels[start:stop]
+        picked = logits.gather(1, chunk_labels.clamp_min(0)[:, None]).squeeze(1) - logits.logsumexp(-1)
+        out[start:stop] = torch.where(chunk_labels == IGNORE_INDEX, 0.0, picked)
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkLikelihood:
+    """The chunk-likelihood term of the distillation loss: `weight` times `temperature` times the binarised
+    divergence per matched group. Scaled by the temperature, the loss of a chunk whose probability is not
+    near 1 is about (l_s - l_t)^2 / (2 |l_s|) at any large temperature, so `weight` means the same whatever the
+    temperature."""
+
+    weight: float
+    temperature: float = 100.0
+    divergence: str = "binary_kl"
+
+    def position_weights(
+        self,
+        student: tuple[torch.Tensor, torch.Tensor],
+        teacher: tuple[torch.Tensor, torch.Tensor],
+        num_groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The term's derivative with respect to each student position's cross-entropy, and its value.
+
+        student, teacher: (label log-probabilities (N, L), `label_groups` (N, L)) of each side. Returns the
+        coefficients (N, Ls) fp32 (the term's gradient is the sum over positions of coefficient times the
+        gradient of that position's cross-entropy, since a chunk's log-probability is minus the sum of its
+        positions' cross-entropies), the term's sum over matched groups (scalar) and their number (scalar)."""
+        leaf = student[0].detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            loss, matched = chunk_likelihood_loss(
+                leaf, student[1], *teacher, self.temperature, self.divergence, num_groups=num_groups
+            )
+            total = self.temperature * loss.sum()
+            (grad,) = torch.autograd.grad(total, leaf)
+        return -grad, total.detach(), matched.sum()
+
+
+class WithChunkLikelihood:
+    """A row loss plus the part "alm": the sum over rows of a coefficient times the row's cross-entropy, the
+    last row input (`ChunkLikelihood.position_weights` at the rows). Its gradient is the chunk-likelihood
+    term's; its value is not the term's (the caller logs that). The first row input must be the labels, as it
+    is for every row loss of `sakd.losses.rows` and `sakd.losses.fused`. A row loss with a closed-form
+    `with_grad` keeps one: this part's gradient, coefficient * (softmax - onehot), is added to it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        if hasattr(inner, "with_grad"):
+            self.with_grad = self._with_grad
+
+    def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+        *inputs, coefficients = row_inputs
+        parts = self.inner(logits, *inputs, **kwargs)
+        ce = F.cross_entropy(logits.float(), inputs[0], ignore_index=IGNORE_INDEX, reduction="none")  # (n,)
+        parts["alm"] = (coefficients.float() * ce).sum()
+        return parts
+
+    def _with_grad(
+        self, logits: torch.Tensor, part_weights: dict[str, float], *row_inputs: torch.Tensor, **kwargs
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        *inputs, coefficients = row_inputs
+        weight = part_weights.get("alm", 0.0)
+        others = {name: w for name, w in part_weights.items() if name != "alm"}
+        parts, grad = self.inner.with_grad(logits, others, *inputs, **kwargs)
+        labels = inputs[0]
+        column = labels.clamp_min(0)[:, None]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+        coefficients = torch.where(labels == IGNORE_INDEX, 0.0, coefficients.float())
+        parts["alm"] = -(coefficients * logp.gather(1, column).squeeze(1)).sum()
+        if weight != 0:
+            scaled = (weight * coefficients)[:, None]
+            own = logp.exp_().mul_(scaled).scatter_add_(1, column, -scaled)
+            grad = own if grad is None else grad.add_(own)
+        return parts, grad

@@ -16,10 +16,12 @@ from torch import nn
 
 from sakd.curriculum import CurriculumPoint
 from sakd.losses import ChunkBuffers, Chunking, chunked_head_loss, make_distill_row_loss
+from sakd.losses.chunk_likelihood import ChunkLikelihood, WithChunkLikelihood
 from sakd.models.attention import capture_attentions
 from sakd.models.head import model_head
 from sakd.models.load import capture_final_hidden, unwrap
 from sakd.train.auxiliary import AuxiliaryLosses, AuxNeeds, StudentPass
+from sakd.train.likelihood import chunk_likelihood_rows
 from sakd.train.rows import LossNorm, loss_rows
 from sakd.train.teacher import Teacher, TeacherRequest
 
@@ -32,8 +34,10 @@ class DistillObjective:
         teacher: Teacher | None = None,
         chunking: Chunking | None = None,
         aux: AuxiliaryLosses | None = None,
+        likelihood: ChunkLikelihood | None = None,
     ):
         self.teacher = teacher
+        self.likelihood = likelihood if teacher is not None and likelihood and likelihood.weight > 0 else None
         self.chunking = chunking or Chunking()
         self.aux = aux if teacher is not None else None
         self.buffers = ChunkBuffers()  # the chunks' (rows x vocabulary) tensors, kept between steps on CPU
@@ -83,16 +87,21 @@ class DistillObjective:
         if use_kd:
             part_weights["kd"] = norm.token_weight(w["kd"], counts.kd)
         kd_mask = torch.arange(n, device=hidden.device) < k  # (N,)
+        student_rows = hidden.flatten(0, 1).index_select(0, rows["rows_student"])  # (N, Hs)
+        labels = batch["student_labels"].flatten().index_select(0, rows["rows_student"])  # (N,)
+        row_inputs = [labels, *teacher_rows, kd_mask, kd_weight]
+        if use_kd and self.likelihood is not None:
+            coefficients, parts["alm"] = chunk_likelihood_rows(
+                self.likelihood, batch, rows, (student_rows, s_head), (teacher, t_pass), self.chunking
+            )
+            row_loss, row_inputs = WithChunkLikelihood(row_loss), [*row_inputs, coefficients]
+            part_weights["alm"] = norm.token_weight(self.likelihood.weight * w["kd"], counts.kd)
+            parts["alm"] = parts["alm"] / max(counts.kd, 1)
         total, sums = chunked_head_loss(
-            hidden.flatten(0, 1).index_select(0, rows["rows_student"]),
+            student_rows,
             s_head,
             row_loss,
-            [
-                batch["student_labels"].flatten().index_select(0, rows["rows_student"]),
-                *teacher_rows,
-                kd_mask,
-                kd_weight,
-            ],
+            row_inputs,
             part_weights,
             chunk_size=chunk,
             kd_rows=k,

@@ -17,6 +17,7 @@ from sakd.config import Config
 from sakd.curriculum import AUX_LOSSES, CurriculumPoint
 from sakd.errors import UserError
 from sakd.losses import Chunking
+from sakd.losses.chunk_likelihood import ChunkLikelihood
 from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
 from sakd.models.attention import attention_implementation
 from sakd.models.head import check_head
@@ -169,7 +170,17 @@ def build_objective(cfg: Config, teacher, student_tok, teacher_tok, heads, sourc
     if heads is not None:
         d = cfg.distill
         aux = AuxiliaryLosses(heads, sources, source, chunking, d.attention_loss, d.contrastive_temperature)
-    return DistillObjective(source, chunking, aux)
+    likelihood = None
+    if cfg.distill.chunk_likelihood_weight > 0:
+        if teacher is None:
+            raise UserError(
+                "distill.chunk_likelihood_weight needs the live teacher: a teacher cache holds only its top-k "
+                "at group ends, not the log-probability of each of its tokens"
+            )
+        likelihood = ChunkLikelihood(
+            cfg.distill.chunk_likelihood_weight, cfg.distill.chunk_likelihood_temperature
+        )
+    return DistillObjective(source, chunking, aux, likelihood)
 
 
 def check_heads(t: Training, batch: dict[str, torch.Tensor]) -> None:

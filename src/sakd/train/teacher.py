@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from sakd.curriculum import CurriculumPoint
+from sakd.errors import UserError
+from sakd.losses.chunk_likelihood import label_logprobs
 from sakd.losses.chunked import Chunking, RowLoss
 from sakd.losses.kd import LogitKD, TopKKD
 from sakd.models.attention import capture_attentions
@@ -112,6 +114,11 @@ class Teacher(Protocol):
         """The detached per-row KD (N,) at the aligned groups of `batch["align_mask"]` in (b, g) order;
         `student_rows` (N, Hs) are the student's final hidden states there."""
 
+    def label_logprobs(
+        self, batch: dict[str, torch.Tensor], t_pass: TeacherPass | None, chunking: Chunking
+    ) -> torch.Tensor:
+        """The teacher's log-probability of each of its next tokens, fp32 (B, Lt) (0 where there is none)."""
+
 
 def aligned_rows(batch: dict[str, torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch index, position) of each aligned group's last token on `side`, in (b, g) order."""
@@ -160,6 +167,12 @@ class LiveTeacher:
             chunking.rows(student_head, t_head),
         )
 
+    def label_logprobs(self, batch, t_pass, chunking):
+        labels = batch["teacher_labels"]  # (B, Lt); every position, padding too: no selection waits
+        head = model_head(self.model)
+        flat = label_logprobs(t_pass.hidden.flatten(0, 1), head, labels.flatten(), chunking.rows(head))
+        return flat.view_as(labels)
+
     # the forward, as a class attribute so that tests can stand in for it
     teacher_pass = staticmethod(teacher_pass)
 
@@ -185,6 +198,13 @@ class TopKTeacher:
 
     def chunk_heads(self) -> tuple[ModelHead, ...]:
         return ()
+
+    def label_logprobs(self, batch, t_pass, chunking):
+        raise UserError(
+            "a teacher cache holds the teacher's top-k at group ends only, not the log-probability of every "
+            "teacher token that the chunk-likelihood term needs: set distill.chunk_likelihood_weight: 0, or "
+            "train with the live teacher"
+        )
 
     @torch.no_grad()
     def knowledge_gap(self, student_rows, student_head, batch, t_pass, point, chunking):

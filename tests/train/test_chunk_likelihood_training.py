@@ -1,0 +1,119 @@
+"""The chunk-likelihood term inside the distillation objective, against a brute-force computation from both
+models' full logits, and its refusal without a live teacher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sakd.config import validate
+from sakd.curriculum import CurriculumSpec, curriculum_at
+from sakd.data.corpus import build_windows
+from sakd.data.loader import WindowLoader
+from sakd.data.tokenize import input_format
+from sakd.errors import UserError
+from sakd.losses import Chunking
+from sakd.losses.chunk_likelihood import ChunkLikelihood, chunk_likelihood_loss, label_groups
+from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
+from sakd.models.load import freeze, load_model, load_tokenizer
+from sakd.train.objective import DistillObjective
+from sakd.train.rows import LossNorm, TokenCounts
+from sakd.train.step import build_objective
+from sakd.train.teacher import LiveTeacher, TopKTeacher
+
+NO_AUX = {"weights": {"token_weighting": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def setup(assets):
+    teacher_tok = load_tokenizer(str(assets["teacher"]), "t")
+    student_tok = load_tokenizer(str(assets["student"]), "s")
+    windows = build_windows([str(assets["train"])], student_tok, teacher_tok, 48)
+    formats = {"student": input_format(student_tok), "teacher": input_format(teacher_tok)}
+    batch = WindowLoader(windows, 3, seed=0, **formats).next_batch()
+    teacher = freeze(load_model(str(assets["teacher"]), "teacher"))
+    return teacher, teacher_tok, student_tok, batch
+
+
+def _label_logprobs(model, ids, mask, labels) -> torch.Tensor:
+    """Each position's log-probability of its label from the model's own full logits (0 where ignored)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, L, V)
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    return torch.where(labels == -100, 0.0, picked)
+
+
+def _brute_force(student, teacher, batch, weight, temperature) -> torch.Tensor:
+    """weight * temperature * the binary KL per matched group, summed, from the models' own forward passes."""
+    with torch.no_grad():
+        t_lp = _label_logprobs(
+            teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_labels"]
+        )
+    s_lp = _label_logprobs(
+        student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_labels"]
+    )
+    groups = batch["align_mask"].shape[1]
+    loss, matched = chunk_likelihood_loss(
+        s_lp,
+        label_groups(batch["student_group"], batch["student_labels"], num_groups=groups),
+        t_lp,
+        label_groups(batch["teacher_group"], batch["teacher_labels"], num_groups=groups),
+        temperature,
+        num_groups=groups,
+    )
+    assert matched.sum() > batch["align_mask"].sum() // 2  # most groups are matched on both sides
+    return weight * temperature * loss.sum()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 100.0])
+def test_objective_term_equals_brute_force(setup, assets, fused, temperature):
+    """Objective with the term = objective without it + the term computed from full logits: the same
+    gradients (fused closed-form and autograd row losses), and the logged part is the term's value."""
+    teacher, teacher_tok, student_tok, batch = setup
+    student = load_model(str(assets["student"]), "student")
+    point = curriculum_at(0.0, CurriculumSpec(**NO_AUX))
+    norm = LossNorm(TokenCounts.of([batch]))
+    weight = 0.7
+    source = LiveTeacher(
+        teacher, logit_kd(KDSettings("forward_kl", 0.5, "projection", fused), teacher_tok, student_tok)
+    )
+    chunking = Chunking(37)  # several chunks, and groups across chunk boundaries
+
+    def grads(objective, extra=None):
+        loss, parts = objective(student, batch, point, norm)
+        if extra is not None:
+            loss = loss + extra(student)
+        loss.backward()
+        out = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad(set_to_none=True)
+        return out, parts
+
+    term = ChunkLikelihood(weight, temperature)
+    with_term, parts = grads(DistillObjective(source, chunking, likelihood=term))
+    scale = point.weights["kd"] / norm.counts.kd
+    expected, _ = grads(
+        DistillObjective(source, chunking),
+        lambda model: scale * _brute_force(model, teacher, batch, weight, temperature),
+    )
+    for got, want in zip(with_term, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    reference = _brute_force(student, teacher, batch, 1.0, temperature).item() / norm.counts.kd
+    assert float(parts["alm"]) == pytest.approx(reference, rel=1e-4)
+    assert float(parts["alm"]) > 0
+    without, _ = grads(DistillObjective(source, chunking))
+    assert any(not torch.allclose(a, b) for a, b in zip(with_term, without, strict=True))
+
+
+def test_refused_without_a_live_teacher(base_config, assets):
+    raw = copy.deepcopy(base_config)
+    raw["distill"] = {"chunk_likelihood_weight": 1.0}
+    cfg = validate(raw)
+    student_tok = load_tokenizer(str(assets["student"]), "s")
+    teacher_tok = load_tokenizer(str(assets["teacher"]), "t")
+    with pytest.raises(UserError, match="live teacher"):
+        build_objective(cfg, None, student_tok, teacher_tok, None, None)
+    cached = TopKTeacher(top_k_kd(KDSettings.of(cfg.distill), teacher_tok, student_tok))
+    with pytest.raises(UserError, match="top-k"):
+        cached.label_logprobs({}, None, Chunking())
