@@ -88,12 +88,12 @@ def test_objective_term_equals_brute_force(setup, assets, fused, temperature):
         loss.backward()
         out = [p.grad.clone() for p in student.parameters()]
         student.zero_grad(set_to_none=True)
-        return out, parts
+        return out, parts, loss.item()
 
     term = ChunkLikelihood(weight, temperature)
-    with_term, parts = grads(DistillObjective(source, chunking, likelihood=term))
+    with_term, parts, value = grads(DistillObjective(source, chunking, likelihood=term))
     scale = point.weights["kd"] / norm.counts.kd
-    expected, _ = grads(
+    expected, _, expected_value = grads(
         DistillObjective(source, chunking),
         lambda model: scale * _brute_force(model, teacher, batch, weight, temperature),
     )
@@ -102,7 +102,8 @@ def test_objective_term_equals_brute_force(setup, assets, fused, temperature):
     reference = _brute_force(student, teacher, batch, 1.0, temperature).item() / norm.counts.kd
     assert float(parts["alm"]) == pytest.approx(reference, rel=1e-4)
     assert float(parts["alm"]) > 0
-    without, _ = grads(DistillObjective(source, chunking))
+    assert value == pytest.approx(expected_value, rel=1e-5)  # the loss carries the term's value
+    without, _, _ = grads(DistillObjective(source, chunking))
     assert any(not torch.allclose(a, b) for a, b in zip(with_term, without, strict=True))
 
 

@@ -91,12 +91,12 @@ class DistillObjective:
         labels = batch["student_labels"].flatten().index_select(0, rows["rows_student"])  # (N,)
         row_inputs = [labels, *teacher_rows, kd_mask, kd_weight]
         if use_kd and self.likelihood is not None:
-            coefficients, parts["alm"] = chunk_likelihood_rows(
+            coefficients, alm = chunk_likelihood_rows(
                 self.likelihood, batch, rows, (student_rows, s_head), (teacher, t_pass), self.chunking
             )
             row_loss, row_inputs = WithChunkLikelihood(row_loss), [*row_inputs, coefficients]
             part_weights["alm"] = norm.token_weight(self.likelihood.weight * w["kd"], counts.kd)
-            parts["alm"] = parts["alm"] / max(counts.kd, 1)
+            parts["alm"] = alm / max(counts.kd, 1)
         total, sums = chunked_head_loss(
             student_rows,
             s_head,
@@ -107,6 +107,9 @@ class DistillObjective:
             kd_rows=k,
             buffers=self.buffers,
         )
+        if "alm" in sums:
+            # the row loss's "alm" is a stand-in with the term's gradient; the total carries the term's value
+            total = total + part_weights["alm"] * (alm - sums["alm"])
         parts["lm"] = sums["lm"] / max(counts.lm, 1)
         if "kd" in sums:
             parts["kd"] = sums["kd"] / max(counts.kd, 1)
