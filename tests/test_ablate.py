@@ -148,8 +148,16 @@ def test_seeds_below_one_are_refused(capsys):
 
 
 def test_objective_variants_keep_plain_kds_losses_and_change_the_divergence(fake, tmp_path):
-    name = next(iter(ablate.OBJECTIVES))
+    name = next(n for n in ablate.OBJECTIVES if "TAID" in n)
     assert name in ablate.variant_names()
     run_ablation(tmp_path, quick=True, variants=[name])
     slug = fake.calls[1][0]
     assert fake.distill[slug] == ablate.OBJECTIVES[name] and fake.distill[slug]["divergence"] == "taid"
+    assert fake.distill[slug]["chunk_likelihood_weight"] == 0  # compared with plain KD, not the default
+
+
+def test_only_the_chunk_likelihood_variant_runs_the_term(fake, tmp_path):
+    """The term is on by default across tokenizers: plain KD and the other variants must turn it off."""
+    run_ablation(tmp_path, quick=True, variants=["plain KD", "KD + chunk likelihood (the default)"])
+    plain, term = (fake.distill[slug] for slug, _, teacher in fake.calls if teacher)
+    assert plain["chunk_likelihood_weight"] == 0 and term["chunk_likelihood_weight"] > 0

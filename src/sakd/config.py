@@ -139,11 +139,13 @@ class DistillConfig(Section):
 
     cross_vocab: Literal["projection", "uld", "hybrid"] = "projection"
     """How the teacher's distribution is compared when the vocabularies differ."""
-    chunk_likelihood_weight: float = Field(0.0, ge=0.0)
+    chunk_likelihood_weight: float | None = Field(None, ge=0.0)
     """Approximate likelihood matching: each aligned group's text gets, from the student, the probability
     the teacher gives it (its tokens' probabilities multiplied, each model in its own tokenization), which
     reaches every student position of the group, not only its last one. This weight times the curriculum's
-    KD weight scales the term (0: off). It needs the live teacher."""
+    KD weight scales the term; 0: off. null (the default): 1 with two tokenizers and the live teacher, off
+    with one tokenizer (every position already gets the teacher's whole distribution) or a teacher cache
+    (which holds no per-token log-probabilities; a number > 0 with a cache is refused)."""
     chunk_likelihood_temperature: float = Field(100.0, gt=0.0)
     """The chunk probabilities are compared as exp(log-probability / this), which keeps long chunks' gradients
     from vanishing."""

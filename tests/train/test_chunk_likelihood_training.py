@@ -20,7 +20,7 @@ from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
 from sakd.models.load import freeze, load_model, load_tokenizer
 from sakd.train.objective import DistillObjective
 from sakd.train.rows import LossNorm, TokenCounts
-from sakd.train.step import build_objective
+from sakd.train.step import CHUNK_LIKELIHOOD_WEIGHT, build_objective, chunk_likelihood
 from sakd.train.teacher import LiveTeacher, TopKTeacher
 
 NO_AUX = {"weights": {"token_weighting": 0.0}}
@@ -118,3 +118,16 @@ def test_refused_without_a_live_teacher(base_config, assets):
     cached = TopKTeacher(top_k_kd(KDSettings.of(cfg.distill), teacher_tok, student_tok))
     with pytest.raises(UserError, match="top-k"):
         cached.label_logprobs({}, None, Chunking())
+
+
+def test_on_by_default_across_tokenizers_with_the_live_teacher_only(base_config):
+    cfg = validate(base_config)
+    assert cfg.distill.chunk_likelihood_weight is None
+    assert chunk_likelihood(cfg, live=True, one_vocabulary=False).weight == CHUNK_LIKELIHOOD_WEIGHT
+    assert chunk_likelihood(cfg, live=True, one_vocabulary=True) is None  # every position has the teacher
+    assert chunk_likelihood(cfg, live=False, one_vocabulary=False) is None  # a cache: off, not refused
+    raw = copy.deepcopy(base_config)
+    raw["distill"] = {"chunk_likelihood_weight": 0.0}
+    assert chunk_likelihood(validate(raw), live=True, one_vocabulary=False) is None
+    raw["distill"] = {"chunk_likelihood_weight": 0.3}
+    assert chunk_likelihood(validate(raw), live=True, one_vocabulary=True).weight == 0.3  # asked for

@@ -82,7 +82,12 @@ def _sakd_config(paths: dict[str, str], sizes: TrlSizes, divergence: str, out: P
         "teacher": {"model": paths["teacher"]},
         "student": {"model": paths["student"], "init": "pretrained"},
         "data": {"train": [paths["corpus"]], "max_length": sizes.max_length},
-        "distill": {"divergence": divergence, "jsd_beta": DIVERGENCES["jsd"], "cross_vocab": cross_vocab},
+        "distill": {
+            "divergence": divergence,
+            "jsd_beta": DIVERGENCES["jsd"],
+            "cross_vocab": cross_vocab,
+            "chunk_likelihood_weight": 0.0,  # TRL's trainers have no such term: the same work on both sides
+        },
         "curriculum": {"weights": {"kd": 1.0, "lm": 0.0}},
         "train": {"batch_size": sizes.batch_size, "progress": False, "ema_decay": None, "precision": "fp32"},
         "output_dir": str(out),

@@ -42,6 +42,8 @@ def measure_cache_speedup(
     base = copy.deepcopy(raw_config)
     base.setdefault("train", {}).update(progress=False, tensorboard=False, eval_every=0, save_every=0)
     base["teacher"].pop("cache", None)
+    # a cache holds no per-token log-probabilities, so both sides train without the chunk-likelihood term
+    base.setdefault("distill", {})["chunk_likelihood_weight"] = 0.0
     cache_dir = work / "teacher-cache"
     base["output_dir"] = str(work / "capture")
     capture = capture_teacher_cache(

@@ -42,6 +42,8 @@ class DistillObjective:
         self.aux = aux if teacher is not None else None
         self.buffers = ChunkBuffers()  # the chunks' (rows x vocabulary) tensors, kept between steps on CPU
         self.kind = teacher.kind if teacher is not None else "LM only"
+        if self.likelihood is not None:
+            self.kind += " + chunk likelihood"
         self.mapping = getattr(teacher, "mapping", None)
 
     def __call__(

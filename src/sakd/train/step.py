@@ -18,7 +18,7 @@ from sakd.curriculum import AUX_LOSSES, CurriculumPoint
 from sakd.errors import UserError
 from sakd.losses import Chunking
 from sakd.losses.chunk_likelihood import ChunkLikelihood
-from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
+from sakd.losses.kd import KDSettings, logit_kd, same_vocabulary, top_k_kd
 from sakd.models.attention import attention_implementation
 from sakd.models.head import check_head
 from sakd.models.load import freeze, load_model, unwrap, weights_dtype
@@ -170,17 +170,25 @@ def build_objective(cfg: Config, teacher, student_tok, teacher_tok, heads, sourc
     if heads is not None:
         d = cfg.distill
         aux = AuxiliaryLosses(heads, sources, source, chunking, d.attention_loss, d.contrastive_temperature)
-    likelihood = None
-    if cfg.distill.chunk_likelihood_weight > 0:
-        if teacher is None:
-            raise UserError(
-                "distill.chunk_likelihood_weight needs the live teacher: a teacher cache holds only its top-k "
-                "at group ends, not the log-probability of each of its tokens"
-            )
-        likelihood = ChunkLikelihood(
-            cfg.distill.chunk_likelihood_weight, cfg.distill.chunk_likelihood_temperature
-        )
+    likelihood = chunk_likelihood(cfg, teacher is not None, same_vocabulary(teacher_tok, student_tok))
     return DistillObjective(source, chunking, aux, likelihood)
+
+
+CHUNK_LIKELIHOOD_WEIGHT = 1.0  # the default across tokenizers (`sakd ablate`'s table in the README)
+
+
+def chunk_likelihood(cfg: Config, live: bool, one_vocabulary: bool) -> ChunkLikelihood | None:
+    """The chunk-likelihood term the config asks for (None: off); `distill.chunk_likelihood_weight` null
+    means on across tokenizers with the live teacher."""
+    weight = cfg.distill.chunk_likelihood_weight
+    if weight is None:
+        weight = CHUNK_LIKELIHOOD_WEIGHT if live and not one_vocabulary else 0.0
+    elif weight > 0 and not live:
+        raise UserError(
+            "distill.chunk_likelihood_weight needs the live teacher: a teacher cache holds only its top-k "
+            "at group ends, not the log-probability of each of its tokens (set it to 0 or null)"
+        )
+    return ChunkLikelihood(weight, cfg.distill.chunk_likelihood_temperature) if weight > 0 else None
 
 
 def check_heads(t: Training, batch: dict[str, torch.Tensor]) -> None:
