@@ -143,7 +143,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 def run_seed_scale(root: Path, batch_size: int, max_length: int, warmup: int, steps: int) -> dict[str, Any]:
     """Build the pair, measure the steps, and the plan's estimate for the same config on the CPU."""
     from sakd.tools.bench_loss import in_fresh_process
-    from sakd.tools.plan import GIB, estimate
+    from sakd.tools.plan_memory import GIB, estimate
 
     root.mkdir(parents=True, exist_ok=True)
     spec = {"root": str(root), "batch_size": batch_size, "max_length": max_length}
