@@ -103,10 +103,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from sakd.curriculum import curriculum_at
     from sakd.data.corpus import build_windows
-    from sakd.data.loader import WindowLoader
-    from sakd.data.tokenize import input_format
     from sakd.tools.bench_loss import _proc_status_bytes
-    from sakd.tools.bench_step import SakdStep, _prepared, _sakd_step
+    from sakd.tools.bench_step import SakdStep, _prepared, _sakd_step, pair_loader
 
     cfg = seed_config(Path(spec["root"]), spec["batch_size"], spec["max_length"])
     accelerator = Accelerator(cpu=True, mixed_precision="no")
@@ -116,13 +114,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     after_load = _proc_status_bytes("VmHWM")
     count = spec["warmup"] + spec["steps"]
     windows = build_windows(cfg.data.train, sakd.student_tok, sakd.teacher_tok, cfg.data.max_length)
-    loader = WindowLoader(
-        windows,
-        cfg.train.batch_size,
-        seed=0,
-        student=input_format(sakd.student_tok),
-        teacher=input_format(sakd.teacher_tok),
-    )
+    loader = pair_loader(windows, cfg.train.batch_size, sakd.student_tok, sakd.teacher_tok)
     batches = _prepared([loader.next_batch() for _ in range(count)], accelerator.device)
     rates = []
     for i, batch in enumerate(batches):
