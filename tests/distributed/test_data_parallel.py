@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from dist_helpers import cut_after, process_env, run_two, torchrun_command, write_yaml
+from dist_helpers import cut_after, process_env, run_two, torchrun_command
+from helpers import write_yaml
 from safetensors.torch import load_file
 
 from sakd.cli import main

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import write_yaml
+from helpers import write_yaml
 from transformers import AutoModelForCausalLM
 
 from sakd.cli import main
