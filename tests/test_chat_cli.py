@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from chat_kinds import chat_tokenizer, conversation, write_chat_jsonl
+from helpers import metrics_records, write_yaml
 from transformers import AutoModelForCausalLM
 
 from sakd.cli import main
@@ -56,9 +56,7 @@ def _config(assets: dict[str, Path], tmp_path: Path, **student) -> Path:
         "train": {"max_steps": 3, "batch_size": 2, "warmup_steps": 0, "lr": 1e-3, "progress": False},
         "output_dir": str(tmp_path / "run"),
     }
-    path = tmp_path / "chat.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_yaml(raw, tmp_path / "chat.yaml")
 
 
 def _one_error_line(capsys) -> str:
@@ -70,7 +68,7 @@ def _one_error_line(capsys) -> str:
 
 def test_train_on_messages_between_two_templates(chat_assets, tmp_path):
     assert main(["train", str(_config(chat_assets, tmp_path)), "--set", "train.log_every=1"]) == 0
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path / "run")
     steps = [r for r in records if r.get("event") == "train"]
     assert len(steps) == 3
     assert all(math.isfinite(r["loss"]) and r["loss_kd"] > 0 and r["loss_lm"] > 0 for r in steps)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import write_yaml
 from transformers import ByT5Tokenizer, LlamaConfig
 
 from sakd.cli import main
@@ -21,11 +21,6 @@ def raw(base_config) -> dict:
     cfg["data"].update(eval=[], max_length=32)
     cfg["train"].update(max_steps=1, batch_size=1, warmup_steps=0)
     return cfg
-
-
-def _write(raw: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def _one_error_line(err: str) -> str:
@@ -56,7 +51,7 @@ def test_missing_model_path(raw, tmp_path, capsys):
     raw["student"]["model"] = str(tmp_path / "no-such-student")
     _fails(
         capsys,
-        ["train", str(_write(raw, tmp_path / "c.yaml"))],
+        ["train", str(write_yaml(raw, tmp_path / "c.yaml"))],
         "student.model",
         "does not exist",
         "fix the paths",
@@ -67,7 +62,9 @@ def test_missing_model_path(raw, tmp_path, capsys):
 def test_folder_without_a_model(raw, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     raw["student"]["model"] = str(tmp_path / "empty")
-    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], "cannot load the student", "student.")
+    _fails(
+        capsys, ["train", str(write_yaml(raw, tmp_path / "c.yaml"))], "cannot load the student", "student."
+    )
     assert not Path(raw["output_dir"]).exists()
 
 
@@ -77,7 +74,7 @@ def test_data_that_is_not_utf8(raw, tmp_path, capsys):
     raw["data"]["train"] = [str(bad)]
     _fails(
         capsys,
-        ["train", str(_write(raw, tmp_path / "c.yaml"))],
+        ["train", str(write_yaml(raw, tmp_path / "c.yaml"))],
         "latin1.txt",
         "not valid UTF-8",
         "convert it",
@@ -93,7 +90,7 @@ def test_empty_or_too_little_data(raw, tmp_path, capsys, content, expected):
     data.write_text(content)
     raw["data"]["train"] = [str(data)]
     raw["train"]["batch_size"] = 4
-    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], expected)
+    _fails(capsys, ["train", str(write_yaml(raw, tmp_path / "c.yaml"))], expected)
     assert not Path(raw["output_dir"]).exists()
 
 
@@ -105,7 +102,7 @@ def test_invalid_yaml(tmp_path, capsys):
 
 def test_unknown_key(raw, tmp_path, capsys):
     raw["train"]["learning_rate"] = 1e-4
-    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], "train.learning_rate: unknown key")
+    _fails(capsys, ["train", str(write_yaml(raw, tmp_path / "c.yaml"))], "train.learning_rate: unknown key")
 
 
 def test_every_problem_is_reported_at_once(raw, tmp_path, capsys):
@@ -114,7 +111,7 @@ def test_every_problem_is_reported_at_once(raw, tmp_path, capsys):
     raw["distill"] = {"divergence": "kl"}
     line = _fails(
         capsys,
-        ["train", str(_write(raw, tmp_path / "c.yaml"))],
+        ["train", str(write_yaml(raw, tmp_path / "c.yaml"))],
         "train.lr",
         "-0.001",
         "train.batch_size",
@@ -125,7 +122,7 @@ def test_every_problem_is_reported_at_once(raw, tmp_path, capsys):
 
 
 def test_bad_override(raw, tmp_path, capsys):
-    config = _write(raw, tmp_path / "c.yaml")
+    config = write_yaml(raw, tmp_path / "c.yaml")
     _fails(capsys, ["train", str(config), "--set", "train.lr"], "train.lr", "section.key=value")
     _fails(capsys, ["train", str(config), "--set", "train.lr=-1"], "train.lr")
 
@@ -140,7 +137,7 @@ def test_tokenizer_without_offsets(raw, tmp_path, capsys):
     raw["student"]["model"] = str(folder)
     _fails(
         capsys,
-        ["train", str(_write(raw, tmp_path / "c.yaml"))],
+        ["train", str(write_yaml(raw, tmp_path / "c.yaml"))],
         "student tokenizer",
         "offsets",
         "fast tokenizer",
@@ -149,7 +146,7 @@ def test_tokenizer_without_offsets(raw, tmp_path, capsys):
 
 
 def test_output_dir_holding_a_run_is_not_overwritten(raw, tmp_path, capsys):
-    config = _write(raw, tmp_path / "c.yaml")
+    config = write_yaml(raw, tmp_path / "c.yaml")
     assert main(["train", str(config)]) == 0
     capsys.readouterr()
     run = Path(raw["output_dir"])
@@ -181,7 +178,7 @@ def test_real_exit_status_and_stderr(raw, tmp_path):
 
     raw["student"]["model"] = str(tmp_path / "missing")
     raw["train"]["lr"] = -1
-    done = _sakd("train", str(_write(raw, tmp_path / "c.yaml")))
+    done = _sakd("train", str(write_yaml(raw, tmp_path / "c.yaml")))
     assert done.returncode == 2
     line = _one_error_line(done.stderr)
     assert "train.lr" in line and "student.model" in line
@@ -199,7 +196,7 @@ def test_real_exit_status_and_stderr(raw, tmp_path):
 def test_lora_targets_sakd_cannot_train(raw, tmp_path, capsys, lora, expected):
     pytest.importorskip("peft")
     raw["student"]["lora"] = lora
-    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], expected)
+    _fails(capsys, ["train", str(write_yaml(raw, tmp_path / "c.yaml"))], expected)
     assert not Path(raw["output_dir"]).exists()
 
 
@@ -207,8 +204,8 @@ def test_missing_peft_or_wandb_says_how_to_install(raw, tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "peft", None)  # importing them now raises ImportError
     monkeypatch.setitem(sys.modules, "wandb", None)
     raw["student"]["lora"] = {"r": 4}
-    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], "pip install peft")
+    _fails(capsys, ["train", str(write_yaml(raw, tmp_path / "c.yaml"))], "pip install peft")
     del raw["student"]["lora"]
     raw["train"]["report_to"] = ["wandb"]
-    _fails(capsys, ["train", str(_write(raw, tmp_path / "c.yaml"))], "pip install wandb")
+    _fails(capsys, ["train", str(write_yaml(raw, tmp_path / "c.yaml"))], "pip install wandb")
     assert not (Path(raw["output_dir"]) / "config.yaml").exists(), "a retry would be refused as a resume"

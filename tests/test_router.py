@@ -12,6 +12,7 @@ from sakd.router import (
     aligned_group_states,
     blend_token_weights,
     bounded_unit_mean,
+    chunked_gap,
     gap_weights,
     knowledge_gap,
     switch_balance_loss,
@@ -311,6 +312,24 @@ def test_knowledge_gap_is_chunked_and_detached():
     torch.testing.assert_close(gap, expected.detach())
     assert not gap.requires_grad and gap.shape == (10,)
     assert knowledge_gap(s_hidden[:0], t_hidden[:0], s_head, t_head, partial(kd)).shape == (0,)
+
+
+def test_chunked_gap_cuts_every_teacher_input_into_the_same_chunks():
+    """Without a teacher head (a cached teacher's rows): each chunk's student logits meet the same rows of
+    every teacher input, as one unchunked evaluation does."""
+    from sakd.models.head import as_head
+
+    g = torch.Generator().manual_seed(1)
+    s_hidden = torch.randn(10, HS, generator=g, requires_grad=True)
+    s_head = as_head(torch.randn(30, HS, generator=g, requires_grad=True))
+    ids, scale = torch.randint(0, 30, (10, 4), generator=g), torch.rand(10, generator=g)
+
+    def kd(s_logits, ids, scale):
+        return scale * torch.log_softmax(s_logits, -1).gather(1, ids).sum(-1)
+
+    gap = chunked_gap(s_hidden, s_head, [ids, scale], kd, chunk_size=3)
+    torch.testing.assert_close(gap, kd(s_hidden @ s_head.weight.T, ids, scale).detach())
+    assert not gap.requires_grad and gap.shape == (10,)
 
 
 def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):

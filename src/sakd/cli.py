@@ -125,7 +125,8 @@ def _cache_teacher(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from sakd.config import apply_overrides, read_yaml, validate
-    from sakd.tools.plan import estimate, format_plan, parse_size
+    from sakd.tools.plan import format_plan, parse_size
+    from sakd.tools.plan_memory import estimate
 
     memory = parse_size(args.device_memory) if args.device_memory else None
     if args.processes < 1:

@@ -176,13 +176,30 @@ def knowledge_gap(
     Returns (N,) fp32. Only chunk_size rows of logits exist at a time.
     """
     s_head, t_head = as_head(student_head, student_head_bias), as_head(teacher_head, teacher_head_bias)
+    return chunked_gap(student_hidden, s_head, [teacher_hidden], kd_fn, chunk_size, t_head)
+
+
+@torch.no_grad()
+def chunked_gap(
+    student_hidden: torch.Tensor,
+    student_head: ModelHead,
+    teacher_rows: list[torch.Tensor],
+    kd_fn: Callable[..., torch.Tensor],
+    chunk_size: int,
+    teacher_head: ModelHead | None = None,
+) -> torch.Tensor:
+    """kd_fn(student logits (n, V_s), *teacher chunks) -> (n,) over chunks of `chunk_size` rows, detached:
+    (N,) fp32. Each of `teacher_rows` (N, ...) is cut into the same chunks; with `teacher_head` they are the
+    teacher's final hidden states, and kd_fn gets their logits (n, V_t). Only one chunk of logits exists at a
+    time."""
     gaps = []
     for start in range(0, student_hidden.shape[0], chunk_size):
-        s_rows = student_hidden[start : start + chunk_size].to(s_head.weight.dtype)
-        t_rows = teacher_hidden[start : start + chunk_size].to(t_head.weight.dtype)
-        s_logits = head_logits(s_rows, s_head)  # (n, V_s)
-        t_logits = head_logits(t_rows, t_head)  # (n, V_t)
-        gaps.append(kd_fn(s_logits, t_logits).float())
+        rows = slice(start, start + chunk_size)
+        s_logits = head_logits(student_hidden[rows].to(student_head.weight.dtype), student_head)  # (n, V_s)
+        teacher = [t[rows] for t in teacher_rows]
+        if teacher_head is not None:
+            teacher = [head_logits(t.to(teacher_head.weight.dtype), teacher_head) for t in teacher]
+        gaps.append(kd_fn(s_logits, *teacher).float())
     return torch.cat(gaps) if gaps else student_hidden.new_zeros(0, dtype=torch.float32)
 
 

@@ -28,7 +28,12 @@ from sakd.data.tokenize import input_format
 from sakd.errors import UserError
 from sakd.losses import Chunking
 from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
-from sakd.losses.sparse import _bucket_divergence, _sparse_forward_kl, sparse_teacher_divergence
+from sakd.losses.sparse import (
+    SparseTeacherSettings,
+    _bucket_divergence,
+    _sparse_forward_kl,
+    sparse_teacher_divergence,
+)
 from sakd.models.load import freeze, lm_head, load_model, load_tokenizer
 from sakd.models.tiny import tiny_family_model
 from sakd.train.loop import train
@@ -307,14 +312,18 @@ def test_sparse_divergence_is_a_lower_bound_and_exact_at_full_k():
         p,
         torch.zeros(5),
         1.0,
-        teacher_vocab_size=30,
-        student_vocab=30,
+        settings=SparseTeacherSettings(30, student_vocab=30),
     )
     exact = (p * (p.log() - torch.log_softmax(student, -1))).sum(-1)
     torch.testing.assert_close(full, exact)
     top = p.topk(6)
     sparse = sparse_teacher_divergence(
-        student, top.indices, top.values, 1 - top.values.sum(-1), 1.0, teacher_vocab_size=30, student_vocab=30
+        student,
+        top.indices,
+        top.values,
+        1 - top.values.sum(-1),
+        1.0,
+        settings=SparseTeacherSettings(30, student_vocab=30),
     )
     assert (sparse <= exact + 1e-6).all() and (sparse > 0).all()
 
@@ -369,7 +378,7 @@ def test_rows_without_teacher_are_zero_with_finite_gradients(name):
     probs = torch.tensor([[0.5, 0.2, 0.0], [0.0, 0.0, 0.0], [0.3, 0.3, 0.1], [0.0, 0.0, 0.0]])
     tail = torch.tensor([0.3, 0.0, 0.3, 0.0])
     rows = sparse_teacher_divergence(
-        logits, ids, probs, tail, 1.0, name=name, teacher_vocab_size=12, student_vocab=12
+        logits, ids, probs, tail, 1.0, settings=SparseTeacherSettings(12, name, student_vocab=12)
     )
     (grad,) = torch.autograd.grad(rows.sum(), logits)
     assert rows[1] == 0 and rows[3] == 0 and torch.isfinite(rows).all() and (rows[[0, 2]] > 0).all()

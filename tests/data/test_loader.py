@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sakd.data.loader import WindowLoader
+from sakd.data.loader import Shard, WindowLoader
 from sakd.data.packing import Window
 from sakd.errors import UserError
 
@@ -48,7 +48,7 @@ def test_same_seed_same_batches_other_seed_other_order():
 def test_ranks_are_disjoint_and_together_make_the_single_process_batches():
     windows = make_windows(50)
     single = WindowLoader(windows, batch_size=6, seed=1, teacher=0)
-    ranks = [WindowLoader(windows, 3, seed=1, rank=r, world_size=2, teacher=0) for r in range(2)]
+    ranks = [WindowLoader(windows, 3, seed=1, shard=Shard(r, 2), teacher=0) for r in range(2)]
     assert single.batches_per_epoch == ranks[0].batches_per_epoch == 8
     for _ in range(20):  # across epochs
         rank_indices = [indices(loader.next_batch()) for loader in ranks]
@@ -84,7 +84,7 @@ def test_eval_order_keeps_the_tail_split_between_ranks():
     assert [indices(batch) for batch in single] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
     assert [indices(batch) for batch in single] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]  # again
     ranks = [
-        WindowLoader(windows, 2, seed=0, shuffle=False, rank=r, world_size=2, drop_last=False) for r in (0, 1)
+        WindowLoader(windows, 2, seed=0, shuffle=False, shard=Shard(r, 2), drop_last=False) for r in (0, 1)
     ]
     assert [indices(batch) for batch in ranks[0]] == [[0, 1], [4, 5], [8, 9]]
     assert [indices(batch) for batch in ranks[1]] == [[2, 3], [6, 7], [10]]
@@ -101,4 +101,4 @@ def test_iteration_runs_the_rest_of_the_current_epoch():
 
 def test_too_few_windows_for_a_batch_is_a_user_error():
     with pytest.raises(UserError, match="3 windows, fewer than one batch of 2 x 2"):
-        WindowLoader(make_windows(3), 2, seed=0, world_size=2)
+        WindowLoader(make_windows(3), 2, seed=0, shard=Shard(0, 2))

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dist_helpers import run_two, write_yaml
+from dist_helpers import run_two
+from helpers import write_yaml
 
 from sakd.config import validate
 from sakd.train.loop import train

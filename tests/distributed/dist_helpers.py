@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 
 def torchrun_command(*args: str, script: Path | None = None) -> list[str]:
     """`torchrun --standalone --nproc_per_node=2 -m sakd ARGS` (or a script instead of the module)."""
@@ -40,11 +38,6 @@ def run_two(
         text=True,
         timeout=600,
     )
-
-
-def write_yaml(raw: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def cut_after(source: Path, run: Path, step: int) -> None:

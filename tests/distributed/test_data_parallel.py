@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from dist_helpers import cut_after, process_env, run_two, torchrun_command, write_yaml
+from dist_helpers import cut_after, process_env, run_two, torchrun_command
+from helpers import write_yaml
 from safetensors.torch import load_file
 
 from sakd.cli import main
 from sakd.config import validate
-from sakd.data.loader import WindowLoader
+from sakd.data.loader import Shard, WindowLoader
 from sakd.data.packing import Window
 from sakd.train import checkpoint
 from sakd.train.loop import train
@@ -70,7 +71,7 @@ def test_loader_position_carries_over_between_process_counts():
         single.next_batch()
     state = {**single.state_dict(), "global_batch": 4}
     expected = single.next_batch()["window_index"].tolist()
-    ranks = [WindowLoader(windows, 2, seed=3, rank=r, world_size=2, teacher=0) for r in (0, 1)]
+    ranks = [WindowLoader(windows, 2, seed=3, shard=Shard(r, 2), teacher=0) for r in (0, 1)]
     for loader in ranks:
         loader.load_state_dict(state)
     assert [i for loader in ranks for i in loader.next_batch()["window_index"].tolist()] == expected

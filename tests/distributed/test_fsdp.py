@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from dist_helpers import cut_after, run_two, write_yaml
+from dist_helpers import cut_after, run_two
+from helpers import write_yaml
 from test_data_parallel import ATOL, _ckpt, _max_diff, _records
 from transformers import AutoModelForCausalLM
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import run_two, write_yaml
+from dist_helpers import run_two
+from helpers import write_yaml
 from safetensors.torch import load_file
 
 from sakd.config import validate

@@ -22,14 +22,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import write_yaml
+from helpers import write_yaml
 from transformers import AutoModelForCausalLM
 
 from sakd.cli import main
 from sakd.config import validate
 from sakd.errors import UserError
 from sakd.models.tiny import dense_student_config, moe_teacher_config
-from sakd.tools.plan import GIB, HEADROOM, estimate, parse_size
+from sakd.tools.plan import parse_size
+from sakd.tools.plan_memory import GIB, HEADROOM, estimate
 
 MEASURE = r"""
 import json, sys
@@ -66,7 +67,7 @@ if config_path == "-":
 else:
     import matplotlib.pyplot  # noqa: F401 (the report at the end of training draws plots)
     from sakd.config import load_config
-    from sakd.tools.plan import estimate
+    from sakd.tools.plan_memory import estimate
     from sakd.train import inputs, loop
 
     cfg = load_config(config_path)

@@ -6,53 +6,18 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import CLIRun, metrics_records, write_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sakd.config import validate
 from sakd.train import checkpoint
-
-
-def _sakd(*args: str, logs: Path) -> subprocess.Popen:
-    with logs.with_suffix(".out").open("w") as out, logs.with_suffix(".err").open("w") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "sakd", *args],
-            stdout=out,
-            stderr=err,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, logs: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(
-                f"sakd ended (status {proc.returncode}) before {path}:\n{logs.with_suffix('.err').read_text()}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
-
-
-def _finish(proc: subprocess.Popen, logs: Path) -> tuple[int, str, str]:
-    try:
-        code = proc.wait(600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return code, logs.with_suffix(".out").read_text(), logs.with_suffix(".err").read_text()
 
 
 def test_train_kill_resume_eval_export(base_config, assets, tmp_path):
@@ -72,18 +37,15 @@ def test_train_kill_resume_eval_export(base_config, assets, tmp_path):
     }
     raw["train"].update(max_steps=4, batch_size=1, grad_accum=2, save_every=1, keep_last=3, eval_every=2)
     run = Path(raw["output_dir"])
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config = write_yaml(raw, tmp_path / "config.yaml")
 
-    proc = _sakd("train", str(config), logs=tmp_path / "first")
-    _wait_for(run / "checkpoints" / "step-000002" / "manifest.json", proc, tmp_path / "first")
-    proc.send_signal(signal.SIGKILL)
-    assert _finish(proc, tmp_path / "first")[0] == -signal.SIGKILL
+    first = CLIRun("train", str(config), logs=tmp_path / "first")
+    first.wait_for(run / "checkpoints" / "step-000002" / "manifest.json")
+    first.signal(signal.SIGKILL)
+    assert first.finish()[0] == -signal.SIGKILL
     assert not (run / "final").exists()
 
-    code, out, err = _finish(
-        _sakd("train", str(config), "--resume", "auto", logs=tmp_path / "second"), tmp_path / "second"
-    )
+    code, out, err = CLIRun("train", str(config), "--resume", "auto", logs=tmp_path / "second").finish()
     assert code == 0, err
     assert "Traceback" not in err and "done: 4 steps" in out
 
@@ -93,7 +55,7 @@ def test_train_kill_resume_eval_export(base_config, assets, tmp_path):
     assert resolved["train"]["max_steps"] == 4 and resolved["output_dir"] == str(run)
     environment = json.loads((run / "environment.json").read_text())
     assert {"torch", "transformers", "device", "precision", "num_processes"} <= environment.keys()
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run)
     resumes = [r for r in records if r.get("event") == "resume"]
     assert len(resumes) == 1 and 2 <= resumes[0]["step"] < 4
     train_records = [r for r in records if r.get("event") == "train"]
@@ -116,27 +78,24 @@ def test_train_kill_resume_eval_export(base_config, assets, tmp_path):
 
     # sakd eval on the exported student and the teacher
     out_json = tmp_path / "eval" / "out.json"
-    code, out, err = _finish(
-        _sakd(
-            "eval",
-            "--student",
-            str(final),
-            "--teacher",
-            str(assets["teacher"]),
-            "--data",
-            str(assets["eval"]),
-            "--output",
-            str(out_json),
-            "--max-length",
-            "32",
-            "--max-windows",
-            "4",
-            "--gen-new-tokens",
-            "0",
-            logs=tmp_path / "eval",
-        ),
-        tmp_path / "eval",
-    )
+    code, out, err = CLIRun(
+        "eval",
+        "--student",
+        str(final),
+        "--teacher",
+        str(assets["teacher"]),
+        "--data",
+        str(assets["eval"]),
+        "--output",
+        str(out_json),
+        "--max-length",
+        "32",
+        "--max-windows",
+        "4",
+        "--gen-new-tokens",
+        "0",
+        logs=tmp_path / "eval",
+    ).finish()
     assert code == 0, err
     result = json.loads(out_json.read_text())
     for role in ("student", "teacher"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sakd.losses.divergence import AKL_TOP_K, akl_logprobs, divergence, forward_kl, reverse_kl
-from sakd.losses.sparse import sparse_teacher_divergence
+from sakd.losses.sparse import SparseTeacherSettings, sparse_teacher_divergence
 
 
 def _logits(seed: int, rows: int = 8, vocab: int = 5) -> torch.Tensor:
@@ -118,10 +118,8 @@ def test_top_k_teacher_covering_the_vocabulary_equals_the_dense_divergence(
         probs,
         torch.zeros(8),
         2.0,
-        name=name,
+        settings=SparseTeacherSettings(5, name, student_vocab=5),
         beta=parameter,
-        teacher_vocab_size=5,
-        student_vocab=5,
     )
     dense = divergence(name, student, torch.log_softmax(teacher / 2.0, -1), 2.0, parameter)
     torch.testing.assert_close(rows, dense, rtol=1e-5, atol=1e-6)

@@ -157,14 +157,15 @@ def _cached_inputs(seed: int, k: int, teacher_vocab: int):
 def _check_cached(kd_kwargs, temperature, k, teacher_vocab, weights, seed=0, mutate=None):
     from sakd.losses.fused import FusedCachedForwardKL
     from sakd.losses.rows import make_cached_distill_row_loss
-    from sakd.losses.sparse import sparse_teacher_divergence
+    from sakd.losses.sparse import SparseTeacherSettings, sparse_teacher_divergence
 
     params, row_inputs = _cached_inputs(seed, k, teacher_vocab)
     if mutate:
         mutate(row_inputs)
-    kd = functools.partial(sparse_teacher_divergence, teacher_vocab_size=teacher_vocab, **kd_kwargs)
+    settings = SparseTeacherSettings(teacher_vocab, **kd_kwargs)
+    kd = functools.partial(sparse_teacher_divergence, settings=settings)
     reference = make_cached_distill_row_loss(functools.partial(kd, temperature=temperature))
-    fused = FusedCachedForwardKL(reference, temperature, teacher_vocab, **kd_kwargs)
+    fused = FusedCachedForwardKL(reference, temperature, settings)
     total, parts, grads = _run(fused, params, row_inputs, weights, 11)
     ref_total, ref_parts, ref_grads = _run(reference, params, row_inputs, weights, 11)
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
@@ -280,7 +281,7 @@ def test_cached_tail_term_survives_a_student_confident_on_the_top_k(projection, 
     path must match a float64 evaluation."""
     from sakd.losses.fused import FusedCachedForwardKL
     from sakd.losses.rows import make_cached_distill_row_loss
-    from sakd.losses.sparse import sparse_teacher_divergence
+    from sakd.losses.sparse import SparseTeacherSettings, sparse_teacher_divergence
 
     g = torch.Generator().manual_seed(3)
     rows, k, teacher_vocab = 9, 8, 60 if projection else VOCAB
@@ -304,12 +305,13 @@ def test_cached_tail_term_survives_a_student_confident_on_the_top_k(projection, 
     (expected_grad,) = torch.autograd.grad(expected, student)
     assert (expected_grad[:, :VOCAB].abs() > 1e-3).any()  # the tail term's pull on the columns outside
 
-    kd = functools.partial(sparse_teacher_divergence, teacher_vocab_size=teacher_vocab, **kwargs)
+    settings = SparseTeacherSettings(teacher_vocab, **kwargs)
+    kd = functools.partial(sparse_teacher_divergence, settings=settings)
     reference = make_cached_distill_row_loss(functools.partial(kd, temperature=temperature))
     student = logits.clone().requires_grad_()
     ref_kd = reference(student, labels, ids, probs, tail, kd_mask, kd_weight)["kd"]
     (ref_grad,) = torch.autograd.grad(ref_kd, student)
-    fused = FusedCachedForwardKL(reference, temperature, teacher_vocab, **kwargs)
+    fused = FusedCachedForwardKL(reference, temperature, settings)
     parts, fused_grad = fused.with_grad(
         logits.clone(), {"lm": 0.0, "kd": 1.0}, labels, ids, probs, tail, kd_mask, kd_weight
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics_records
 from tokenizer_kinds import KINDS, NON_ASCII, tokenizer_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,8 +112,7 @@ def test_family_trains_one_step_as_teacher_and_as_student(family, role, folders,
     )
     summary = train(validate(_config(folders, *pair, tmp_path / "run")))
     assert summary["step"] == 1
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    (step,) = [r for r in records if r.get("event") == "train"]
+    (step,) = metrics_records(tmp_path / "run", "train")
     assert math.isfinite(step["loss_kd"]) and step["loss_kd"] > 0 and math.isfinite(step["loss_lm"])
     assert step["skipped_steps"] == 0
     assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -17,7 +17,7 @@ from sakd.config import validate
 from sakd.errors import UserError
 from sakd.models.load import count_parameters, load_model, load_tokenizer
 from sakd.models.tiny import EOS, PAD, dense_student_config, train_tokenizer
-from sakd.tools.plan import estimate
+from sakd.tools.plan_memory import estimate
 from sakd.train.loop import train
 
 gguf = pytest.importorskip("gguf")

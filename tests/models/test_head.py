@@ -25,7 +25,7 @@ from sakd.losses.chunked import chunked_head_loss, full_head_loss
 from sakd.losses.fused import FusedCachedForwardKL, FusedForwardKL, same_vocab_target
 from sakd.losses.kd import _same_vocab_kd
 from sakd.losses.rows import make_cached_distill_row_loss, make_distill_row_loss
-from sakd.losses.sparse import sparse_teacher_divergence
+from sakd.losses.sparse import SparseTeacherSettings, sparse_teacher_divergence
 from sakd.models.head import LogitTransform, ModelHead, check_head, head_logits, model_head
 from sakd.models.load import capture_final_hidden
 
@@ -190,9 +190,8 @@ def test_cached_teacher_loss_and_gradients_match_full_logits(family, temperature
     torch.testing.assert_close(probs, expected.values, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(tail, 1.0 - expected.values.sum(-1), atol=1e-6, rtol=1e-5)
 
-    kd = functools.partial(
-        sparse_teacher_divergence, temperature=temperature, teacher_vocab_size=VOCAB, student_vocab=VOCAB
-    )
+    settings = SparseTeacherSettings(VOCAB, student_vocab=VOCAB)
+    kd = functools.partial(sparse_teacher_divergence, temperature=temperature, settings=settings)
     reference = make_cached_distill_row_loss(kd)
     row_inputs = [labels, top_ids, probs, tail, kd_mask, kd_weight]
     weights = {"lm": 1.1, "kd": 0.6}
@@ -200,7 +199,7 @@ def test_cached_teacher_loss_and_gradients_match_full_logits(family, temperature
     parts = reference(s_logits[:, :-1].flatten(0, 1).float(), *row_inputs)
     ref_total = weights["lm"] * parts["lm"] + weights["kd"] * parts["kd"]
     ref_grads = _student_grads(student, ref_total)
-    fused = FusedCachedForwardKL(reference, temperature, VOCAB, student_vocab=VOCAB)
+    fused = FusedCachedForwardKL(reference, temperature, settings)
     for row_loss in (reference, fused):
         hidden, _ = _hidden_and_logits(student, ids)
         rows = hidden[:, :-1].flatten(0, 1)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import yaml
+from helpers import CLIRun, metrics_records, write_yaml
 from report_helpers import assert_plot_has_data, report_sections, small_run_config
 
 from sakd.cli import main
@@ -21,26 +17,19 @@ def test_report_of_a_run_stopped_by_sigterm_and_resumed(base_config, assets, tmp
     --resume auto: the report names the resumed segment."""
     raw = small_run_config(base_config, assets, max_steps=6, save_every=2)
     run = Path(raw["output_dir"])
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    with (tmp_path / "first.err").open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "sakd", "train", str(config)], stdout=err, stderr=err)
+    config = write_yaml(raw, tmp_path / "config.yaml")
+    first = CLIRun("train", str(config), logs=tmp_path / "first")
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoints" / "step-000002" / "manifest.json").exists():
-            assert proc.poll() is None, (tmp_path / "first.err").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 128 + signal.SIGTERM, (tmp_path / "first.err").read_text()
+        first.wait_for(run / "checkpoints" / "step-000002" / "manifest.json", timeout=120)
+        first.signal(signal.SIGTERM)
+        assert first.wait(120) == 128 + signal.SIGTERM, first.stderr
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if first.proc.poll() is None:
+            first.proc.kill()
+            first.proc.wait()
     assert main(["train", str(config), "--resume", "auto"]) == 0
 
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (resume,) = [r for r in records if r["event"] == "resume"]
+    (resume,) = metrics_records(run, "resume")
     assert 2 <= resume["step"] < 6
     paths = build_report(run)
     assert paths["markdown"] == run / "report.md" and paths["html"] == run / "report.html"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import metrics_records
 from pydantic import ValidationError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -150,15 +151,6 @@ def test_a_training_run_reports_to_the_listed_trackers_only(base_config, tmp_pat
     raw["train"].update(max_steps=1, warmup_steps=0, report_to=report_to, wandb_project="sakd-test")
     train(validate(raw))
     run = Path(raw["output_dir"])
-    assert (
-        len(
-            [
-                r
-                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if r["event"] == "train"
-            ]
-        )
-        == 1
-    )
+    assert len(metrics_records(run, "train")) == 1
     assert not (run / "tensorboard").exists()
     assert (run / "wandb").exists() == bool(report_to)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from run_helpers import CLIRun
+from helpers import CLIRun
 
 from sakd.config import validate
 from sakd.models import load as load_module
@@ -102,7 +102,7 @@ def cli_run() -> Callable[..., CLIRun]:
     runs: list[CLIRun] = []
 
     def start(config: Path, *args: str) -> CLIRun:
-        run = CLIRun(config, *args, logs=config.parent / f"segment{len(runs)}")
+        run = CLIRun("train", str(config), *args, logs=config.parent / f"segment{len(runs)}")
         runs.append(run)
         return run
 

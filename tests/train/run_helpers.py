@@ -1,19 +1,12 @@
-"""Helpers for the fault-tolerance tests: the real CLI in a subprocess, metrics records, checkpoint contents
-and bit-for-bit comparisons of two checkpoints."""
+"""Helpers for the fault-tolerance tests: the teacher's forward and the models watched, checkpoint contents and
+bit-for-bit comparisons of two checkpoints (the CLI in a subprocess and metrics records are in helpers.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from sakd.train import loop as loop_module
@@ -67,60 +60,6 @@ def capture_models(monkeypatch) -> dict[str, torch.nn.Module]:
 
     monkeypatch.setattr(step_module, "load_model", capturing)
     return models
-
-
-def write_yaml(raw: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-class CLIRun:
-    """`sakd train` in a subprocess, its output in files (a pipe could fill up and block it)."""
-
-    def __init__(self, config: Path, *args: str, logs: Path):
-        self.stdout_path = logs.with_suffix(".out")
-        self.stderr_path = logs.with_suffix(".err")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sakd", "train", str(config), *args], stdout=out, stderr=err, env=env
-            )
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    def wait_for(self, path: Path, timeout: float = 600) -> None:
-        """Until `path` exists; fails if the process ends first."""
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"sakd train ended (status {self.proc.returncode}) before {path} existed:\n{self.stderr}"
-                )
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                pytest.fail(f"{path} did not appear within {timeout} s")
-            time.sleep(0.02)
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.proc.pid, signum)
-
-    def wait(self, timeout: float = 600) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-
-
-def records(run: Path, event: str) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("event") == event]
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:

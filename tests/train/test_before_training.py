@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import metrics_records, write_yaml
 from transformers import AutoModelForCausalLM
 
 from sakd.cache import capture_teacher_cache
@@ -55,13 +55,11 @@ def trained(assets, tmp_path_factory) -> dict[str, Path]:
 
 
 def _run(raw: dict, tmp_path: Path, caplog) -> tuple[dict, str, list[str]]:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config = write_yaml(raw, tmp_path / "config.yaml")
     with caplog.at_level(logging.INFO, logger="sakd"):
         assert main(["train", str(config)]) == 0
     run = Path(raw["output_dir"])
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (before,) = [r for r in records if r.get("event") == "before_training"]
+    (before,) = metrics_records(run, "before_training")
     warnings = [
         r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and WARNING in r.getMessage()
     ]

@@ -13,14 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from run_helpers import (
-    assert_tensors_equal,
-    checkpoint_dir,
-    records,
-    student_weights,
-    training_state,
-    write_yaml,
-)
+from helpers import metrics_records, write_yaml
+from run_helpers import assert_tensors_equal, checkpoint_dir, student_weights, training_state
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -139,7 +133,7 @@ def test_auto_resume_skips_a_truncated_checkpoint(three_checkpoints, caplog):
         "skipping damaged checkpoint" in r.getMessage() and "step-000003" in r.getMessage()
         for r in caplog.records
     )
-    assert records(run, "resume")[-1]["from"] == str(checkpoint_dir(run, 2))
+    assert metrics_records(run, "resume")[-1]["from"] == str(checkpoint_dir(run, 2))
     assert checkpoint.verify(newest) is None
     assert_tensors_equal(student_weights(newest), intact, "redone step 3")
 

@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 
 import torch
-from run_helpers import records
+from helpers import metrics_records
 from torch._dynamo.backends.registry import lookup_backend
 from transformers import AutoModelForCausalLM
 
@@ -49,7 +49,7 @@ def test_training_with_compile_matches_training_without(make_raw, monkeypatch):
     for compiled in (False, True):
         raw = make_raw(f"compile-{compiled}", max_steps=3, compile=compiled)
         assert train(validate(raw))["step"] == 3
-        losses[compiled] = [r["loss"] for r in records(Path(raw["output_dir"]), "train")]
+        losses[compiled] = [r["loss"] for r in metrics_records(Path(raw["output_dir"]), "train")]
     assert len(graphs) >= 2  # student and teacher layers
     assert len(losses[True]) == 3
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)

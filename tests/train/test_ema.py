@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics_records
 from run_helpers import (
     checkpoint_dir,
     load_weights,
     on_teacher_forward,
-    records,
     student_weights,
     training_state,
     with_tied,
@@ -127,7 +127,7 @@ def test_final_holds_the_better_weights_and_says_which(make_raw, small_data, mon
     chosen = "ema" if handicapped == "raw" else "raw"
     run = Path(raw["output_dir"])
 
-    evals = records(run, "eval")
+    evals = metrics_records(run, "eval")
     assert len(evals) == 3 and all("bits_per_byte" in e["raw"] and "bits_per_byte" in e["ema"] for e in evals)
     info = json.loads((run / "final" / "sakd.json").read_text())
     assert info["weights"] == chosen == summary["final"]["weights"]

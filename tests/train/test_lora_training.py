@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics_records
 from run_helpers import (
     assert_same_state,
     assert_tensors_equal,
     capture_models,
     checkpoint_dir,
     load_weights,
-    records,
     training_state,
 )
 from transformers import AutoModelForCausalLM
@@ -49,7 +49,7 @@ def test_first_loss_equals_full_fine_tuning_and_only_the_adapters_train(base_con
     models = capture_models(monkeypatch)
     train(validate(lora))
 
-    first = [records(Path(r["output_dir"]), "train")[0] for r in (full, lora)]
+    first = [metrics_records(Path(r["output_dir"]), "train")[0] for r in (full, lora)]
     assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-6)
     assert first[0]["loss_kd"] == pytest.approx(first[1]["loss_kd"], rel=1e-6)
 
@@ -122,7 +122,7 @@ def test_lora_resume_is_bit_exact(make_raw, reference_run):
 
     summary = train(validate(raw), resume="auto")
 
-    assert summary["step"] == 4 and records(run, "resume")[-1]["step"] == 2
+    assert summary["step"] == 4 and metrics_records(run, "resume")[-1]["step"] == 2
     for step in (3, 4):
         assert_same_state(checkpoint_dir(run, step), checkpoint_dir(ref, step))
     assert_tensors_equal(

@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import metrics_records, write_yaml
 from run_helpers import (
     assert_same_state,
     assert_tensors_equal,
     checkpoint_dir,
     load_weights,
     on_teacher_forward,
-    records,
     student_weights,
     training_state,
-    write_yaml,
 )
 
 from sakd.cli import main
@@ -68,7 +67,7 @@ def test_resume_from_any_checkpoint_is_bit_exact(
 
     assert summary["step"] == max_steps
     assert calls["n"] == (max_steps - resume_step) * 2, "the teacher ran on batches before the resume point"
-    assert records(run, "resume")[-1]["step"] == resume_step
+    assert metrics_records(run, "resume")[-1]["step"] == resume_step
     for step in range(resume_step + save_every, max_steps + 1, save_every):
         assert_same_state(checkpoint_dir(run, step), checkpoint_dir(ref, step))
     # the optimizer steps the live model after resume (not a stale copy of its parameters)
@@ -122,12 +121,12 @@ def test_interrupted_cli_run_resumes_to_the_uninterrupted_result(
         assert signal.Signals(signum).name in proc.stderr and "--resume auto" in proc.stderr
         newest = checkpoint.resolve_resume(run / "checkpoints", "auto")
         assert checkpoint.verify(newest) is None and step <= training_state(newest)["loop"]["step"] < 8
-        assert not records(run, "end")
+        assert not metrics_records(run, "end")
     proc = cli_run(config, "--resume", "auto")
     assert proc.wait() == 0, proc.stderr
     assert "done: 8 steps" in proc.stdout
 
-    resumes = records(run, "resume")
+    resumes = metrics_records(run, "resume")
     assert len(resumes) == len(interruptions)
     assert all(step <= r["step"] < 8 for r, (_, step) in zip(resumes, interruptions, strict=True))
     ref = reference_run(raw)
@@ -208,7 +207,7 @@ def test_harmless_config_changes_resume(finished_run, capsys):
     write_yaml(raw, config)
     code, err = _run_cli(capsys, "train", str(config), "--resume", "auto")
     assert code == 0, err
-    assert records(Path(raw["output_dir"]), "resume")[-1]["step"] == 8
+    assert metrics_records(Path(raw["output_dir"]), "resume")[-1]["step"] == 8
     saved = yaml.safe_load((Path(raw["output_dir"]) / "config.yaml").read_text())
     assert saved["train"]["log_every"] == 3
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
 import pytest
+from helpers import metrics_records
 
 from sakd.config import validate
 from sakd.train.loop import train
@@ -29,8 +29,5 @@ def test_skew_divergence_trains_across_tokenizers(base_config, name, tmp_path):
     raw["output_dir"] = str(tmp_path / "run")
     summary = train(validate(raw))
     assert summary["step"] == 2
-    records = [
-        json.loads(line) for line in (Path(raw["output_dir"]) / "metrics.jsonl").read_text().splitlines()
-    ]
-    kd = [r["loss_kd"] for r in records if r.get("event") == "train"]
+    kd = [r["loss_kd"] for r in metrics_records(Path(raw["output_dir"]), "train")]
     assert len(kd) == 2 and all(math.isfinite(v) and v > 0 for v in kd)

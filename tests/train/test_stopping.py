@@ -10,14 +10,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from run_helpers import (
-    assert_same_state,
-    checkpoint_dir,
-    on_teacher_forward,
-    records,
-    training_state,
-    write_yaml,
-)
+from helpers import metrics_records, write_yaml
+from run_helpers import assert_same_state, checkpoint_dir, on_teacher_forward, training_state
 
 from sakd.cli import main
 from sakd.config import validate
@@ -119,7 +113,7 @@ def test_early_stop_mid_epoch_respects_min_steps(make_raw, small_data, monkeypat
     summary = train(validate(raw))
     assert summary["stop_reason"] == "early stop" and summary["step"] == stop_step
     run = Path(raw["output_dir"])
-    assert [e["step"] for e in records(run, "eval")][:-1] == list(range(1, stop_step + 1))
+    assert [e["step"] for e in metrics_records(run, "eval")][:-1] == list(range(1, stop_step + 1))
     assert _only_checkpoints(run) == [f"step-{stop_step:06d}"]
     assert training_state(checkpoint_dir(run, stop_step))["loader"]["epoch"] == 0
     assert (run / "final" / "model.safetensors").is_file()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import metrics_records
 from safetensors.torch import load_file
 
 from sakd.config import validate
@@ -22,10 +22,6 @@ from sakd.train.rows import LossNorm
 from sakd.train.step import build_training, step_batches
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_curriculum_phases_losses_and_router_heads(base_config):
     raw = {
         **base_config,
@@ -36,7 +32,7 @@ def test_curriculum_phases_losses_and_router_heads(base_config):
     cfg = validate(raw)
     train(cfg)
     run = Path(raw["output_dir"])
-    steps = [r for r in _records(run) if r.get("event") == "train"]
+    steps = metrics_records(run, "train")
     assert [r["phase"] for r in steps] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
     for r in steps:
         point = curriculum_point(cfg, r["step"] - 1)
@@ -47,7 +43,7 @@ def test_curriculum_phases_losses_and_router_heads(base_config):
         value = phase3[f"loss_{part}"]
         assert value == value and abs(value) < float("inf"), part  # logged and finite
     # Evaluation at step 8 weighs the losses as training does at step 8 (else the two are not comparable).
-    ev = next(r for r in _records(run) if r.get("event") == "eval" and r["step"] == 8)
+    ev = next(r for r in metrics_records(run, "eval") if r["step"] == 8)
     assert set(ev["parts"]) >= {"kd", "lm", "feature", "router"}
     # The router and projection heads train (phase 3) and are checkpointed beside the student.
     ckpts = run / "checkpoints"

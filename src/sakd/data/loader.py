@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,14 +14,22 @@ from sakd.data.tokenize import InputFormat
 from sakd.errors import UserError
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of the data: rank `rank` of `world_size` data-parallel processes."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
 class WindowLoader:
     """Batches of windows in a seeded order per epoch; its position is a checkpointable state.
 
     Epoch e visits the windows in the permutation drawn from `np.random.default_rng([seed, e])` (in order
     when `shuffle` is False). Global batches are consecutive slices of `batch_size * world_size` windows of
-    that order, and rank r takes the r-th `batch_size` slice of each. With `drop_last` an incomplete global
-    batch is dropped; without it, the tail is split as evenly as possible between ranks (a rank may then get
-    an empty batch when fewer windows than ranks remain).
+    that order, and rank r (`shard`) takes the r-th `batch_size` slice of each. With `drop_last` an incomplete
+    global batch is dropped; without it, the tail is split as evenly as possible between ranks (a rank may
+    then get an empty batch when fewer windows than ranks remain).
     """
 
     def __init__(
@@ -29,12 +38,12 @@ class WindowLoader:
         batch_size: int,
         seed: int,
         shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
+        shard: Shard = Shard(),
         student: InputFormat | int = 0,
         teacher: InputFormat | int | None = None,
         drop_last: bool = True,
     ) -> None:
+        rank, world_size = shard.rank, shard.world_size
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
         global_batch = batch_size * world_size

@@ -16,11 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from sakd.losses.chunked import RowLoss
 from sakd.losses.rows import IGNORE_INDEX, kd_count, kd_selection
+from sakd.losses.sparse import (
+    SparseTeacherSettings,
+    log_mass_outside_from_probs,
+    sparse_kl_buckets,
+    sparse_kl_rows,
+    sparse_teacher_buckets,
+)
 from sakd.models.head import ModelHead, as_head, head_logits
 
 # (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C))
@@ -195,6 +203,17 @@ def _jsd_with_grad(
     return values, grad
 
 
+class CachedRowInputs(NamedTuple):
+    """The row inputs of a cached-teacher row loss, in their order (`make_cached_distill_row_loss`)."""
+
+    labels: torch.Tensor  # (n,)
+    teacher_ids: torch.Tensor  # (n, k)
+    teacher_probs: torch.Tensor  # (n, k) at temperature 1
+    teacher_tail: torch.Tensor  # (n,) the mass outside the top-k
+    kd_mask: torch.Tensor  # (n,) bool
+    kd_weight: torch.Tensor  # (n,)
+
+
 class FusedCachedForwardKL(_FusedRowLoss):
     """The cached-teacher twin of `FusedForwardKL` (row inputs: labels, teacher_ids, teacher_probs,
     teacher_tail, kd_mask, kd_weight): forward KL on the k + 1 buckets of `sparse_teacher_divergence`, whose
@@ -205,58 +224,46 @@ class FusedCachedForwardKL(_FusedRowLoss):
 
     `reference` is the plain row loss (`make_cached_distill_row_loss` of the same divergence)."""
 
-    def __init__(
-        self,
-        reference: RowLoss,
-        temperature: float,
-        teacher_vocab_size: int,
-        student_vocab: int | None = None,
-        teacher_to_student: torch.Tensor | None = None,
-    ):
+    def __init__(self, reference: RowLoss, temperature: float, settings: SparseTeacherSettings):
+        if settings.name != "forward_kl":
+            raise ValueError(f"the fused cached loss is forward KL, not {settings.name}")
         self.reference = reference
         self.temperature = temperature
-        self.teacher_vocab_size = teacher_vocab_size
-        self.student_vocab = student_vocab
-        self.teacher_to_student = teacher_to_student
+        self.settings = settings
 
     @torch.no_grad()
     def with_grad(
         self,
         logits: torch.Tensor,
         part_weights: dict[str, float],
-        labels: torch.Tensor,
-        teacher_ids: torch.Tensor,
-        teacher_probs: torch.Tensor,
-        teacher_tail: torch.Tensor,
-        kd_mask: torch.Tensor,
-        kd_weight: torch.Tensor,
+        *row_inputs: torch.Tensor,
         kd_rows: int | None = None,  # not needed: rows outside kd_mask are masked, not selected
         grad_out: torch.Tensor | None = None,  # as for FusedForwardKL
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        from sakd.losses.sparse import (
-            log_mass_outside_from_probs,
-            sparse_kl_buckets,
-            sparse_kl_rows,
-            sparse_teacher_buckets,
-        )
-
+        """As `FusedForwardKL.with_grad`, with this loss's row inputs (`CachedRowInputs`, in order)."""
+        r, vocab = CachedRowInputs(*row_inputs), self.settings
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
-        parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0), grad_out)
+        parts, logsm, lm_coef, column = _cross_entropy(s, r.labels, part_weights.get("lm", 0.0), grad_out)
 
         logp, log_tail, targets = sparse_teacher_buckets(
-            teacher_ids, teacher_probs, teacher_tail, t, self.teacher_vocab_size, self.teacher_to_student
+            r.teacher_ids,
+            r.teacher_probs,
+            r.teacher_tail,
+            t,
+            vocab.teacher_vocab_size,
+            vocab.teacher_to_student,
         )
-        cols = s.shape[-1] if self.teacher_to_student is not None else self.student_vocab
+        own = vocab.teacher_to_student is None  # one vocabulary: the top-k ids are distinct columns
+        cols = vocab.student_vocab if own else s.shape[-1]
         shared = _shares_softmax(s, cols, t)
         logq = logsm if shared else _tempered_logprobs(s, cols, t)  # (n, C)
-        own = self.teacher_to_student is None  # one vocabulary: the top-k ids are distinct columns
         terms = sparse_kl_buckets(logq, targets, logp, log_tail, own_columns=own)
         q = logq.exp_()  # (n, C) the student's softmax at T
         rows, c = sparse_kl_rows(terms, log_mass_outside_from_probs(q, terms), t)
-        parts["kd"] = torch.where(kd_mask, kd_weight.float() * rows, 0.0).sum()
+        parts["kd"] = torch.where(r.kd_mask, r.kd_weight.float() * rows, 0.0).sum()
 
-        kd_coef = torch.where(kd_mask & ~terms["no_mass"], kd_w * t * kd_weight.float(), 0.0)  # (n,)
+        kd_coef = torch.where(r.kd_mask & ~terms["no_mass"], kd_w * t * r.kd_weight.float(), 0.0)  # (n,)
         entry_p = terms["entry_p"]
         # q_j (sum P + tail) on S, q_j (sum P + tail - c) outside it, then - P_j at each entry's column. S's
         # values are written, not added to the outside ones: c is huge when the student leaves almost nothing

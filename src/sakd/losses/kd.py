@@ -31,7 +31,7 @@ from sakd.losses.fused import (
     same_vocab_target,
 )
 from sakd.losses.rows import make_cached_distill_row_loss, make_distill_row_loss
-from sakd.losses.sparse import sparse_teacher_divergence
+from sakd.losses.sparse import SparseTeacherSettings, sparse_teacher_divergence
 from sakd.losses.vocab_mapping import VocabMapping, build_vocab_mapping
 from sakd.models.head import ModelHead
 
@@ -173,7 +173,7 @@ class TopKKD:
     per_row: Callable[..., torch.Tensor]
     settings: KDSettings
     mapping: VocabMapping | None = None
-    fused: dict[str, Any] | None = None  # FusedCachedForwardKL's arguments, when it applies
+    fused: SparseTeacherSettings | None = None  # the settings of FusedCachedForwardKL, when it applies
 
     def at(self, temperature: float, progress: float = 0.0) -> Callable[..., torch.Tensor]:
         """The per-row KD at `temperature`, with the divergence's parameter at `progress` of training."""
@@ -184,23 +184,19 @@ class TopKKD:
         row_loss = make_cached_distill_row_loss(self.at(temperature, progress))
         if self.fused is None:
             return row_loss
-        return FusedCachedForwardKL(row_loss, temperature, **self.fused)
+        return FusedCachedForwardKL(row_loss, temperature, self.fused)
 
 
 def top_k_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: Any) -> TopKKD:
-    name = settings.divergence
-    sparse = partial(sparse_teacher_divergence, name=name, teacher_vocab_size=len(teacher_tokenizer))
-    fused = {"teacher_vocab_size": len(teacher_tokenizer)} if settings.fused_forward_kl else None
+    name, teacher_vocab = settings.divergence, len(teacher_tokenizer)
     if same_vocabulary(teacher_tokenizer, student_tokenizer):
-        vocab = len(student_tokenizer)
-        if fused is not None:
-            fused["student_vocab"] = vocab
+        sparse = SparseTeacherSettings(teacher_vocab, name, student_vocab=len(student_tokenizer))
         return TopKKD(
             f"same-vocabulary {name} (cached top-k teacher)",
-            partial(sparse, student_vocab=vocab),
+            partial(sparse_teacher_divergence, settings=sparse),
             settings,
             None,
-            fused,
+            sparse if settings.fused_forward_kl else None,
         )
     if settings.cross_vocab != "projection":
         raise UserError(
@@ -213,12 +209,11 @@ def top_k_kd(settings: KDSettings, teacher_tokenizer: Any, student_tokenizer: An
             "reverse KL against a projected teacher is infinite: use forward_kl, jsd with beta < 1, or tvd"
         )
     mapping = build_vocab_mapping(teacher_tokenizer, student_tokenizer)
-    if fused is not None:
-        fused["teacher_to_student"] = mapping.teacher_to_student
+    sparse = SparseTeacherSettings(teacher_vocab, name, teacher_to_student=mapping.teacher_to_student)
     return TopKKD(
         f"cross-vocabulary projection {name} (cached top-k teacher)",
-        partial(sparse, teacher_to_student=mapping.teacher_to_student),
+        partial(sparse_teacher_divergence, settings=sparse),
         settings,
         mapping,
-        fused,
+        sparse if settings.fused_forward_kl else None,
     )

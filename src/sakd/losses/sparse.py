@@ -5,12 +5,28 @@ The k + 1 buckets (each top-k token, and everything else as one "tail") are comp
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sakd.losses.divergence import divergence_from_logprobs, student_logprobs_at
+
+
+@dataclass(frozen=True)
+class SparseTeacherSettings:
+    """What `sparse_teacher_divergence` takes of the run, beyond each call's rows: the divergence, and how the
+    cached teacher's ids meet the student's logit columns (one of `student_vocab`, `teacher_to_student`)."""
+
+    teacher_vocab_size: int
+    """The teacher tokenizer's size: at T != 1 the tail is spread over its tokens outside the top-k."""
+    name: str = "forward_kl"
+    """A divergence of `divergence_from_logprobs`."""
+    student_vocab: int | None = None
+    """Same vocabulary: the student's real columns (the softmax runs over its first `student_vocab`)."""
+    teacher_to_student: torch.Tensor | None = None
+    """Different vocabularies: (V_t,) the student id of each teacher id, -1 unmapped."""
 
 
 def sparse_teacher_divergence(
@@ -20,11 +36,8 @@ def sparse_teacher_divergence(
     teacher_tail: torch.Tensor,
     temperature: float,
     *,
-    name: str = "forward_kl",
+    settings: SparseTeacherSettings,
     beta: float = 0.5,
-    teacher_vocab_size: int,
-    student_vocab: int | None = None,
-    teacher_to_student: torch.Tensor | None = None,
     student_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A divergence against a teacher known only by its top-k: ids (n, k), probs (n, k) at temperature 1, and
@@ -46,18 +59,19 @@ def sparse_teacher_divergence(
     with no teacher mass at all gives 0. `student_logprobs` (n, W'): log_softmax of all of `student_logits`,
     when the caller has it (the LM loss does); forward KL at temperature 1 reuses it when W' = W.
     """
+    to_student = settings.teacher_to_student
     logp, log_tail, targets = sparse_teacher_buckets(
-        teacher_ids, teacher_probs, teacher_tail, temperature, teacher_vocab_size, teacher_to_student
+        teacher_ids, teacher_probs, teacher_tail, temperature, settings.teacher_vocab_size, to_student
     )
-    if teacher_to_student is None:
-        student_logits = student_logits[:, :student_vocab]
-    if name == "forward_kl":
+    if to_student is None:
+        student_logits = student_logits[:, : settings.student_vocab]
+    if settings.name == "forward_kl":
         width = student_logits.shape[-1]
         if student_logprobs is None or temperature != 1.0 or student_logprobs.shape[-1] != width:
             scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature
             student_logprobs = F.log_softmax(scaled, dim=-1)
         return _sparse_forward_kl(student_logprobs, targets, logp, log_tail, temperature)
-    return _bucket_divergence(student_logits, targets, logp, log_tail, temperature, name, beta)
+    return _bucket_divergence(student_logits, targets, logp, log_tail, temperature, settings.name, beta)
 
 
 def sparse_teacher_buckets(

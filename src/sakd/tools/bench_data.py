@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from sakd.data.corpus import build_windows
-from sakd.data.loader import WindowLoader
-from sakd.data.tokenize import input_format
 from sakd.models.load import load_tokenizer
-from sakd.tools.bench_step import StepSizes
+from sakd.tools.bench_step import StepSizes, pair_loader
 
 
 def run_data_bench(assets: dict[str, Path], sizes: StepSizes) -> dict[str, Any]:
@@ -21,14 +19,7 @@ def run_data_bench(assets: dict[str, Path], sizes: StepSizes) -> dict[str, Any]:
     start = time.perf_counter()
     windows = build_windows([assets["corpus"]], student_tok, teacher_tok, sizes.max_length)
     packed = time.perf_counter()
-    loader = WindowLoader(
-        windows,
-        sizes.batch_size,
-        seed=0,
-        student=input_format(student_tok),
-        teacher=input_format(teacher_tok),
-        drop_last=False,
-    )
+    loader = pair_loader(windows, sizes.batch_size, student_tok, teacher_tok, drop_last=False)
     batches = sum(1 for _ in loader)
     end = time.perf_counter()
     tokens = sum(len(w.student_ids) for w in windows)

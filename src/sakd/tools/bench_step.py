@@ -161,7 +161,7 @@ class SakdStep:
     evaluation and checkpoints, at one fixed curriculum point."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, precision: str, point: CurriculumPoint):
-        self.point = point
+        self.cfg, self.precision, self.point = cfg, precision, point
         set_seed(cfg.train.seed)
         self.student_tok = load_tokenizer(cfg.student.tokenizer_path, "student")
         self.teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
@@ -193,24 +193,30 @@ def _batches(corpus: Path, student_tok, teacher_tok, sizes: StepSizes, count: in
             f"the benchmark corpus gives {len(windows)} windows, fewer than one batch of {sizes.batch_size}: "
             "raise --data-mb or lower --batch-size / --max-length"
         )
-    loader = WindowLoader(
+    loader = pair_loader(windows, sizes.batch_size, student_tok, teacher_tok)
+    return windows, [loader.next_batch() for _ in range(count)]
+
+
+def pair_loader(windows, batch_size: int, student_tok, teacher_tok, drop_last: bool = True) -> WindowLoader:
+    """The training loader over `windows` for a tokenizer pair, shuffled with seed 0 as every bench run."""
+    return WindowLoader(
         windows,
-        sizes.batch_size,
+        batch_size,
         seed=0,
         student=input_format(student_tok),
         teacher=input_format(teacher_tok),
+        drop_last=drop_last,
     )
-    return windows, [loader.next_batch() for _ in range(count)]
 
 
 class CachedStep:
     """The sakd step with the teacher cache: the teacher is run once over the step corpus by
     `capture_teacher_cache` (not timed), then training reads its top-k rows and loads no teacher."""
 
-    def __init__(
-        self, live: SakdStep, cfg: Config, accelerator, precision, corpus: Path, windows, batches, top_k, root
-    ):
-        """`live`: the same config's live step (its tokenizers and curriculum point are reused)."""
+    def __init__(self, live: SakdStep, corpus: Path, windows, batches, top_k: int, root: Path):
+        """`live`: the same config's live step (its config, precision, accelerator, tokenizers and curriculum
+        point are reused)."""
+        cfg, accelerator, precision = live.cfg, live.training.accelerator, live.precision
         self.point = live.point
         set_seed(cfg.train.seed)
         student_tok, teacher_tok = live.student_tok, live.teacher_tok
@@ -340,15 +346,7 @@ def run_step_bench(
             to_device(b, device) for b in _batches(assets["step_corpus"], ref_tok, ref_tok, sizes, count)[1]
         ]
         cached = CachedStep(
-            sakd,
-            cfg,
-            accelerator,
-            precision,
-            assets["step_corpus"],
-            windows,
-            cpu_batches,
-            cache_top_k,
-            out / f"{name}-teacher-cache",
+            sakd, assets["step_corpus"], windows, cpu_batches, cache_top_k, out / f"{name}-teacher-cache"
         )
         timer = TeacherTimer(sakd.teacher, device)  # the live step's teacher forward, timed on its own
         rates = _rates(

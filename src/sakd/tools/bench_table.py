@@ -10,13 +10,26 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _console():
+    from rich.console import Console
+
+    return Console(width=max(Console().width, 110))
+
+
 def render(result: dict[str, Any]) -> None:
     """The readable view: one table per part, then the summary against the targets."""
-    from rich.console import Console
-    from rich.table import Table
+    console = _console()
+    _header(console, result)
+    _loss_table(console, result)
+    _step_table(console, result)
+    _data_table(console, result)
+    if result.get("cache_epoch"):
+        _cache_epoch_table(console, result["cache_epoch"])
+    _summary_table(console, result)
 
-    console = Console(width=max(Console().width, 110))
-    s = result["settings"]
+
+def _header(console, result: dict[str, Any]) -> None:
+    """The device, threads and load, and a note when other processes kept the cores busy."""
     console.print(
         f"[bold]sakd bench[/bold] on {result['device']} ({result['device_info']['torch_threads']} torch "
         f"threads; load average {result['load_average_start']} -> {result['load_average_end']}), "
@@ -35,21 +48,26 @@ def render(result: dict[str, Any]) -> None:
             f"inflated and noisy{why}"
         )
 
-    loss = result["loss"]
-    t = Table(
-        title=f"(a) KD loss forward+backward (lm + forward KL), {s['tokens']} tokens, hidden {s['hidden']}, "
-        f"chunks of <= {s['chunk_size']} rows and <= {s['chunk_logits']} logits"
+
+def _table(title: str, columns: tuple[str, ...], left: tuple[str, ...] = ()):
+    """A table with `columns`, right-justified but for those in `left`."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="left" if col in left else "right")
+    return t
+
+
+def _loss_table(console, result: dict[str, Any]) -> None:
+    """Part (a): the chunked against the full loss, per vocabulary, and the memory method's check."""
+    loss, s = result["loss"], result["settings"]
+    t = _table(
+        f"(a) KD loss forward+backward (lm + forward KL), {s['tokens']} tokens, hidden {s['hidden']}, "
+        f"chunks of <= {s['chunk_size']} rows and <= {s['chunk_logits']} logits",
+        ("vocab", "variant", "median s", "passes", "peak MiB", "chunked/full time", "chunked/full memory"),
+        left=("variant",),
     )
-    for col in (
-        "vocab",
-        "variant",
-        "median s",
-        "passes",
-        "peak MiB",
-        "chunked/full time",
-        "chunked/full memory",
-    ):
-        t.add_column(col, justify="right" if col not in ("variant",) else "left")
     for row in loss["results"]:
         ratio = loss["ratios"][str(row["vocab"])] if row["variant"] == "chunked" else {}
         if row["status"] == "ok":
@@ -73,22 +91,25 @@ def render(result: dict[str, Any]) -> None:
             f"{_fmt(c.get('measured_mb'), 1)} MiB ({c.get('memory_method', c.get('error'))})"
         )
 
-    step = result["step"]
-    t = Table(
-        title=f"(b) training step, batch {s['batch_size']} x {s['max_length']} tokens, precision "
-        f"{s['precision']}: student tokens/s (median of {s['steps']} steps each, alternating)"
+
+def _step_table(console, result: dict[str, Any]) -> None:
+    """Part (b): student tokens/s of sakd's step against the reference and the cached step, per pair."""
+    step, s = result["step"], result["settings"]
+    t = _table(
+        f"(b) training step, batch {s['batch_size']} x {s['max_length']} tokens, precision "
+        f"{s['precision']}: student tokens/s (median of {s['steps']} steps each, alternating)",
+        (
+            "tokenizers",
+            "vocab t/s",
+            "sakd",
+            "reference",
+            "sakd/reference",
+            "sakd cached",
+            "cached/sakd",
+            "sakd step",
+        ),
+        left=("tokenizers", "sakd step"),
     )
-    for col in (
-        "tokenizers",
-        "vocab t/s",
-        "sakd",
-        "reference",
-        "sakd/reference",
-        "sakd cached",
-        "cached/sakd",
-        "sakd step",
-    ):
-        t.add_column(col, justify="left" if col in ("tokenizers", "sakd step") else "right")
     for name in ("same_vocab", "cross_vocab"):
         r = step[name]
         setup = r["sakd_setup"]
@@ -115,18 +136,22 @@ def render(result: dict[str, Any]) -> None:
         f"{c['teacher_to_student_parameters']:.1f}"
     )
 
+
+def _data_table(console, result: dict[str, Any]) -> None:
+    """Part (c): the data pipeline's rates against training's."""
     d = result["data"]
-    t = Table(title="(c) data: dual tokenization + alignment + packing + collation (cross tokenizers)")
-    for col in (
-        "windows",
-        "student tokens",
-        "windows/s",
-        "tokens/s",
-        "collation tokens/s",
-        "train tokens/s",
-        "data/train",
-    ):
-        t.add_column(col, justify="right")
+    t = _table(
+        "(c) data: dual tokenization + alignment + packing + collation (cross tokenizers)",
+        (
+            "windows",
+            "student tokens",
+            "windows/s",
+            "tokens/s",
+            "collation tokens/s",
+            "train tokens/s",
+            "data/train",
+        ),
+    )
     t.add_row(
         str(d["windows"]),
         str(d["student_tokens"]),
@@ -138,29 +163,32 @@ def render(result: dict[str, Any]) -> None:
     )
     console.print(t)
 
-    epoch = result.get("cache_epoch")
-    if epoch:
-        t = Table(
-            title=f"(d) one epoch of the {epoch['setup']} ({epoch['steps']} steps, teacher "
-            f"{epoch['teacher_to_student_parameters']:.1f}x the student's parameters), live vs top-"
-            f"{epoch['top_k']} teacher cache"
-        )
-        for col in ("run", "loop s (each repeat)", "held-out bits per byte"):
-            t.add_column(col, justify="left" if col == "run" else "right")
-        t.add_row("live", " ".join(_fmt(x, 1) for x in epoch["live_s"]), _fmt(epoch["live_bpb"], 4))
-        t.add_row("cached", " ".join(_fmt(x, 1) for x in epoch["cached_s"]), _fmt(epoch["cached_bpb"], 4))
-        console.print(t)
-        mass = epoch["top_k_mass"]
-        console.print(
-            f"  speedup {_fmt(epoch['speedup'])} (pairs {_fmt(epoch['speedup_range'][0])}-"
-            f"{_fmt(epoch['speedup_range'][1])}); cached - live bits per byte "
-            f"{_fmt(100 * epoch['bpb_relative_difference'], 2)}%; the top-{epoch['top_k']} holds "
-            f"{'-' if mass is None else f'{100 * mass:.0f}%'} of the teacher's probability"
-        )
 
-    t = Table(title="summary")
-    for col in ("measure", "value", "target", "met"):
-        t.add_column(col)
+def _cache_epoch_table(console, epoch: dict[str, Any]) -> None:
+    """Part (d): one demo epoch live and from the teacher cache, its speedup and bits-per-byte difference."""
+    t = _table(
+        f"(d) one epoch of the {epoch['setup']} ({epoch['steps']} steps, teacher "
+        f"{epoch['teacher_to_student_parameters']:.1f}x the student's parameters), live vs top-"
+        f"{epoch['top_k']} teacher cache",
+        ("run", "loop s (each repeat)", "held-out bits per byte"),
+        left=("run",),
+    )
+    t.add_row("live", " ".join(_fmt(x, 1) for x in epoch["live_s"]), _fmt(epoch["live_bpb"], 4))
+    t.add_row("cached", " ".join(_fmt(x, 1) for x in epoch["cached_s"]), _fmt(epoch["cached_bpb"], 4))
+    console.print(t)
+    mass = epoch["top_k_mass"]
+    console.print(
+        f"  speedup {_fmt(epoch['speedup'])} (pairs {_fmt(epoch['speedup_range'][0])}-"
+        f"{_fmt(epoch['speedup_range'][1])}); cached - live bits per byte "
+        f"{_fmt(100 * epoch['bpb_relative_difference'], 2)}%; the top-{epoch['top_k']} holds "
+        f"{'-' if mass is None else f'{100 * mass:.0f}%'} of the teacher's probability"
+    )
+
+
+def _summary_table(console, result: dict[str, Any]) -> None:
+    """Every measure against its target."""
+    columns = ("measure", "value", "target", "met")
+    t = _table("summary", columns, left=columns)
     for name, target in result["targets"].items():
         met = {True: "yes", False: "NO", None: "not measured"}[target["met"]]
         if target["met"] is None and name.startswith("loss_") and result.get("loss_note"):
@@ -177,10 +205,9 @@ def render(result: dict[str, Any]) -> None:
 
 def render_extra(result: dict[str, Any]) -> None:
     """The parts after the summary's own: cache efficiency, (e) against TRL, and the seed-scale run."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 110))
+    console = _console()
     cross = result.get("step", {}).get("cross_vocab", {})
     if cross.get("teacher_forward_s") is not None:
         console.print(

@@ -97,13 +97,10 @@ def _sakd_config(paths: dict[str, str], sizes: TrlSizes, divergence: str, out: P
 
 def _host_batches(cfg, tok, teacher_tok, sizes: TrlSizes) -> list[dict]:
     from sakd.data.corpus import build_windows
-    from sakd.data.loader import WindowLoader
-    from sakd.data.tokenize import input_format
+    from sakd.tools.bench_step import pair_loader
 
     windows = build_windows(cfg.data.train, tok, tok, sizes.max_length)
-    loader = WindowLoader(
-        windows, sizes.batch_size, seed=0, student=input_format(tok), teacher=input_format(tok)
-    )
+    loader = pair_loader(windows, sizes.batch_size, tok, tok)
     return [loader.next_batch() for _ in range(sizes.warmup_steps + sizes.steps)]
 
 

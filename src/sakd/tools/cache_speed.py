@@ -97,7 +97,7 @@ def demo_cache_epoch(
     """`measure_cache_speedup` over one epoch of the demo's data, with its MoE teacher and student (`sakd demo`
     sizes; the teacher is pretrained once in `workdir` and reused, as the demo does)."""
     from sakd.tools.demo import prepare
-    from sakd.tools.plan import estimate
+    from sakd.tools.plan_memory import estimate
 
     setup = prepare(workdir, quick)
     raw = setup.student_config()

@@ -103,10 +103,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from sakd.curriculum import curriculum_at
     from sakd.data.corpus import build_windows
-    from sakd.data.loader import WindowLoader
-    from sakd.data.tokenize import input_format
     from sakd.tools.bench_loss import _proc_status_bytes
-    from sakd.tools.bench_step import SakdStep, _prepared, _sakd_step
+    from sakd.tools.bench_step import SakdStep, _prepared, _sakd_step, pair_loader
 
     cfg = seed_config(Path(spec["root"]), spec["batch_size"], spec["max_length"])
     accelerator = Accelerator(cpu=True, mixed_precision="no")
@@ -116,13 +114,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     after_load = _proc_status_bytes("VmHWM")
     count = spec["warmup"] + spec["steps"]
     windows = build_windows(cfg.data.train, sakd.student_tok, sakd.teacher_tok, cfg.data.max_length)
-    loader = WindowLoader(
-        windows,
-        cfg.train.batch_size,
-        seed=0,
-        student=input_format(sakd.student_tok),
-        teacher=input_format(sakd.teacher_tok),
-    )
+    loader = pair_loader(windows, cfg.train.batch_size, sakd.student_tok, sakd.teacher_tok)
     batches = _prepared([loader.next_batch() for _ in range(count)], accelerator.device)
     rates = []
     for i, batch in enumerate(batches):
@@ -143,7 +135,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 def run_seed_scale(root: Path, batch_size: int, max_length: int, warmup: int, steps: int) -> dict[str, Any]:
     """Build the pair, measure the steps, and the plan's estimate for the same config on the CPU."""
     from sakd.tools.bench_loss import in_fresh_process
-    from sakd.tools.plan import GIB, estimate
+    from sakd.tools.plan_memory import GIB, estimate
 
     root.mkdir(parents=True, exist_ok=True)
     spec = {"root": str(root), "batch_size": batch_size, "max_length": max_length}

@@ -12,7 +12,7 @@ from sakd.cache.training import CachedBatches, CachedTeacher, open_training_cach
 from sakd.config import Config
 from sakd.data.chat import use_chat_templates
 from sakd.data.corpus import build_windows
-from sakd.data.loader import WindowLoader
+from sakd.data.loader import Shard, WindowLoader
 from sakd.data.packing import Window
 from sakd.data.tokenize import input_format
 from sakd.errors import UserError
@@ -32,8 +32,7 @@ class TrainingInputs:
             self.windows,
             cfg.train.batch_size,
             cfg.train.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
+            shard=Shard(accelerator.process_index, accelerator.num_processes),
             student=input_format(student_tok),
             teacher=input_format(teacher_tok),
         )

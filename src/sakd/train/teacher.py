@@ -25,9 +25,9 @@ from sakd.losses.chunk_likelihood import label_logprobs
 from sakd.losses.chunked import Chunking, RowLoss
 from sakd.losses.kd import LogitKD, TopKKD
 from sakd.models.attention import capture_attentions
-from sakd.models.head import ModelHead, head_logits, model_head
+from sakd.models.head import ModelHead, model_head
 from sakd.models.load import capture_final_hidden, unwrap
-from sakd.router import knowledge_gap
+from sakd.router import chunked_gap, knowledge_gap
 
 CACHE_KEYS = ("cache_ids", "cache_probs", "cache_tail")
 
@@ -206,14 +206,7 @@ class TopKTeacher:
             "train with the live teacher"
         )
 
-    @torch.no_grad()
     def knowledge_gap(self, student_rows, student_head, batch, t_pass, point, chunking):
-        mask = batch["align_mask"]
-        teacher = [batch[key][mask] for key in CACHE_KEYS]
-        kd, step = self.kd.at(point.temperature, point.progress), chunking.rows(student_head)
-        gaps = []
-        for start in range(0, student_rows.shape[0], step):
-            stop = start + step
-            logits = head_logits(student_rows[start:stop].to(student_head.weight.dtype), student_head)
-            gaps.append(kd(logits, *(t[start:stop] for t in teacher)).float())
-        return torch.cat(gaps) if gaps else student_rows.new_zeros(0, dtype=torch.float32)
+        teacher = [batch[key][batch["align_mask"]] for key in CACHE_KEYS]
+        kd = self.kd.at(point.temperature, point.progress)
+        return chunked_gap(student_rows, student_head, teacher, kd, chunking.rows(student_head))
