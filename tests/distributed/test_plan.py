@@ -107,6 +107,24 @@ def test_parameter_counts_are_exact(base_config, assets):
     assert half.parts["student activations"] < plan.parts["student activations"]  # 16-bit activations
 
 
+def test_the_chunk_likelihood_term_adds_one_student_row_tensor_per_chunk(base_config, assets):
+    """On by default across tokenizers: one more (rows x V_s) fp32 tensor in the loss than with it off, and
+    nothing more with one tokenizer or a teacher cache, where it does not run."""
+    raw = _plan_raw(base_config)
+    on = estimate(validate(raw), "fp32")
+    off = estimate(validate({**raw, "distill": {"chunk_likelihood_weight": 0.0}}), "fp32")
+    rows = min(raw["train"]["batch_size"] * raw["data"]["max_length"], 1024)
+    extra = on.parts["loss (one chunk)"] - off.parts["loss (one chunk)"]
+    assert extra == rows * on.student.vocab * 4
+    same = {**raw, "student": {**raw["student"], "model": str(assets["student_same"])}}
+    assert (
+        estimate(validate(same), "fp32").parts["loss (one chunk)"]
+        == estimate(validate({**same, "distill": {"chunk_likelihood_weight": 0.0}}), "fp32").parts[
+            "loss (one chunk)"
+        ]
+    )
+
+
 def test_a_lora_student_counts_optimizer_state_for_its_adapters_only(base_config, assets):
     """LoRA: the frozen weights at 4 B, the adapters (r x (in + out) per target, counted by hand) at 16 B and
     in the EMA, no head gradient in the loss; FSDP with LoRA is refused as training refuses it."""

@@ -20,13 +20,14 @@ Data parallelism replicates everything, so the estimate is per device whatever t
   (E experts per token) when the router's feature or balance loss is on: b x s x (E + 3) x h_t x bytes;
 - the loss: the chunked loss never holds the (tokens x vocabulary) logits, only one chunk of rows at a time:
   rows x (4 V_s + 3 V_t) x 4 B (student logits, log-probabilities, their gradient and the teacher's
-  distribution on the student vocabulary; teacher logits, log-probabilities, probabilities), + V_s x h_s x 4
-  for the head gradient accumulated in fp32 (none for a LoRA student, whose head is frozen).
+  distribution on the student vocabulary; teacher logits, log-probabilities, probabilities; one more V_s for
+  the chunk-likelihood term when it runs), + V_s x h_s x 4 for the head gradient accumulated in fp32 (none
+  for a LoRA student, whose head is frozen).
 
 Not counted: the CUDA context and allocator fragmentation (a headroom of 15% of the device is kept free),
 and cuDNN / matmul workspaces. Parameter counts are exact (the models are built on the meta device from
-their configs, no weights are read); the activation formula is an estimate (see tests/distributed/test_plan.py
-for how it compares with a measurement).
+their configs); the activation formula is an estimate (tests/distributed/test_plan.py compares it with a
+measurement).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from sakd.config import Config
 from sakd.curriculum import AUX_LOSSES
 from sakd.errors import UserError
 from sakd.losses.chunked import chunk_rows
+from sakd.train.step import chunk_likelihood_configured
 
 GIB = 1024**3
 HEADROOM = 0.15
@@ -159,6 +161,7 @@ class _Models:
     runs_teacher: bool
     eager: bool
     adapters: int | None = None  # a LoRA student's trainable parameters (None: full fine-tuning)
+    chunk_likelihood: bool = False  # the chunk-likelihood term runs (one more (rows x V_s) tensor per chunk)
 
 
 def _read_models(cfg: Config) -> _Models:
@@ -173,7 +176,8 @@ def _read_models(cfg: Config) -> _Models:
         teacher, teacher_model = ModelShape.read(cfg.teacher.model, "teacher")
     # With a teacher cache the teacher is not loaded: its top-k distributions are read from disk.
     runs_teacher = teacher is not None and not getattr(cfg.teacher, "cache", None)
-    return _Models(student, student_model, teacher, teacher_model, runs_teacher, eager)
+    likelihood = runs_teacher and chunk_likelihood_configured(cfg)
+    return _Models(student, student_model, teacher, teacher_model, runs_teacher, eager, None, likelihood)
 
 
 def _adapter_params(cfg: Config, student_model: nn.Module, shards: int) -> int | None:
@@ -328,12 +332,13 @@ def _batch_costs(cfg: Config, m: _Models, precision: str, t_bytes: int, formulas
         if m.runs_teacher:
             out["teacher forward"] = batch * teacher_window
         head_grad = student.vocab * h * 4 if m.adapters is None else 0  # a LoRA student's head is frozen
-        out["loss (one chunk)"] = rows * (4 * student.vocab + 3 * t_vocab) * 4 + head_grad
+        student_columns = (5 if m.chunk_likelihood else 4) * student.vocab
+        out["loss (one chunk)"] = rows * (student_columns + 3 * t_vocab) * 4 + head_grad
         return out
 
     head_term = f" + {student.vocab} x {h} x 4 B" if m.adapters is None else ""
     formulas["loss (one chunk)"] = (
-        f"min(chunk rows, b x s) x (4 x {student.vocab} + 3 x {t_vocab}) x 4 B"
+        f"min(chunk rows, b x s) x ({5 if m.chunk_likelihood else 4} x {student.vocab} + 3 x {t_vocab}) x 4 B"
         f"{head_term}, chunk rows = min(chunk_size {cfg.distill.chunk_size}, chunk_logits "
         f"{cfg.distill.chunk_logits} / widest vocabulary)"
     )

@@ -21,7 +21,7 @@ from sakd.losses.chunk_likelihood import ChunkLikelihood
 from sakd.losses.kd import KDSettings, logit_kd, same_vocabulary, top_k_kd
 from sakd.models.attention import attention_implementation
 from sakd.models.head import check_head
-from sakd.models.load import freeze, load_model, unwrap, weights_dtype
+from sakd.models.load import freeze, load_model, load_tokenizer, unwrap, weights_dtype
 from sakd.models.lora import apply_lora
 from sakd.train.auxiliary import AuxiliaryLosses, DistillHeads, build_heads
 from sakd.train.collective import average_gradients, global_counts
@@ -189,6 +189,15 @@ def chunk_likelihood(cfg: Config, live: bool, one_vocabulary: bool) -> ChunkLike
             "at group ends, not the log-probability of each of its tokens (set it to 0 or null)"
         )
     return ChunkLikelihood(weight, cfg.distill.chunk_likelihood_temperature) if weight > 0 else None
+
+
+def chunk_likelihood_configured(cfg: Config) -> bool:
+    """Whether training with the live teacher runs the chunk-likelihood term (reads both tokenizers when the
+    weight is left to its default)."""
+    if cfg.distill.chunk_likelihood_weight is not None:
+        return cfg.distill.chunk_likelihood_weight > 0
+    tokenizers = (load_tokenizer(getattr(cfg, role).tokenizer_path, role) for role in ("teacher", "student"))
+    return not same_vocabulary(*tokenizers)
 
 
 def check_heads(t: Training, batch: dict[str, torch.Tensor]) -> None:
