@@ -364,23 +364,23 @@ def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):
     texts = [(assets["root"] / "train.jsonl").read_text()[i * 400 : (i + 1) * 400] for i in range(3)]
     windows = pack_windows(tokenize_documents(s_tok, texts), tokenize_documents(t_tok, texts), max_length=32)
     batch = collate_windows(windows[:3], s_tok.pad_token_id, t_tok.pad_token_id)
-    align_mask, groups = batch["align_mask"], batch["align_mask"].shape[1]
-    lengths = batch["student_attention_mask"].sum(1), batch["teacher_attention_mask"].sum(1)
+    align_mask, groups = batch.alignment.mask, batch.alignment.mask.shape[1]
+    lengths = batch.student.attention_mask.sum(1), batch.teacher.attention_mask.sum(1)
     assert (lengths[0] != lengths[1]).any()
 
     sources = knowledge_sources(teacher, num_sources=4)
     with torch.no_grad(), sources, capture_attentions(teacher, detach=True) as t_attn:
         with capture_final_hidden(teacher) as t_final:
             t_out = teacher(
-                input_ids=batch["teacher_input_ids"],
-                attention_mask=batch["teacher_attention_mask"],
+                input_ids=batch.teacher.input_ids,
+                attention_mask=batch.teacher.attention_mask,
                 output_hidden_states=True,
                 logits_to_keep=1,
             )
     with capture_attentions(student) as s_attn, capture_final_hidden(student) as s_final:
         s_out = student(
-            input_ids=batch["student_input_ids"],
-            attention_mask=batch["student_attention_mask"],
+            input_ids=batch.student.input_ids,
+            attention_mask=batch.student.attention_mask,
             output_hidden_states=True,
             logits_to_keep=1,
         )
@@ -390,19 +390,19 @@ def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):
 
     # The gap at each aligned group's last positions, with the objective's own KD function.
     rows = torch.arange(align_mask.shape[0])[:, None].expand_as(align_mask)[align_mask]
-    s_last = s_hidden[rows, batch["align_student_pos"][align_mask]]  # (N, Hs)
-    t_last = t_hidden[rows, batch["align_teacher_pos"][align_mask]]  # (N, Ht)
+    s_last = s_hidden[rows, batch.alignment.student_pos[align_mask]]  # (N, Hs)
+    t_last = t_hidden[rows, batch.alignment.teacher_pos[align_mask]]  # (N, Ht)
     kd = logit_kd(KDSettings(), t_tok, s_tok)
     gap = knowledge_gap(s_last, t_last, lm_head(student).weight, lm_head(teacher).weight, kd.at(1.0))
     states, source_rows = aligned_group_states(
-        s_hidden, batch["student_group"], sources.sources, batch["teacher_group"], align_mask
+        s_hidden, batch.student.group, sources.sources, batch.teacher.group, align_mask
     )
     router = StudentAwareRouter(hs, ht, sources.num_sources, dim=16)
     routed = router(states, source_rows, gap, top_k=2, temperature=1.0)
     assert routed.token_weights.shape == gap.shape == (int(align_mask.sum()),)
 
-    s_groups, _ = group_mean(s_hidden, batch["student_group"], groups)  # (B, G, Hs)
-    t_groups, _ = group_mean(t_hidden, batch["teacher_group"], groups)  # (B, G, Ht)
+    s_groups, _ = group_mean(s_hidden, batch.student.group, groups)  # (B, G, Hs)
+    t_groups, _ = group_mean(t_hidden, batch.teacher.group, groups)  # (B, G, Ht)
     layer_map = default_layer_map(2, 2, 2)
     s_pooled, window_valid = pooled_groups(s_groups, align_mask)
     t_pooled, _ = pooled_groups(t_groups, align_mask)
@@ -411,15 +411,15 @@ def test_router_and_auxiliary_losses_on_a_real_cross_tokenizer_batch(assets):
         "balance": routed.balance_loss,
         "feature": feature_loss(states, t_groups[align_mask], torch.nn.Linear(hs, ht)),
         "attention": attention_transfer_loss(
-            s_attn.maps[0], t_attn.maps[0], batch["student_group"], batch["teacher_group"], groups, align_mask
+            s_attn.maps[0], t_attn.maps[0], batch.student.group, batch.teacher.group, groups, align_mask
         ),
         "layerwise": layerwise_loss(
             s_out.hidden_states,
             t_out.hidden_states,
             layer_map,
             layer_projections(layer_map, hs, ht),
-            batch["student_group"],
-            batch["teacher_group"],
+            batch.student.group,
+            batch.teacher.group,
             align_mask,
         ),
         "contrastive": contrastive_loss(torch.nn.Linear(hs, ht)(s_pooled), t_pooled, 0.1, window_valid),

@@ -38,7 +38,7 @@ from sakd.models.load import freeze, lm_head, load_model, load_tokenizer
 from sakd.models.tiny import tiny_family_model
 from sakd.train.loop import train
 from sakd.train.objective import DistillObjective
-from sakd.train.rows import LossNorm, TokenCounts
+from sakd.train.rows import LossNorm, TokenCounts, with_loss_rows
 from sakd.train.teacher import LiveTeacher, TopKTeacher
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -258,12 +258,12 @@ def test_full_vocabulary_cache_equals_live_teacher(raw, assets, bos_teacher, tmp
     windows = build_windows(cfg.data.train, student_tok, teacher_tok, 64)
     formats = {"student": input_format(student_tok), "teacher": input_format(teacher_tok)}
     assert len(formats["teacher"].prefix) == (1 if vocab == "cross_bos" else 0)
-    batch = WindowLoader(windows, 4, seed=0, **formats).next_batch()
+    batch = with_loss_rows(WindowLoader(windows, 4, seed=0, **formats).next_batch())
     opened = open_training_cache(
         root, windows, cfg.data.train, 64, cfg.teacher.model, student_tok, teacher_tok
     )
     assert opened.coverage["coverage"] == 1.0
-    cached = opened.attach(batch)
+    cached = with_loss_rows(opened.attach(batch))
     teacher = freeze(load_model(cfg.teacher.model, "teacher"))
     student = load_model(cfg.student.model, "student")
     for temperature in (1.0, 2.0):

@@ -62,17 +62,18 @@ def test_labels_cover_assistant_content_and_end_of_turn_only(tokenizers):
         ("student", tokenizers[0], STUDENT_END),
         ("teacher", tokenizers[1], TEACHER_END),
     ):
-        turns = _labelled_text(tokenizer, batch[f"{side}_input_ids"][0], batch[f"{side}_labels"][0], end)
+        turns = _labelled_text(tokenizer, batch.side(side).input_ids[0], batch.side(side).labels[0], end)
         # the first token of each content is predicted by the prompt's last token, so it is labelled too
         assert turns == expected, side
-        assert int(batch[f"{side}_target_bytes"].sum()) == sum(len(c.encode()) for c in expected)
+        assert int(batch.side(side).target_bytes.sum()) == sum(len(c.encode()) for c in expected)
 
 
 def test_prompt_tokens_carry_no_loss_and_no_group(tokenizers):
     chats = _chats(4)
     _, batch = _batch(tokenizers, chats)
     for side, tokenizer in (("student", tokenizers[0]), ("teacher", tokenizers[1])):
-        ids, labels, group = (batch[f"{side}_{k}"][0] for k in ("input_ids", "labels", "group"))
+        tokens = batch.side(side)
+        ids, labels, group = tokens.input_ids[0], tokens.labels[0], tokens.group[0]
         prompt_words = {"terse", "Tell", "please", "more"}
         for position in np.flatnonzero(labels.numpy() != -100):
             assert not any(w in tokenizer.decode([int(ids[position + 1])]) for w in prompt_words)
@@ -86,11 +87,11 @@ def test_every_distillation_row_lies_inside_assistant_content(tokenizers):
     _, batch = _batch(tokenizers, chats)
     contents = "".join(c for chat in chats for c in _contents(chat))
     rows = 0
-    for b in range(batch["align_mask"].shape[0]):
-        s_group, t_group = batch["student_group"][b], batch["teacher_group"][b]
-        s_ids, t_ids = batch["student_input_ids"][b], batch["teacher_input_ids"][b]
-        for g in np.flatnonzero(batch["align_mask"][b].numpy()):
-            s_pos, t_pos = int(batch["align_student_pos"][b, g]), int(batch["align_teacher_pos"][b, g])
+    for b in range(batch.alignment.mask.shape[0]):
+        s_group, t_group = batch.student.group[b], batch.teacher.group[b]
+        s_ids, t_ids = batch.student.input_ids[b], batch.teacher.input_ids[b]
+        for g in np.flatnonzero(batch.alignment.mask[b].numpy()):
+            s_pos, t_pos = int(batch.alignment.student_pos[b, g]), int(batch.alignment.teacher_pos[b, g])
             # the position and the token it predicts are content tokens on both sides...
             assert s_group[s_pos] == g and s_group[s_pos + 1] == g + 1
             assert t_group[t_pos] == g and t_group[t_pos + 1] == g + 1
@@ -107,7 +108,7 @@ def test_end_of_turn_tokens_are_each_models_own(tokenizers):
     _, batch = _batch(tokenizers, _chats(3))
     turns = sum(len(_contents(c)) for c in _chats(3))
     for side, tokenizer, end in (("student", student, STUDENT_END), ("teacher", teacher, TEACHER_END)):
-        labels, group = batch[f"{side}_labels"][0], batch[f"{side}_group"][0]
+        labels, group = batch.side(side).labels[0], batch.side(side).group[0]
         end_id = tokenizer.convert_tokens_to_ids(end)
         assert int((labels == end_id).sum()) == turns
         # the end-of-turn token is labelled but aligned to nothing
@@ -129,7 +130,7 @@ def test_prompt_completion_strings_learn_the_completion_and_eos(tokenizers):
     student, teacher = tokenizers
     example = Completion("Question: what is tea?\nAnswer:", " A drink.", "row 0")
     _, batch = _batch(tokenizers, [example, example])
-    labels = batch["student_labels"][0]
+    labels = batch.student.labels[0]
     labelled = student.decode(labels[labels != -100].tolist(), skip_special_tokens=False)
     assert labelled == f"A drink.{student.eos_token}A drink.{student.eos_token}"
 
@@ -144,9 +145,7 @@ def test_prompt_messages_of_prompt_completion_are_context_only(tmp_path, tokeniz
     (example,) = load_documents(path)
     assert isinstance(example, Chat) and _contents(example) == ["Trained answer."]
     windows = build_windows([str(path)], *tokenizers, max_length=128)
-    labels = collate_windows(windows, input_format(tokenizers[0]), input_format(tokenizers[1]))[
-        "student_labels"
-    ]
+    labels = collate_windows(windows, input_format(tokenizers[0]), input_format(tokenizers[1])).student.labels
     text = tokenizers[0].decode(labels[0][labels[0] != -100].tolist(), skip_special_tokens=False)
     assert text == f"Trained answer.{STUDENT_END}"
 
@@ -199,11 +198,11 @@ def test_whitespace_around_content_is_outside_the_alignment_on_both_sides(tokeni
         ("student", tokenizers[0], STUDENT_END),
         ("teacher", tokenizers[1], TEACHER_END),
     ):
-        ids, labels = batch[f"{side}_input_ids"][0], batch[f"{side}_labels"][0]
+        ids, labels = batch.side(side).input_ids[0], batch.side(side).labels[0]
         assert _labelled_text(tokenizer, ids, labels, end) == expected[side]
-        grouped = tokenizer.decode(ids[batch[f"{side}_group"][0] >= 0].tolist())
+        grouped = tokenizer.decode(ids[batch.side(side).group[0] >= 0].tolist())
         assert grouped == "Spaced answer."
-    assert int(batch["student_target_bytes"].sum()) == int(batch["teacher_target_bytes"].sum()) == 14
+    assert int(batch.student.target_bytes.sum()) == int(batch.teacher.target_bytes.sum()) == 14
 
 
 def test_batched_tokenization_equals_one_by_one(tokenizers):
@@ -229,7 +228,7 @@ def test_groups_cover_the_same_content_bytes_for_every_tokenizer_kind(kind, toke
     chats = _chats(5)
     windows, batch = _batch((student, tokenizers[1]), chats)
     contents = [c for chat in chats for c in _contents(chat)]
-    assert int(batch["teacher_target_bytes"].sum()) == sum(len(c.encode()) for c in contents)
+    assert int(batch.teacher.target_bytes.sum()) == sum(len(c.encode()) for c in contents)
     for w in windows:
         for g in range(int(w.student_group.max()) + 1):
             assert w.student_bytes[w.student_group == g].sum() == w.teacher_bytes[w.teacher_group == g].sum()
@@ -289,7 +288,7 @@ def test_text_rows_among_chat_rows_keep_every_token_as_target(tmp_path, tokenize
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     windows = build_windows([str(path)], *tokenizers, max_length=256)
     batch = collate_windows(windows, input_format(tokenizers[0]), input_format(tokenizers[1]))
-    labels = batch["student_labels"][0]
+    labels = batch.student.labels[0]
     text = tokenizers[0].decode(labels[labels != -100].tolist(), skip_special_tokens=False)
     assert text.endswith("Plain words, all of them learnt.<|endoftext|>")
     assert text.startswith(_contents(_chats(1)[0])[0] + STUDENT_END)

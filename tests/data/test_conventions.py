@@ -39,12 +39,13 @@ def test_each_window_starts_as_the_tokenizer_would_start_it(kind, documents):
     plain = collate_windows(windows, InputFormat(fmt.pad_id), None)
     p = len(fmt.prefix)
     own = tokenizer(documents[0], add_special_tokens=True)["input_ids"]
-    assert with_prefix["student_input_ids"][0, : min(64 + p, len(own))].tolist() == own[: 64 + p][: 64 + p]
-    assert with_prefix["student_input_ids"][:, :p].tolist() == [list(fmt.prefix)] * len(windows)
-    assert (with_prefix["student_labels"][:, :p] == IGNORE_INDEX).all()
-    assert (with_prefix["student_group"][:, :p] == -1).all()
+    assert with_prefix.student.input_ids[0, : min(64 + p, len(own))].tolist() == own[: 64 + p][: 64 + p]
+    assert with_prefix.student.input_ids[:, :p].tolist() == [list(fmt.prefix)] * len(windows)
+    assert (with_prefix.student.labels[:, :p] == IGNORE_INDEX).all()
+    assert (with_prefix.student.group[:, :p] == -1).all()
     for key in ("input_ids", "labels", "target_bytes", "group", "attention_mask"):
-        assert with_prefix[f"student_{key}"][:, p:].tolist() == plain[f"student_{key}"].tolist(), key
+        prefixed, unprefixed = getattr(with_prefix.student, key), getattr(plain.student, key)
+        assert prefixed[:, p:].tolist() == unprefixed.tolist(), key
 
 
 def test_a_prefix_on_one_side_moves_only_that_sides_aligned_positions(documents):
@@ -54,13 +55,13 @@ def test_a_prefix_on_one_side_moves_only_that_sides_aligned_positions(documents)
     )
     with_prefix = collate_windows(windows, input_format(student), input_format(teacher))
     plain = collate_windows(windows, InputFormat(student.pad_token_id), InputFormat(teacher.pad_token_id))
-    mask = plain["align_mask"]
-    assert with_prefix["align_mask"].tolist() == mask.tolist()
-    assert with_prefix["align_student_pos"].tolist() == plain["align_student_pos"].tolist()
-    assert (with_prefix["align_teacher_pos"][mask] == plain["align_teacher_pos"][mask] + 1).all()
+    mask = plain.alignment.mask
+    assert with_prefix.alignment.mask.tolist() == mask.tolist()
+    assert with_prefix.alignment.student_pos.tolist() == plain.alignment.student_pos.tolist()
+    assert (with_prefix.alignment.teacher_pos[mask] == plain.alignment.teacher_pos[mask] + 1).all()
     rows = np.arange(len(windows))[:, None].repeat(mask.shape[1], 1)[mask.numpy()]
-    moved = with_prefix["teacher_input_ids"][rows, with_prefix["align_teacher_pos"][mask]]
-    assert moved.tolist() == plain["teacher_input_ids"][rows, plain["align_teacher_pos"][mask]].tolist()
+    moved = with_prefix.teacher.input_ids[rows, with_prefix.alignment.teacher_pos[mask]]
+    assert moved.tolist() == plain.teacher.input_ids[rows, plain.alignment.teacher_pos[mask]].tolist()
 
 
 def test_trimmed_offsets_give_the_same_token_ends_as_untrimmed(documents):

@@ -19,7 +19,7 @@ def make_windows(count: int, with_teacher: bool = True) -> list[Window]:
 
 
 def indices(batch) -> list[int]:
-    return batch["window_index"].tolist()
+    return batch.window_index.tolist()
 
 
 def test_epoch_order_is_a_seeded_permutation_and_batches_per_epoch():
@@ -40,6 +40,7 @@ def test_same_seed_same_batches_other_seed_other_order():
     first_batches = [first.next_batch() for _ in range(12)]
     second_batches = [second.next_batch() for _ in range(12)]
     for a, b in zip(first_batches, second_batches, strict=True):
+        a, b = dict(a.named_tensors()), dict(b.named_tensors())
         assert a.keys() == b.keys()
         assert all(a[key].equal(b[key]) for key in a)
     assert [indices(b) for b in first_batches] != [indices(other.next_batch()) for _ in range(12)]
@@ -68,8 +69,8 @@ def test_resumed_loader_continues_with_the_same_batches_across_an_epoch_boundary
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
     for batch in expected[6:]:
-        got = resumed.next_batch()
-        assert all(got[key].equal(batch[key]) for key in batch)
+        got = dict(resumed.next_batch().named_tensors())
+        assert all(got[key].equal(value) for key, value in batch.named_tensors())
 
 
 def test_a_state_for_other_data_is_refused():
@@ -89,7 +90,7 @@ def test_eval_order_keeps_the_tail_split_between_ranks():
     assert [indices(batch) for batch in ranks[0]] == [[0, 1], [4, 5], [8, 9]]
     assert [indices(batch) for batch in ranks[1]] == [[2, 3], [6, 7], [10]]
     batch = WindowLoader(windows, 4, seed=0, shuffle=False, drop_last=False).next_batch()
-    assert "teacher_input_ids" not in batch and batch["student_input_ids"].shape == (4, 6)
+    assert batch.teacher is None and batch.student.input_ids.shape == (4, 6)
 
 
 def test_iteration_runs_the_rest_of_the_current_epoch():

@@ -125,48 +125,47 @@ def test_collate_pads_shifts_labels_and_points_at_group_ends(
     student_length = max(len(w.student_ids) for w in windows)
     teacher_length = max(len(w.teacher_ids) for w in windows)
     num_groups = max(w.student_group[-1] + 1 for w in windows)
-    assert batch["student_input_ids"].shape == batch["student_labels"].shape == (batch_size, student_length)
-    assert batch["teacher_input_ids"].shape == batch["teacher_group"].shape == (batch_size, teacher_length)
-    assert batch["align_student_pos"].shape == batch["align_mask"].shape == (batch_size, num_groups)
-    assert batch["window_index"].tolist() == [w.index for w in windows]
-    assert batch["align_mask"].dtype == torch.bool
-    assert all(value.dtype == torch.long for key, value in batch.items() if key != "align_mask")
+    assert batch.student.input_ids.shape == batch.student.labels.shape == (batch_size, student_length)
+    assert batch.teacher.input_ids.shape == batch.teacher.group.shape == (batch_size, teacher_length)
+    assert batch.alignment.student_pos.shape == batch.alignment.mask.shape == (batch_size, num_groups)
+    assert batch.window_index.tolist() == [w.index for w in windows]
+    assert batch.alignment.mask.dtype == torch.bool
+    assert all(value.dtype == torch.long for key, value in batch.named_tensors() if key != "alignment.mask")
 
     for b, window in enumerate(windows):
         for side in ("student", "teacher"):
             ids, nbytes, group = (getattr(window, f"{side}_{field}") for field in ("ids", "bytes", "group"))
             n = len(ids)
-            assert batch[f"{side}_input_ids"][b, :n].tolist() == ids.tolist()
-            assert batch[f"{side}_attention_mask"][b].tolist() == [1] * n + [0] * (
-                batch[f"{side}_labels"].shape[1] - n
-            )
-            assert batch[f"{side}_labels"][b, : n - 1].tolist() == ids[1:].tolist()
-            assert (batch[f"{side}_labels"][b, n - 1 :] == -100).all()
-            assert batch[f"{side}_target_bytes"][b, : n - 1].tolist() == nbytes[1:].tolist()
-            assert (batch[f"{side}_target_bytes"][b, n - 1 :] == 0).all()
-            assert batch[f"{side}_group"][b, :n].tolist() == group.tolist()
-            assert (batch[f"{side}_group"][b, n:] == -1).all()
-        pad_positions = batch["student_attention_mask"][b] == 0
-        assert (batch["student_input_ids"][b][pad_positions] == student_pad).all()
+            tokens = batch.side(side)
+            assert tokens.input_ids[b, :n].tolist() == ids.tolist()
+            assert tokens.attention_mask[b].tolist() == [1] * n + [0] * (tokens.labels.shape[1] - n)
+            assert tokens.labels[b, : n - 1].tolist() == ids[1:].tolist()
+            assert (tokens.labels[b, n - 1 :] == -100).all()
+            assert tokens.target_bytes[b, : n - 1].tolist() == nbytes[1:].tolist()
+            assert (tokens.target_bytes[b, n - 1 :] == 0).all()
+            assert tokens.group[b, :n].tolist() == group.tolist()
+            assert (tokens.group[b, n:] == -1).all()
+        pad_positions = batch.student.attention_mask[b] == 0
+        assert (batch.student.input_ids[b][pad_positions] == student_pad).all()
 
         groups = window.student_group[-1] + 1
-        assert batch["align_mask"][b].tolist() == [True] * (groups - 1) + [False] * (num_groups - groups + 1)
-        assert (batch["align_student_pos"][b, groups:] == 0).all()
+        assert batch.alignment.mask[b].tolist() == [True] * (groups - 1) + [False] * (num_groups - groups + 1)
+        assert (batch.alignment.student_pos[b, groups:] == 0).all()
         student_cum_bytes = np.cumsum(window.student_bytes)
         teacher_cum_bytes = np.cumsum(window.teacher_bytes)
         for g in range(groups - 1):
-            s, t = int(batch["align_student_pos"][b, g]), int(batch["align_teacher_pos"][b, g])
+            s, t = int(batch.alignment.student_pos[b, g]), int(batch.alignment.teacher_pos[b, g])
             assert window.student_group[s] == g and window.student_group[s + 1] == g + 1
             assert window.teacher_group[t] == g and window.teacher_group[t + 1] == g + 1
             # both next tokens start at the same character
             assert student_cum_bytes[s] == teacher_cum_bytes[t]
-            assert batch["student_labels"][b, s] == window.student_ids[s + 1]
-            assert batch["teacher_labels"][b, t] == window.teacher_ids[t + 1]
+            assert batch.student.labels[b, s] == window.student_ids[s + 1]
+            assert batch.teacher.labels[b, t] == window.teacher_ids[t + 1]
 
 
 def test_collate_without_teacher_has_no_teacher_keys(tokenized):
     windows = pack_windows(tokenized[0], None, 16)[:3]
     batch = collate_windows(windows, 0, None)
-    assert not any(key.startswith(("teacher_", "align_")) for key in batch)
-    assert batch["student_input_ids"].shape == (3, 16)
-    assert batch["student_labels"].dtype == batch["student_group"].dtype == batch["window_index"].dtype
+    assert batch.teacher is None and batch.alignment is None
+    assert batch.student.input_ids.shape == (3, 16)
+    assert batch.student.labels.dtype == batch.student.group.dtype == batch.window_index.dtype

@@ -70,11 +70,11 @@ def test_loader_position_carries_over_between_process_counts():
     for _ in range(3):
         single.next_batch()
     state = {**single.state_dict(), "global_batch": 4}
-    expected = single.next_batch()["window_index"].tolist()
+    expected = single.next_batch().window_index.tolist()
     ranks = [WindowLoader(windows, 2, seed=3, shard=Shard(r, 2), teacher=0) for r in (0, 1)]
     for loader in ranks:
         loader.load_state_dict(state)
-    assert [i for loader in ranks for i in loader.next_batch()["window_index"].tolist()] == expected
+    assert [i for loader in ranks for i in loader.next_batch().window_index.tolist()] == expected
     larger = WindowLoader(windows, 8, seed=3, teacher=0)
     larger.load_state_dict(state)  # 12 windows consumed: global batch 2 of 8 starts at window 16
     assert larger.state_dict()["batch_in_epoch"] == 2

@@ -73,9 +73,7 @@ def test_agreement_equals_a_direct_computation(assets, student_name):
         teacher=t_tok.pad_token_id,
     )
     batches = list(batches)
-    assert (batches[0]["student_attention_mask"] == 0).any() or (
-        batches[0]["teacher_attention_mask"] == 0
-    ).any()
+    assert (batches[0].student.attention_mask == 0).any() or (batches[0].teacher.attention_mask == 0).any()
     got = agreement_metrics(
         student, teacher, batches, mapping, len(s_tok) if not cross else None, chunk_size=7
     )

@@ -32,7 +32,7 @@ def test_metrics_match_direct_computation_and_ignore_padding(assets):
             w.student_group[:20],
         )
     batches = list(WindowLoader(windows, 3, seed=0, shuffle=False, drop_last=False, student=tok.pad_token_id))
-    assert any((b["student_attention_mask"] == 0).any() for b in batches)
+    assert any((b.student.attention_mask == 0).any() for b in batches)
     got = lm_metrics(model, batches, "student", chunk_size=7)
 
     nll = 0.0

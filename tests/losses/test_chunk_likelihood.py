@@ -106,32 +106,32 @@ def test_collated_batch_matches_brute_force_chunk_likelihoods_and_reaches_every_
         _window([1, 3, 4], [2, 3, 4], 1, generator),
     ]
     batch = collate_windows(windows, InputFormat(pad_id=0), InputFormat(pad_id=0, prefix=(5,)))
-    batch["teacher_labels"][0, 1 + 4] = -100  # teacher token 5 of window 0 leaves the loss
-    student_logits = torch.randn(*batch["student_input_ids"].shape, STUDENT_VOCAB, generator=generator)
+    batch.teacher.labels[0, 1 + 4] = -100  # teacher token 5 of window 0 leaves the loss
+    student_logits = torch.randn(*batch.student.input_ids.shape, STUDENT_VOCAB, generator=generator)
     student_logits.requires_grad_()
-    teacher_logits = torch.randn(*batch["teacher_input_ids"].shape, TEACHER_VOCAB, generator=generator)
+    teacher_logits = torch.randn(*batch.teacher.input_ids.shape, TEACHER_VOCAB, generator=generator)
 
     def label_logprobs(logits, labels):
         picked = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return torch.where(labels < 0, 0.0, picked)
 
-    student_group = label_groups(batch["student_group"], batch["student_labels"])
-    teacher_group = label_groups(batch["teacher_group"], batch["teacher_labels"])
+    student_group = label_groups(batch.student.group, batch.student.labels)
+    teacher_group = label_groups(batch.teacher.group, batch.teacher.labels)
     loss, mask = chunk_likelihood_loss(
-        label_logprobs(student_logits, batch["student_labels"]),
+        label_logprobs(student_logits, batch.student.labels),
         student_group,
-        label_logprobs(teacher_logits, batch["teacher_labels"]),
+        label_logprobs(teacher_logits, batch.teacher.labels),
         teacher_group,
     )
     expected = {}
     for row, window in enumerate(windows):
         for g in range(int(window.student_group.max()) + 1):
             student = _chunk_probability(
-                student_logits.detach(), window.student_ids, batch["student_labels"], row, 0,
+                student_logits.detach(), window.student_ids, batch.student.labels, row, 0,
                 np.flatnonzero(window.student_group == g).tolist(),
             )  # fmt: skip
             teacher = _chunk_probability(
-                teacher_logits, window.teacher_ids, batch["teacher_labels"], row, 1,
+                teacher_logits, window.teacher_ids, batch.teacher.labels, row, 1,
                 np.flatnonzero(window.teacher_group == g).tolist(),
             )  # fmt: skip
             if student is not None and teacher is not None:
@@ -142,9 +142,9 @@ def test_collated_batch_matches_brute_force_chunk_likelihoods_and_reaches_every_
     assert set(expected) == {(0, 1), (0, 2), (0, 4), (1, 1)}
     _assert_matches(loss, mask, expected)
     # With the batch's group count given (no device sync) nothing changes.
-    num_groups = batch["align_mask"].shape[1]
+    num_groups = batch.alignment.mask.shape[1]
     assert num_groups == loss.shape[1]
-    given = label_groups(batch["student_group"], batch["student_labels"], num_groups=num_groups)
+    given = label_groups(batch.student.group, batch.student.labels, num_groups=num_groups)
     torch.testing.assert_close(given, student_group)
 
     loss.sum().backward()

@@ -94,8 +94,8 @@ def test_family_conventions_head_eval_and_generate(family, folders):
 
     windows = build_windows([str(folders["data"])], tokenizer, None, 32, 2)
     batch = collate_windows(windows, fmt, None)
-    assert batch["student_input_ids"][:, : len(fmt.prefix)].tolist() == [list(fmt.prefix)] * len(windows)
-    check_head(model, batch["student_input_ids"], batch["student_attention_mask"], "student")
+    assert batch.student.input_ids[:, : len(fmt.prefix)].tolist() == [list(fmt.prefix)] * len(windows)
+    check_head(model, batch.student.input_ids, batch.student.attention_mask, "student")
 
     metrics = evaluate_model(str(folders[family]), "student", EvalData([str(folders["data"])], 32, 2, 4))
     assert math.isfinite(metrics["bits_per_byte"]) and metrics["bits_per_byte"] > 0

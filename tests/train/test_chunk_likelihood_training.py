@@ -19,7 +19,7 @@ from sakd.losses.chunk_likelihood import ChunkLikelihood, chunk_likelihood_loss,
 from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
 from sakd.models.load import freeze, load_model, load_tokenizer
 from sakd.train.objective import DistillObjective
-from sakd.train.rows import LossNorm, TokenCounts
+from sakd.train.rows import LossNorm, TokenCounts, with_loss_rows
 from sakd.train.step import CHUNK_LIKELIHOOD_WEIGHT, build_objective, chunk_likelihood
 from sakd.train.teacher import LiveTeacher, TopKTeacher
 
@@ -32,14 +32,15 @@ def setup(assets):
     student_tok = load_tokenizer(str(assets["student"]), "s")
     windows = build_windows([str(assets["train"])], student_tok, teacher_tok, 48)
     formats = {"student": input_format(student_tok), "teacher": input_format(teacher_tok)}
-    batch = WindowLoader(windows, 3, seed=0, **formats).next_batch()
+    batch = with_loss_rows(WindowLoader(windows, 3, seed=0, **formats).next_batch())
     teacher = freeze(load_model(str(assets["teacher"]), "teacher"))
     return teacher, teacher_tok, student_tok, batch
 
 
-def _label_logprobs(model, ids, mask, labels) -> torch.Tensor:
+def _label_logprobs(model, side) -> torch.Tensor:
     """Each position's log-probability of its label from the model's own full logits (0 where ignored)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, L, V)
+    labels = side.labels
+    logits = model(input_ids=side.input_ids, attention_mask=side.attention_mask).logits.float()  # (B, L, V)
     picked = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
     return torch.where(labels == -100, 0.0, picked)
 
@@ -47,22 +48,18 @@ def _label_logprobs(model, ids, mask, labels) -> torch.Tensor:
 def _brute_force(student, teacher, batch, weight, temperature) -> torch.Tensor:
     """weight * temperature * the binary KL per matched group, summed, from the models' own forward passes."""
     with torch.no_grad():
-        t_lp = _label_logprobs(
-            teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_labels"]
-        )
-    s_lp = _label_logprobs(
-        student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_labels"]
-    )
-    groups = batch["align_mask"].shape[1]
+        t_lp = _label_logprobs(teacher, batch.teacher)
+    s_lp = _label_logprobs(student, batch.student)
+    groups = batch.alignment.mask.shape[1]
     loss, matched = chunk_likelihood_loss(
         s_lp,
-        label_groups(batch["student_group"], batch["student_labels"], num_groups=groups),
+        label_groups(batch.student.group, batch.student.labels, num_groups=groups),
         t_lp,
-        label_groups(batch["teacher_group"], batch["teacher_labels"], num_groups=groups),
+        label_groups(batch.teacher.group, batch.teacher.labels, num_groups=groups),
         temperature,
         num_groups=groups,
     )
-    assert matched.sum() > batch["align_mask"].sum() // 2  # most groups are matched on both sides
+    assert matched.sum() > batch.alignment.mask.sum() // 2  # most groups are matched on both sides
     return weight * temperature * loss.sum()
 
 
@@ -117,7 +114,7 @@ def test_refused_without_a_live_teacher(base_config, assets):
         build_objective(cfg, None, student_tok, teacher_tok, None, None)
     cached = TopKTeacher(top_k_kd(KDSettings.of(cfg.distill), teacher_tok, student_tok))
     with pytest.raises(UserError, match="top-k"):
-        cached.label_logprobs({}, None, Chunking())
+        cached.label_logprobs(None, None, Chunking())
 
 
 def test_on_by_default_across_tokenizers_with_the_live_teacher_only(base_config):

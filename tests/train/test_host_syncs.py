@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import traceback
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from sakd.config import validate
 from sakd.curriculum import curriculum_at
 from sakd.models.load import load_tokenizer
 from sakd.train.inputs import training_inputs
-from sakd.train.rows import LossNorm, loss_rows
+from sakd.train.rows import LossNorm, loss_rows, with_loss_rows
 from sakd.train.step import build_training, prepare_batch, step_batches, train_step
 
 READS = {
@@ -112,33 +113,34 @@ def test_loss_rows_put_the_aligned_group_ends_first(base_config):
     t, accelerator, loader, point = _setup(base_config)
     batch = loader.next_batch()
     rows = loss_rows(batch)
-    labels, mask = batch["student_labels"], batch["align_mask"]
-    length, teacher_length = labels.shape[1], batch["teacher_input_ids"].shape[1]
+    labels, mask = batch.student.labels, batch.alignment.mask
+    length, teacher_length = labels.shape[1], batch.teacher.input_ids.shape[1]
     k = int(mask.sum())
-    assert rows["rows_teacher"].shape[0] == k > 0
+    assert rows.teacher.shape[0] == k > 0
     # every labelled position once, the group ends first in (b, g) order
-    assert sorted(rows["rows_student"].tolist()) == (labels.flatten() != -100).nonzero().squeeze(-1).tolist()
+    assert sorted(rows.student.tolist()) == (labels.flatten() != -100).nonzero().squeeze(-1).tolist()
     b, g = mask.nonzero(as_tuple=True)
-    assert rows["rows_student"][:k].tolist() == (b * length + batch["align_student_pos"][b, g]).tolist()
-    assert rows["rows_teacher"].tolist() == (b * teacher_length + batch["align_teacher_pos"][b, g]).tolist()
-    assert rows["rows_group"].tolist() == (b * mask.shape[1] + g).tolist()
+    assert rows.student[:k].tolist() == (b * length + batch.alignment.student_pos[b, g]).tolist()
+    assert rows.teacher.tolist() == (b * teacher_length + batch.alignment.teacher_pos[b, g]).tolist()
+    assert rows.group.tolist() == (b * mask.shape[1] + g).tolist()
 
 
 def test_prepared_batches_give_the_same_loss(base_config):
-    """`prepare_batch` (host rows, attention masks without padding dropped) against the objective's own
-    rows and full masks, with and without padding."""
+    """`prepare_batch` (host rows, attention masks without padding dropped) against the plain batch with its
+    loss rows and full masks, with and without padding."""
     t, accelerator, loader, point = _setup(base_config)
     batch = loader.next_batch()
-    padded = dict(batch)
-    padded["student_attention_mask"] = batch["student_attention_mask"].clone()
-    padded["student_attention_mask"][0, -3:] = 0
-    padded["student_labels"] = batch["student_labels"].clone()
-    padded["student_labels"][0, -4:] = -100
+    mask, labels = batch.student.attention_mask.clone(), batch.student.labels.clone()
+    mask[0, -3:] = 0
+    labels[0, -4:] = -100
+    padded = replace(batch, student=replace(batch.student, attention_mask=mask, labels=labels))
     counts = step_batches([batch], accelerator).counts
     for host in (batch, padded):
         prepared = prepare_batch(host, accelerator.device)
-        assert ("student_attention_mask" in prepared) == (host is padded)
-        losses = [t.objective(t.student, b, point, LossNorm(counts))[0] for b in (host, prepared)]
+        assert (prepared.student.attention_mask is not None) == (host is padded)
+        assert (prepared.teacher.attention_mask is None) == bool(host.teacher.attention_mask.all())
+        plain = with_loss_rows(host)
+        losses = [t.objective(t.student, b, point, LossNorm(counts))[0] for b in (plain, prepared)]
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
 
 

@@ -4,6 +4,7 @@ outputs (and the hidden state the distillation loss reads) are unchanged."""
 from __future__ import annotations
 
 import torch
+from batches import batch_of
 from transformers import AutoModelForCausalLM
 
 from sakd.train.sharding import decoder_layers, offload, place_teacher
@@ -21,7 +22,7 @@ def test_offloaded_teacher_gives_the_same_outputs_and_moves_each_layer(assets):
         )
     offload(moved, torch.device("cpu"), host="cpu")
     ids = torch.randint(0, 100, (2, 12))
-    batch = {"teacher_input_ids": ids, "teacher_attention_mask": torch.ones_like(ids)}
+    batch = batch_of(ids, ids)
     with torch.no_grad():
         expected = teacher_pass(plain, batch).hidden
         got = teacher_pass(moved, batch).hidden

@@ -18,7 +18,7 @@ from sakd.tools.ablate import VARIANTS
 from sakd.train import auxiliary
 from sakd.train.inputs import training_inputs
 from sakd.train.loop import curriculum_point, train
-from sakd.train.rows import LossNorm
+from sakd.train.rows import LossNorm, with_loss_rows
 from sakd.train.step import build_training, step_batches
 
 
@@ -75,7 +75,7 @@ def test_token_weighting_strength_is_honoured(base_config, monkeypatch):
     teacher_tok = load_tokenizer(cfg.teacher.tokenizer_path, "teacher")
     inputs = training_inputs(cfg, student_tok, teacher_tok, processes=1, progress=False)
     t = build_training(cfg, accelerator, "fp32", student_tok, teacher_tok, inputs.cached)
-    batch = inputs.loader(cfg, accelerator, student_tok, teacher_tok).next_batch()
+    batch = with_loss_rows(inputs.loader(cfg, accelerator, student_tok, teacher_tok).next_batch())
     counts = step_batches([batch], accelerator).counts
     blended = []
 

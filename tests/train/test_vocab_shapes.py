@@ -20,7 +20,7 @@ def test_teacher_and_student_windows_differ_in_length_yet_cover_the_same_bytes(a
     for w in windows:
         assert int(w.teacher_bytes.sum()) == int(w.student_bytes.sum())
     batch = next(iter(WindowLoader(windows, 4, seed=0, student=0, teacher=0)))
-    assert batch["teacher_input_ids"].shape[1] != batch["student_input_ids"].shape[1]
+    assert batch.teacher.input_ids.shape[1] != batch.student.input_ids.shape[1]
 
 
 def test_cross_vocab_training_with_padded_model_vocabularies(assets, base_config, tmp_path):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from sakd.cache.keys import keyed_windows
 from sakd.cache.store import CacheWriter, capture_settings, vocab_hash
 from sakd.config import Config
+from sakd.data.batch import Batch
 from sakd.data.packing import collate_windows
 from sakd.data.tokenize import input_format, log_input_format
 from sakd.errors import UserError
@@ -187,11 +188,11 @@ class _TeacherRunner:
         self.formats = input_format(tokenizers[0]), input_format(tokenizers[1])
         log_input_format(tokenizers[1], "teacher")
         probe = self._collate(windows[:1])
-        check_head(self.teacher, probe["teacher_input_ids"], probe["teacher_attention_mask"], "teacher")
+        check_head(self.teacher, probe.teacher.input_ids, probe.teacher.attention_mask, "teacher")
         self.chunk = chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, self.head.weight.shape[0])
 
-    def _collate(self, windows) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate_windows(windows, *self.formats).items()}
+    def _collate(self, windows) -> Batch:
+        return collate_windows(windows, *self.formats).to(self.device)
 
     def shard(self, windows, first: int, end: int, bar) -> dict[str, torch.Tensor]:
         """The top-k rows of windows[first:end], every position of each window's own tokens in order."""
@@ -202,7 +203,7 @@ class _TeacherRunner:
             with torch.no_grad(), self.autocast:
                 hidden = teacher_pass(self.teacher, collated).hidden  # (B, Lt, H)
                 # (n, H) the windows' own tokens, window by window: not the prefix, not the padding
-                rows = hidden[collated["teacher_group"] >= 0]
+                rows = hidden[collated.teacher.group >= 0]
                 ids, probs, tail = top_k_rows(rows, self.head, None, self.vocab_size, self.top_k, self.chunk)
             parts["ids"].append(ids.to(torch.int32).cpu())
             parts["probs"].append(probs.to(PROBS_DTYPES[self.options.probs_dtype]).cpu())

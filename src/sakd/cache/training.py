@@ -3,13 +3,14 @@
 Each aligned group of a training window looks its teacher distribution up by the key of the group's last
 teacher token (`sakd.cache.keys`). Groups without a cached entry (text the capture never saw in a window, a
 student cut where the capture's windows dropped an over-long group) are not distilled: `attach` removes them
-from `align_mask`, so they count nowhere, and `coverage` says how many there are.
+from the batch's alignment mask, so they count nowhere, and `coverage` says how many there are.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sakd.cache.keys import KeyedWindows, keyed_windows, lookup_rows, same_windows
 from sakd.cache.store import TeacherCache, capture_settings
+from sakd.data.batch import Batch, CachedTargets
 from sakd.data.packing import Window, group_last_positions
 from sakd.errors import UserError
 from sakd.models.gguf import pretrained_args
@@ -44,25 +46,26 @@ class CachedTeacher:
             "coverage": covered / aligned if aligned else 0.0,
         }
 
-    def attach(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch with `cache_ids` (B, G, k) int64, `cache_probs` (B, G, k) fp32, `cache_tail` (B, G) fp32
-        at its aligned groups, and `align_mask` (B, G) narrowed to the groups found in the cache."""
-        mask = batch["align_mask"]  # (B, G)
+    def attach(self, batch: Batch) -> Batch:
+        """The batch with its `CachedTargets` at its aligned groups (`ids` (B, G, k) int64, `probs` (B, G, k)
+        fp32, `tail` (B, G) fp32) and its alignment mask (B, G) narrowed to the groups found in the cache."""
+        mask = batch.alignment.mask  # (B, G)
         b, g = mask.shape
         rows = np.full((b, g), -1, dtype=np.int64)
-        for i, w in enumerate(batch["window_index"].tolist()):
+        for i, w in enumerate(batch.window_index.tolist()):
             found = self.group_rows[w][:g]
             rows[i, : len(found)] = found
         keep = mask & torch.from_numpy(rows >= 0)
         ids, probs, tail = self.cache.gather(rows[keep.numpy()])
         k = self.cache.top_k
-        out = dict(batch)
-        out["align_mask"] = keep
-        out["cache_ids"] = torch.zeros((b, g, k), dtype=torch.int64)
-        out["cache_probs"] = torch.zeros((b, g, k), dtype=torch.float32)
-        out["cache_tail"] = torch.zeros((b, g), dtype=torch.float32)
-        out["cache_ids"][keep], out["cache_probs"][keep], out["cache_tail"][keep] = ids, probs, tail
-        return out
+        cache = CachedTargets(
+            torch.zeros((b, g, k), dtype=torch.int64),
+            torch.zeros((b, g, k), dtype=torch.float32),
+            torch.zeros((b, g), dtype=torch.float32),
+        )
+        cache.ids[keep], cache.probs[keep], cache.tail[keep] = ids, probs, tail
+        # loss rows made before the narrowing would name groups that are no longer distilled
+        return replace(batch, alignment=replace(batch.alignment, mask=keep), cache=cache, rows=None)
 
     def batches(self, loader) -> CachedBatches:
         return CachedBatches(loader, self)
@@ -75,10 +78,10 @@ class CachedBatches:
         self.loader = loader
         self.cached = cached
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> Batch:
         return self.cached.attach(self.loader.next_batch())
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
             yield self.cached.attach(batch)
 

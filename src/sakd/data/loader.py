@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from sakd.data.batch import Batch
 from sakd.data.packing import Window, collate_windows
 from sakd.data.tokenize import InputFormat
 from sakd.errors import UserError
@@ -92,7 +92,7 @@ class WindowLoader:
             return global_indices[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return np.array_split(global_indices, self.world_size)[self.rank]
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> Batch:
         """The batch at the current position; the position then moves on, into the next epoch at its end."""
         if self.batches_per_epoch == 0:
             raise ValueError("the loader has no windows")
@@ -103,7 +103,7 @@ class WindowLoader:
         windows = [self.windows[i] for i in indices]
         return collate_windows(windows, self.student, self.teacher)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch's batches, moving the position as `next_batch` does."""
         epoch = self.epoch
         while self.epoch == epoch and self.batches_per_epoch > 0:

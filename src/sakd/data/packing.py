@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from sakd.data.align import alignment_groups
+from sakd.data.batch import Alignment, Batch, Side
 from sakd.data.tokenize import InputFormat, TokenizedDoc
 
 IGNORE_INDEX = -100
@@ -221,7 +222,7 @@ def _collate_side(
     groups: list[np.ndarray],
     side: InputFormat,
     targets: list[np.ndarray | None],
-) -> dict[str, np.ndarray]:
+) -> Side:
     """Pad one model's windows after its prefix tokens; labels are already shifted (position i predicts the
     token at i + 1). The prefix predicts nothing and belongs to no group (label -100, group -1); a token that
     is not a target (chat prompt) is no label either."""
@@ -243,13 +244,8 @@ def _collate_side(
         labels[b, start : stop - 1] = np.where(keep, window_ids[1:], IGNORE_INDEX)
         target_bytes[b, start : stop - 1] = np.where(keep, window_bytes[1:], 0)
         group[b, start:stop] = window_group
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "target_bytes": target_bytes,
-        "group": group,
-    }
+    arrays = input_ids, attention_mask, labels, target_bytes, group
+    return Side(*(torch.from_numpy(a) for a in arrays))
 
 
 def group_last_positions(group: np.ndarray) -> np.ndarray:
@@ -260,55 +256,50 @@ def group_last_positions(group: np.ndarray) -> np.ndarray:
 
 def collate_windows(
     windows: list[Window], student: InputFormat | int, teacher: InputFormat | int | None
-) -> dict[str, torch.Tensor]:
-    """Stack windows into a padded batch of long tensors.
+) -> Batch:
+    """Stack windows into a padded `Batch` of long tensors.
 
     `student`, `teacher`: each model's `InputFormat` (or just its padding id, for a model that takes no
     special tokens): every row starts with that model's prefix tokens, then the window's tokens, then padding.
-    Per model (prefix `student_`, and `teacher_` when the windows have a teacher side): `input_ids`,
+    Per model (`Batch.student`, and `Batch.teacher` when the windows have a teacher side): `input_ids`,
     `attention_mask`, `labels` (-100 at the last real position and at padding), `target_bytes` (UTF-8 bytes
     of each label token, 0 where there is no label), `group` (-1 at padding): (B, L). With a teacher side,
-    `align_student_pos` and `align_teacher_pos` (B, G) hold the last position of each group on each side,
-    and `align_mask` (B, G) bool is True for real groups followed on both sides by the next group (so both
+    `Batch.alignment`: `student_pos` and `teacher_pos` (B, G) hold the last position of each group on each
+    side, and `mask` (B, G) bool is True for real groups followed on both sides by the next group (so both
     next tokens, which start at the same character, are in the window: not the window's last group, nor the
     last of an assistant content in chat data); padding groups point at 0.
-    `window_index` (B,). An empty list gives zero-sized tensors, with teacher keys if `teacher` is given.
+    `window_index` (B,). An empty list gives zero-sized tensors, with a teacher side if `teacher` is given.
     """
     has_teacher = windows[0].teacher_ids is not None if windows else teacher is not None
     if has_teacher and teacher is None:
         raise ValueError("the windows have a teacher side: pass the teacher's input format")
     student, teacher = _input_format(student), _input_format(teacher)
-    arrays = {
-        f"student_{key}": value
-        for key, value in _collate_side(
-            [w.student_ids for w in windows],
-            [w.student_bytes for w in windows],
-            [w.student_group for w in windows],
-            student,
-            [w.student_target for w in windows],
-        ).items()
-    }
+    student_side = _collate_side(
+        [w.student_ids for w in windows],
+        [w.student_bytes for w in windows],
+        [w.student_group for w in windows],
+        student,
+        [w.student_target for w in windows],
+    )
+    teacher_side = alignment = None
     if has_teacher:
-        teacher_arrays = _collate_side(
+        teacher_side = _collate_side(
             [w.teacher_ids for w in windows],
             [w.teacher_bytes for w in windows],
             [w.teacher_group for w in windows],
             teacher,
             [w.teacher_target for w in windows],
         )
-        arrays.update({f"teacher_{key}": value for key, value in teacher_arrays.items()})
-        arrays.update(_collate_alignment(windows, len(student.prefix), len(teacher.prefix)))
-    arrays["window_index"] = np.array([w.index for w in windows], dtype=np.int64)  # (B,)
-    return {key: torch.from_numpy(value) for key, value in arrays.items()}
+        alignment = _collate_alignment(windows, len(student.prefix), len(teacher.prefix))
+    window_index = torch.tensor([w.index for w in windows], dtype=torch.int64)  # (B,)
+    return Batch(student_side, window_index, teacher_side, alignment)
 
 
 def _input_format(side: InputFormat | int | None) -> InputFormat | None:
     return InputFormat(pad_id=side) if isinstance(side, int) else side
 
 
-def _collate_alignment(
-    windows: list[Window], student_shift: int, teacher_shift: int
-) -> dict[str, np.ndarray]:
+def _collate_alignment(windows: list[Window], student_shift: int, teacher_shift: int) -> Alignment:
     """Group ends as batch positions: each side's tokens start after its `*_shift` prefix tokens."""
     student_last = [student_shift + group_last_positions(w.student_group) for w in windows]
     teacher_last = [teacher_shift + group_last_positions(w.teacher_group) for w in windows]
@@ -324,7 +315,7 @@ def _collate_alignment(
         mask[b, :groups] = _followed(window.student_group, student_positions - student_shift) & _followed(
             window.teacher_group, teacher_positions - teacher_shift
         )
-    return {"align_student_pos": student_pos, "align_teacher_pos": teacher_pos, "align_mask": mask}
+    return Alignment(torch.from_numpy(mask), torch.from_numpy(student_pos), torch.from_numpy(teacher_pos))
 
 
 def _followed(group: np.ndarray, last: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sakd.data.batch import Batch
 from sakd.losses import VocabMapping, chunked_head_loss, projected_teacher_probs
 from sakd.losses.divergence import forward_kl_logprobs
 from sakd.models.head import ModelHead, head_logits, model_head
@@ -87,7 +88,7 @@ def _final_hidden(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Ten
 def agreement_metrics(
     student: nn.Module,
     teacher: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
+    batches: Iterable[Batch],
     mapping: VocabMapping | None = None,
     vocab_size: int | None = None,
     top_k: int = 5,
@@ -95,7 +96,7 @@ def agreement_metrics(
     chunk_size: int = 256,
 ) -> dict[str, Any]:
     """Mean top-1 agreement, top-k overlap and KL(teacher || student) over the aligned positions
-    (`align_mask`) of two-tokenizer `batches`. `mapping` None: same vocabulary (see `agreement_rows`).
+    (`Batch.alignment`) of two-tokenizer `batches`. `mapping` None: same vocabulary (see `agreement_rows`).
 
     Returns top1_agreement, top_k_overlap, top_k, kl, kl_kind (EXACT_KL or PROJECTED_KL), positions (aligned
     positions seen) and unscored_positions (seen, but without projected teacher mass)."""
@@ -105,20 +106,21 @@ def agreement_metrics(
     sums = {"top1": 0.0, "overlap": 0.0, "kl": 0.0, "scored": 0.0}
     positions = 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()} if device else batch
-        mask = batch["align_mask"]  # (B, G)
+        batch = batch.to(device) if device else batch
+        mask = batch.alignment.mask  # (B, G)
         if not mask.any():
             continue
-        student_hidden = _final_hidden(student, batch["student_input_ids"], batch["student_attention_mask"])
-        teacher_hidden = _final_hidden(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+        s_side, t_side = batch.student, batch.teacher
+        student_hidden = _final_hidden(student, s_side.input_ids, s_side.attention_mask)
+        teacher_hidden = _final_hidden(teacher, t_side.input_ids, t_side.attention_mask)
         rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
         # the heads after the forwards: a sharded model's head is whole only then
         row_loss = _agreement_row_loss(model_head(teacher), mapping, vocab_size, top_k)
         _, parts = chunked_head_loss(
-            student_hidden[rows, batch["align_student_pos"][mask]],  # (N, Hs)
+            student_hidden[rows, batch.alignment.student_pos[mask]],  # (N, Hs)
             model_head(student),
             row_loss,
-            [teacher_hidden[rows, batch["align_teacher_pos"][mask]]],  # (N, Ht)
+            [teacher_hidden[rows, batch.alignment.teacher_pos[mask]]],  # (N, Ht)
             {},
             chunk_size=chunk_size,
         )

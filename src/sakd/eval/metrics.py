@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sakd.data.batch import Batch
 from sakd.losses import chunked_head_loss
 from sakd.models.head import model_head
 from sakd.models.load import capture_final_hidden
@@ -34,7 +35,7 @@ def _nll_rows(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Ten
 @torch.no_grad()
 def lm_metrics(
     model: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
+    batches: Iterable[Batch],
     side: str = "student",
     device: torch.device | None = None,
     chunk_size: int = 1024,
@@ -62,7 +63,7 @@ def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
 @torch.no_grad()
 def lm_sums(
     model: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
+    batches: Iterable[Batch],
     side: str = "student",
     device: torch.device | None = None,
     chunk_size: int = 1024,
@@ -76,10 +77,11 @@ def lm_sums(
     nll = 0.0
     tokens = nbytes = 0
     for i, batch in enumerate(tqdm(batches, desc=progress, leave=False, disable=progress is None)):
-        ids = batch[f"{side}_input_ids"].to(device) if device else batch[f"{side}_input_ids"]
-        attn = batch[f"{side}_attention_mask"].to(ids.device)
-        labels = batch[f"{side}_labels"].to(ids.device)
-        target_bytes = batch[f"{side}_target_bytes"].to(ids.device)
+        model_side = batch.side(side)
+        ids = model_side.input_ids.to(device) if device else model_side.input_ids
+        attn = model_side.attention_mask.to(ids.device)
+        labels = model_side.labels.to(ids.device)
+        target_bytes = model_side.target_bytes.to(ids.device)
         with capture_final_hidden(model) as out:
             model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
         head = model_head(model)  # after the forward: a sharded model's head is whole only then

@@ -72,8 +72,8 @@ def model_metrics(
         raise UserError(f"the evaluation data gives no window of tokens for the {role}: use more text")
     log_input_format(tokenizer, role)
     fmt = input_format(tokenizer)
-    probe = collate_windows(windows[:2], fmt, None)
-    check_head(model, probe["student_input_ids"].to(device), probe["student_attention_mask"].to(device), role)
+    probe = collate_windows(windows[:2], fmt, None).to(device).student
+    check_head(model, probe.input_ids, probe.attention_mask, role)
     loader = WindowLoader(windows, data.batch_size, seed=0, shuffle=False, drop_last=False, student=fmt)
     metrics: dict[str, Any] = lm_metrics(model, loader, "student", device)
     metrics["parameters"] = count_parameters(model)

@@ -45,13 +45,13 @@ def label_groups(
 ) -> torch.Tensor:
     """The alignment group of the token each position predicts, -1 where that group is not fully predicted.
 
-    group (N, L): each token's group as `collate_windows` gives it (`student_group`, `teacher_group`; -1 for
+    group (N, L): each token's group as `collate_windows` gives it (each `Side`'s `group`; -1 for
     prefix and padding); labels (N, L): the next token, ignore_index where there is none. Returns (N, L)
     int64. Position i predicts token i + 1, so it belongs to group[i + 1]. A group keeps its positions only
     if every one of its tokens is predicted: the window's first token never is (so the first group's text is
     incomplete whenever it holds more than one token), nor are tokens masked out of the loss. Comparing an
     incomplete chunk with the other side's complete one would compare different texts. `num_groups`: at
-    least the largest group id + 1 (the batch's `align_mask.shape[1]`); given, it spares a device sync.
+    least the largest group id + 1 (the batch's `alignment.mask.shape[1]`); given, it spares a device sync.
     """
     if group.shape != labels.shape:
         raise ValueError(f"group {tuple(group.shape)} and labels {tuple(labels.shape)} must have one shape")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from sakd.config import Config
+from sakd.data.batch import Batch
 
 
 class ReferenceStep:
@@ -34,20 +35,20 @@ class ReferenceStep:
         self.temperature = point.temperature
         self.lm_weight, self.kd_weight = point.weights["lm"], point.weights["kd"]
 
-    def step(self, batches: list[dict[str, torch.Tensor]]) -> int:
+    def step(self, batches: list[Batch]) -> int:
         tokens = 0
         for batch in batches:
-            labels = batch["student_labels"]  # (B, L)
+            labels = batch.student.labels  # (B, L)
             with self.autocast():
                 with torch.no_grad():
                     t_logits = self.teacher(
-                        input_ids=batch["teacher_input_ids"],
-                        attention_mask=batch["teacher_attention_mask"],
+                        input_ids=batch.teacher.input_ids,
+                        attention_mask=batch.teacher.attention_mask,
                         use_cache=False,
                     ).logits  # (B, L, V)
                 s_logits = self.student(
-                    input_ids=batch["student_input_ids"],
-                    attention_mask=batch["student_attention_mask"],
+                    input_ids=batch.student.input_ids,
+                    attention_mask=batch.student.attention_mask,
                     use_cache=False,
                 ).logits  # (B, L, V)
             rows = labels != -100
@@ -60,7 +61,7 @@ class ReferenceStep:
             )
             loss = self.lm_weight * F.cross_entropy(s, labels[rows]) + self.kd_weight * temp**2 * kd
             (loss / len(batches)).backward()
-            tokens += int(batch["student_attention_mask"].sum())
+            tokens += int(batch.student.attention_mask.sum())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return tokens

@@ -305,9 +305,7 @@ def _pair_result(rates, sakd: SakdStep, cached: CachedStep, ref_tok, cpu_batches
         "teacher_vocab": len(sakd.teacher_tok),
         "student_vocab": len(sakd.student_tok),
         "reference_vocab": len(ref_tok),
-        "tokens_per_batch": round(
-            statistics.mean(int(b["student_attention_mask"].sum()) for b in cpu_batches)
-        ),
+        "tokens_per_batch": round(statistics.mean(int(b.student.attention_mask.sum()) for b in cpu_batches)),
     }
 
 

@@ -29,9 +29,12 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sakd.tools.bench_pairs import TrlSizes, word_tokenizer
+
+if TYPE_CHECKING:
+    from sakd.data.batch import Batch
 
 DIVERGENCES = {"forward_kl": 0.0, "jsd": 0.5}  # sakd's name: GKD's beta
 SIDES = ("sakd", "trl", "trl_chunked")  # TRL: GKDTrainer, and DistillationTrainer's chunked loss
@@ -95,7 +98,7 @@ def _sakd_config(paths: dict[str, str], sizes: TrlSizes, divergence: str, out: P
     return validate(raw)
 
 
-def _host_batches(cfg, tok, teacher_tok, sizes: TrlSizes) -> list[dict]:
+def _host_batches(cfg, tok, teacher_tok, sizes: TrlSizes) -> list[Batch]:
     from sakd.data.corpus import build_windows
     from sakd.tools.bench_step import pair_loader
 
@@ -104,7 +107,7 @@ def _host_batches(cfg, tok, teacher_tok, sizes: TrlSizes) -> list[dict]:
     return [loader.next_batch() for _ in range(sizes.warmup_steps + sizes.steps)]
 
 
-def _sakd_runner(cfg, tok, batches: list[dict]):
+def _sakd_runner(cfg, tok, batches: list[Batch]):
     from accelerate import Accelerator
 
     from sakd.curriculum import curriculum_at

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sakd.data.batch import Batch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the GKD and GOLD trainers live in trl.experimental
 
@@ -73,7 +76,7 @@ def _stepper(trainer, loss_of, inputs: list[dict], max_grad_norm: float):
     return step, model
 
 
-def gkd_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
+def gkd_runner(cfg, tok, batches: list[Batch], beta: float, out: Path):
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -86,7 +89,7 @@ def gkd_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
     )
     inputs = []
     for b in batches:
-        ids, mask = b["student_input_ids"], b["student_attention_mask"]
+        ids, mask = b.student.input_ids, b.student.attention_mask
         inputs.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
 
     def loss_of(model, batch: dict) -> None:
@@ -95,7 +98,7 @@ def gkd_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
     return _stepper(trainer, loss_of, inputs, cfg.train.max_grad_norm)
 
 
-def chunked_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
+def chunked_runner(cfg, tok, batches: list[Batch], beta: float, out: Path):
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
 
@@ -109,7 +112,7 @@ def chunked_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
     )
     inputs = []
     for b in batches:
-        ids, mask = b["student_input_ids"], b["student_attention_mask"]
+        ids, mask = b.student.input_ids, b.student.attention_mask
         inputs.append(
             {
                 "attention_mask": mask,
@@ -128,7 +131,7 @@ def chunked_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
     return _stepper(trainer, loss_of, inputs, cfg.train.max_grad_norm)
 
 
-def gold_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
+def gold_runner(cfg, tok, batches: list[Batch], beta: float, out: Path):
     from datasets import Dataset
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
@@ -151,7 +154,7 @@ def gold_runner(cfg, tok, batches: list[dict], beta: float, out: Path):
     )
     inputs = []
     for b in batches:
-        ids, mask = b["student_input_ids"], b["student_attention_mask"]
+        ids, mask = b.student.input_ids, b.student.attention_mask
         texts = [tok.decode(row[m.bool()]) for row, m in zip(ids, mask, strict=True)]
         inputs.append(
             {

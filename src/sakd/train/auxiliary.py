@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sakd.curriculum import CurriculumPoint
+from sakd.data.batch import Batch
 from sakd.losses.auxiliary import (
     attention_transfer_loss,
     contrastive_loss,
@@ -144,7 +145,7 @@ class AuxiliaryLosses:
     def __call__(
         self,
         needs: AuxNeeds,
-        batch: dict[str, torch.Tensor],
+        batch: Batch,
         student: StudentPass,
         t_pass: TeacherPass | None,
         point: CurriculumPoint,
@@ -163,10 +164,10 @@ class AuxiliaryLosses:
             parts["attention"] = attention_transfer_loss(
                 student.attention,
                 t_pass.attention,
-                batch["student_group"],
-                batch["teacher_group"],
-                batch["align_mask"].shape[1],
-                batch["align_mask"],
+                batch.student.group,
+                batch.teacher.group,
+                batch.alignment.mask.shape[1],
+                batch.alignment.mask,
                 self.attention_loss,
                 count=count,
             )
@@ -177,9 +178,9 @@ class AuxiliaryLosses:
                 t_pass.hidden_states,
                 self.heads.layer_map,
                 self.heads.layerwise,
-                batch["student_group"],
-                batch["teacher_group"],
-                batch["align_mask"],
+                batch.student.group,
+                batch.teacher.group,
+                batch.alignment.mask,
                 count=count,
             )
             extra = extra + scale * w["layerwise"] * parts["layerwise"]
@@ -190,10 +191,10 @@ class AuxiliaryLosses:
         contrastive. Adds their parts to `parts`; returns (their weighted sum, the KD token weights or None)."""
         w, scale, count = point.weights, norm.processes, norm.counts.kd
         extra = student.hidden.new_zeros((), dtype=torch.float32)
-        mask = batch["align_mask"]  # (B, G)
-        s_groups, _ = group_mean(student.hidden, batch["student_group"], mask.shape[1])  # (B, G, Hs)
+        mask = batch.alignment.mask  # (B, G)
+        s_groups, _ = group_mean(student.hidden, batch.student.group, mask.shape[1])  # (B, G, Hs)
         if w["feature"] > 0 or w["contrastive"] > 0:
-            t_groups, _ = group_mean(t_pass.hidden, batch["teacher_group"], mask.shape[1])  # (B, G, Ht)
+            t_groups, _ = group_mean(t_pass.hidden, batch.teacher.group, mask.shape[1])  # (B, G, Ht)
         token_weights = None
         if needs.sources or needs.token_weights:
             bi, positions = aligned_rows(batch, "student")
@@ -228,8 +229,8 @@ class AuxiliaryLosses:
 
     def _route(self, batch, t_pass, s_groups, gap, point, count):
         """The router on aligned groups: routed-knowledge feature loss, balance, token weights."""
-        mask = batch["align_mask"]
-        src_groups, _ = group_mean(t_pass.sources, batch["teacher_group"], mask.shape[1])  # (B, G, E, Ht)
+        mask = batch.alignment.mask
+        src_groups, _ = group_mean(t_pass.sources, batch.teacher.group, mask.shape[1])  # (B, G, E, Ht)
         return self.heads.router(
             s_groups[mask],
             src_groups[mask],

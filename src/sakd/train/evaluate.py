@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from sakd.data.batch import Batch
 from sakd.data.loader import WindowLoader
 from sakd.data.tokenize import input_format
 from sakd.eval.metrics import lm_sums, metrics_from_sums
@@ -23,7 +24,7 @@ log = logging.getLogger("sakd")
 BEFORE_TRAINING_WINDOWS = 16
 
 
-def eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[dict[str, torch.Tensor]]:
+def eval_batches(windows, batch_size: int, student_tok, teacher_tok) -> list[Batch]:
     if not windows:
         return []
     loader = WindowLoader(

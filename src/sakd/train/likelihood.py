@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from sakd.data.batch import Batch, LossRows
 from sakd.losses.chunk_likelihood import ChunkLikelihood, label_groups, label_logprobs
 from sakd.losses.chunked import Chunking
 from sakd.models.head import ModelHead
@@ -13,30 +14,30 @@ from sakd.train.teacher import Teacher, TeacherPass
 
 def chunk_likelihood_rows(
     term: ChunkLikelihood,
-    batch: dict[str, torch.Tensor],
-    rows: dict[str, torch.Tensor],
+    batch: Batch,
+    rows: LossRows,
     student: tuple[torch.Tensor, ModelHead],
     teacher: tuple[Teacher, TeacherPass | None],
     chunking: Chunking,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(coefficients (N,) at `rows["rows_student"]`, the term's sum over this micro-batch's matched groups).
+    """(coefficients (N,) at `rows.student`, the term's sum over this micro-batch's matched groups).
 
     student: the student's final hidden states at the loss rows (N, Hs) and its head; teacher: the teacher
     and its pass over this micro-batch."""
     hidden, head = student
-    labels = batch["student_labels"]  # (B, Ls)
-    index = rows["rows_student"]
+    labels = batch.student.labels  # (B, Ls)
+    index = rows.student
     picked = label_logprobs(
         hidden, head.detach(), labels.flatten().index_select(0, index), chunking.rows(head)
     )
     student_lp = picked.new_zeros(labels.numel()).index_copy(0, index, picked).view_as(labels)  # (B, Ls)
-    num_groups = batch["align_mask"].shape[1]
+    num_groups = batch.alignment.mask.shape[1]
     model, t_pass = teacher
     coefficients, total, _ = term.position_weights(
-        (student_lp, label_groups(batch["student_group"], labels, num_groups=num_groups)),
+        (student_lp, label_groups(batch.student.group, labels, num_groups=num_groups)),
         (
             model.label_logprobs(batch, t_pass, chunking),
-            label_groups(batch["teacher_group"], batch["teacher_labels"], num_groups=num_groups),
+            label_groups(batch.teacher.group, batch.teacher.labels, num_groups=num_groups),
         ),
         num_groups,
     )

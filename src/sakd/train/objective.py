@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sakd.curriculum import CurriculumPoint
+from sakd.data.batch import Batch
 from sakd.losses import ChunkBuffers, Chunking, chunked_head_loss, make_distill_row_loss
 from sakd.losses.chunk_likelihood import ChunkLikelihood, WithChunkLikelihood
 from sakd.models.attention import capture_attentions
@@ -22,7 +23,7 @@ from sakd.models.head import model_head
 from sakd.models.load import capture_final_hidden, unwrap
 from sakd.train.auxiliary import AuxiliaryLosses, AuxNeeds, StudentPass
 from sakd.train.likelihood import chunk_likelihood_rows
-from sakd.train.rows import LossNorm, loss_rows
+from sakd.train.rows import LossNorm
 from sakd.train.teacher import Teacher, TeacherRequest
 
 
@@ -47,7 +48,7 @@ class DistillObjective:
         self.mapping = getattr(teacher, "mapping", None)
 
     def __call__(
-        self, student: nn.Module, batch: dict[str, torch.Tensor], point: CurriculumPoint, norm: LossNorm
+        self, student: nn.Module, batch: Batch, point: CurriculumPoint, norm: LossNorm
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch. Token-level parts are sums divided by the step's global token counts
         (times the number of processes, since DDP averages gradients); batch-level parts (balance, contrastive)
@@ -57,8 +58,8 @@ class DistillObjective:
         needs = AuxNeeds.at(w, use_kd) if self.aux is not None else AuxNeeds()
         s_pass = self._student_pass(student, batch, needs)
         hidden = s_pass.hidden  # (B, Ls, H)
-        rows = batch if "rows_student" in batch else loss_rows(batch)
-        n, k = rows["rows_student"].shape[0], rows["rows_teacher"].shape[0] if use_kd else 0
+        rows = batch.rows  # (`prepare_batch`)
+        n, k = rows.student.shape[0], rows.teacher.shape[0] if use_kd else 0
 
         t_pass = None
         if use_kd or needs.teacher:
@@ -72,8 +73,8 @@ class DistillObjective:
             extra, parts, group_weights = self.aux(needs, batch, s_pass, t_pass, point, norm)
             if group_weights is not None:
                 # one weight per aligned group in (b, g) order; the K rows name their groups
-                order = batch["align_mask"].flatten().cumsum(0) - 1  # (B * G,) rank of each aligned group
-                kd_weight[:k] = group_weights.index_select(0, order.index_select(0, rows["rows_group"]))
+                order = batch.alignment.mask.flatten().cumsum(0) - 1  # (B * G,) rank of each aligned group
+                kd_weight[:k] = group_weights.index_select(0, order.index_select(0, rows.group))
 
         s_head = s_pass.head
         if use_kd:
@@ -89,8 +90,8 @@ class DistillObjective:
         if use_kd:
             part_weights["kd"] = norm.token_weight(w["kd"], counts.kd)
         kd_mask = torch.arange(n, device=hidden.device) < k  # (N,)
-        student_rows = hidden.flatten(0, 1).index_select(0, rows["rows_student"])  # (N, Hs)
-        labels = batch["student_labels"].flatten().index_select(0, rows["rows_student"])  # (N,)
+        student_rows = hidden.flatten(0, 1).index_select(0, rows.student)  # (N, Hs)
+        labels = batch.student.labels.flatten().index_select(0, rows.student)  # (N,)
         row_inputs = [labels, *teacher_rows, kd_mask, kd_weight]
         if use_kd and self.likelihood is not None:
             coefficients, alm = chunk_likelihood_rows(
@@ -118,13 +119,13 @@ class DistillObjective:
         return total + extra, {name: v.detach() for name, v in parts.items()}
 
     @staticmethod
-    def _student_pass(student: nn.Module, batch: dict[str, torch.Tensor], needs: AuxNeeds) -> StudentPass:
+    def _student_pass(student: nn.Module, batch: Batch, needs: AuxNeeds) -> StudentPass:
         with ExitStack() as stack:
             s_out = stack.enter_context(capture_final_hidden(student))
             s_attn = stack.enter_context(capture_attentions(unwrap(student))) if needs.attention else None
             result = student(
-                input_ids=batch["student_input_ids"],
-                attention_mask=batch.get("student_attention_mask"),  # absent: no padding (`prepare_batch`)
+                input_ids=batch.student.input_ids,
+                attention_mask=batch.student.attention_mask,  # None: no padding (`prepare_batch`)
                 logits_to_keep=1,
                 use_cache=False,
                 output_hidden_states=needs.layers,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from sakd.data.batch import Batch, LossRows
 from sakd.losses.rows import IGNORE_INDEX
 
 
@@ -17,9 +18,9 @@ class TokenCounts:
     kd: int
 
     @staticmethod
-    def of(batches: list[dict[str, torch.Tensor]]) -> TokenCounts:
-        lm = sum(int((b["student_labels"] != IGNORE_INDEX).sum()) for b in batches)
-        kd = sum(int(b["align_mask"].sum()) for b in batches if "align_mask" in b)
+    def of(batches: list[Batch]) -> TokenCounts:
+        lm = sum(int((b.student.labels != IGNORE_INDEX).sum()) for b in batches)
+        kd = sum(int(b.alignment.mask.sum()) for b in batches if b.alignment is not None)
         return TokenCounts(lm, kd)
 
 
@@ -38,30 +39,32 @@ class LossNorm:
         return self.processes * weight / max(count, 1)
 
 
-def loss_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def loss_rows(batch: Batch) -> LossRows:
     """The rows the objective's chunked loss runs on, as flat indices, best computed on the host (`prepare_batch`)
     so that the device never selects rows by mask (each such selection waits for the device).
 
-    `rows_student` (N,): the student positions b * Ls + s that carry a label, the K distillation rows first
-    (the ends of aligned groups, in (b, g) order), then the others; `rows_teacher` (K,): the teacher position
-    b * Lt + t of each distillation row's group; `rows_group` (K,): that group, b * G + g (the cached teacher's
+    `student` (N,): the student positions b * Ls + s that carry a label, the K distillation rows first (the
+    ends of aligned groups, in (b, g) order), then the others; `teacher` (K,): the teacher position
+    b * Lt + t of each distillation row's group; `group` (K,): that group, b * G + g (the cached teacher's
     rows). Without alignment K = 0."""
-    labels = batch["student_labels"]  # (B, Ls)
+    labels = batch.student.labels  # (B, Ls)
     length = labels.shape[1]
     valid = (labels != IGNORE_INDEX).flatten()
     empty = torch.zeros(0, dtype=torch.long, device=labels.device)
-    if "align_mask" not in batch:
-        return {"rows_student": valid.nonzero().squeeze(-1), "rows_teacher": empty, "rows_group": empty}
-    mask = batch["align_mask"]  # (B, G)
+    if batch.alignment is None:
+        return LossRows(valid.nonzero().squeeze(-1), empty, empty)
+    align = batch.alignment
+    mask = align.mask  # (B, G)
     bi, gi = mask.nonzero(as_tuple=True)
-    student = bi * length + batch["align_student_pos"][bi, gi]
-    teacher = bi * batch["teacher_input_ids"].shape[1] + batch["align_teacher_pos"][bi, gi]
+    student = bi * length + align.student_pos[bi, gi]
+    teacher = bi * batch.teacher.input_ids.shape[1] + align.teacher_pos[bi, gi]
     keep = valid[student]  # every aligned group ends at a labelled position, unless a caller cut its labels
     distilled = torch.zeros_like(valid)
     distilled[student[keep]] = True
     others = (valid & ~distilled).nonzero().squeeze(-1)
-    return {
-        "rows_student": torch.cat([student[keep], others]),
-        "rows_teacher": teacher[keep],
-        "rows_group": (bi * mask.shape[1] + gi)[keep],
-    }
+    return LossRows(torch.cat([student[keep], others]), teacher[keep], (bi * mask.shape[1] + gi)[keep])
+
+
+def with_loss_rows(batch: Batch) -> Batch:
+    """The batch with its `loss_rows`, where they are computed (`prepare_batch` does this on the host)."""
+    return replace(batch, rows=loss_rows(batch))

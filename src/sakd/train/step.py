@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from sakd.cache.training import CachedTeacher, teacher_skeleton
 from sakd.config import Config
 from sakd.curriculum import AUX_LOSSES, CurriculumPoint
+from sakd.data.batch import Batch, Side
 from sakd.errors import UserError
 from sakd.losses import Chunking
 from sakd.losses.chunk_likelihood import ChunkLikelihood
@@ -28,7 +29,7 @@ from sakd.train.collective import average_gradients, global_counts
 from sakd.train.ema import EMA
 from sakd.train.nonfinite import all_finite
 from sakd.train.objective import DistillObjective
-from sakd.train.rows import LossNorm, TokenCounts, loss_rows
+from sakd.train.rows import LossNorm, TokenCounts, with_loss_rows
 from sakd.train.schedule import make_scheduler
 from sakd.train.sharding import compile_layers, full_tensor, place_teacher, shard
 from sakd.train.teacher import LiveTeacher, TopKTeacher
@@ -56,7 +57,7 @@ class Training:
 class StepBatches:
     """The micro-batches of one optimizer step, prepared on the host (`step_batches`)."""
 
-    batches: list[dict[str, torch.Tensor]]  # on the device, with their loss rows (`prepare_batch`)
+    batches: list[Batch]  # on the device, with their loss rows (`prepare_batch`)
     counts: TokenCounts  # over all processes: they normalise the loss sums
     tokens: int  # student tokens over all processes
     windows: list[int]  # this process's windows
@@ -200,28 +201,29 @@ def chunk_likelihood_configured(cfg: Config) -> bool:
     return not same_vocabulary(*tokenizers)
 
 
-def check_heads(t: Training, batch: dict[str, torch.Tensor]) -> None:
+def check_heads(t: Training, batch: Batch) -> None:
     """Before the first step: each model's own logits against sakd's head on a probe of the first real batch
     (`check_head`), for the student and the live teacher (a cache was captured by the same head)."""
     for role, model in (("student", t.student), ("teacher", t.teacher)):
         if model is not None:
-            check_head(model, batch[f"{role}_input_ids"], batch.get(f"{role}_attention_mask"), role)
+            side = batch.side(role)
+            check_head(model, side.input_ids, side.attention_mask, role)
 
 
 def step_batches(
-    host_batches: list[dict[str, torch.Tensor]],
+    host_batches: list[Batch],
     accelerator: Accelerator,
-    prepared: list[dict[str, torch.Tensor]] | None = None,
+    prepared: list[Batch] | None = None,
 ) -> StepBatches:
     """Token counts from the host copies (nothing waits for the device), and the batches on the device
     (`prepared`: already made by `prepare_batch`)."""
-    tokens = sum(int(b["student_attention_mask"].sum()) for b in host_batches)
+    tokens = sum(int(b.student.attention_mask.sum()) for b in host_batches)
     counts, tokens = global_counts(TokenCounts.of(host_batches), tokens, accelerator)
     return StepBatches(
         prepared if prepared is not None else [prepare_batch(b, accelerator.device) for b in host_batches],
         counts,
         tokens,
-        [int(i) for b in host_batches for i in b["window_index"]],
+        [int(i) for b in host_batches for i in b.window_index],
     )
 
 
@@ -266,19 +268,24 @@ def train_step(t: Training, step: StepBatches, point: CurriculumPoint) -> StepRe
     return StepResult(loss_sum, parts_sum, grad_norm, stepped)
 
 
-def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def prepare_batch(batch: Batch, device: torch.device) -> Batch:
     """A host batch for the objective, on the device: its loss rows added (`loss_rows`), and attention masks
     without padding left out (transformers would otherwise check them, which waits for the device). On a GPU
     the host tensors are pinned first, so that copying them does not wait for the device either."""
-    out = {**batch, **loss_rows(batch)}
-    for side in ("student", "teacher"):
-        mask = out.get(f"{side}_attention_mask")
-        if mask is not None and bool(mask.all()):
-            del out[f"{side}_attention_mask"]
+    out = replace(
+        with_loss_rows(batch),
+        student=_without_full_mask(batch.student),
+        teacher=_without_full_mask(batch.teacher) if batch.teacher is not None else None,
+    )
     if device.type == "cuda":
-        out = {k: v.pin_memory() for k, v in out.items()}
+        out = out.pin_memory()
     return to_device(out, device)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _without_full_mask(side: Side) -> Side:
+    mask = side.attention_mask
+    return replace(side, attention_mask=None) if mask is not None and bool(mask.all()) else side
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return batch.to(device, non_blocking=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sakd.curriculum import CurriculumPoint
+from sakd.data.batch import Batch, LossRows
 from sakd.errors import UserError
 from sakd.losses.chunk_likelihood import label_logprobs
 from sakd.losses.chunked import Chunking, RowLoss
@@ -28,8 +29,6 @@ from sakd.models.attention import capture_attentions
 from sakd.models.head import ModelHead, model_head
 from sakd.models.load import capture_final_hidden, unwrap
 from sakd.router import chunked_gap, knowledge_gap
-
-CACHE_KEYS = ("cache_ids", "cache_probs", "cache_tail")
 
 
 @dataclass
@@ -52,7 +51,7 @@ class TeacherRequest:
 @torch.no_grad()
 def teacher_pass(
     teacher: nn.Module,
-    batch: dict[str, torch.Tensor],
+    batch: Batch,
     sources=None,
     attention: bool = False,
     hidden_states: bool = False,
@@ -65,8 +64,8 @@ def teacher_pass(
             stack.enter_context(sources)
         attn = stack.enter_context(capture_attentions(unwrap(teacher), detach=True)) if attention else None
         result = teacher(
-            input_ids=batch["teacher_input_ids"],
-            attention_mask=batch.get("teacher_attention_mask"),
+            input_ids=batch.teacher.input_ids,
+            attention_mask=batch.teacher.attention_mask,
             logits_to_keep=1,
             use_cache=False,
             output_hidden_states=hidden_states,
@@ -83,17 +82,17 @@ class Teacher(Protocol):
     kind: str  # what KD compares, for the log
     model: nn.Module | None  # the model, when it runs (the auxiliary losses read its states)
 
-    def run(self, batch: dict[str, torch.Tensor], request: TeacherRequest) -> TeacherPass | None:
+    def run(self, batch: Batch, request: TeacherRequest) -> TeacherPass | None:
         """The teacher's states for this micro-batch (None: it has none to give)."""
 
     def kd_inputs(
         self,
-        batch: dict[str, torch.Tensor],
-        rows: dict[str, torch.Tensor],
+        batch: Batch,
+        rows: LossRows,
         t_pass: TeacherPass | None,
         n: int,
     ) -> list[torch.Tensor]:
-        """The row inputs the row loss reads after the labels, for the first `rows["rows_teacher"]` rows
+        """The row inputs the row loss reads after the labels, for the first `rows.teacher` rows
         (the distillation rows), zero-filled up to `n` rows."""
 
     def row_loss(self, point: CurriculumPoint, student_head: ModelHead) -> RowLoss:
@@ -106,25 +105,24 @@ class Teacher(Protocol):
         self,
         student_rows: torch.Tensor,
         student_head: ModelHead,
-        batch: dict[str, torch.Tensor],
+        batch: Batch,
         t_pass: TeacherPass | None,
         point: CurriculumPoint,
         chunking: Chunking,
     ) -> torch.Tensor:
-        """The detached per-row KD (N,) at the aligned groups of `batch["align_mask"]` in (b, g) order;
+        """The detached per-row KD (N,) at the aligned groups of `batch.alignment.mask` in (b, g) order;
         `student_rows` (N, Hs) are the student's final hidden states there."""
 
-    def label_logprobs(
-        self, batch: dict[str, torch.Tensor], t_pass: TeacherPass | None, chunking: Chunking
-    ) -> torch.Tensor:
+    def label_logprobs(self, batch: Batch, t_pass: TeacherPass | None, chunking: Chunking) -> torch.Tensor:
         """The teacher's log-probability of each of its next tokens, fp32 (B, Lt) (0 where there is none)."""
 
 
-def aligned_rows(batch: dict[str, torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned_rows(batch: Batch, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch index, position) of each aligned group's last token on `side`, in (b, g) order."""
-    mask = batch["align_mask"]  # (B, G)
+    align = batch.alignment
+    mask = align.mask  # (B, G)
     bi = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-    return bi, batch[f"align_{side}_pos"][mask]
+    return bi, (align.teacher_pos if side == "teacher" else align.student_pos)[mask]
 
 
 def first_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
@@ -142,11 +140,11 @@ class LiveTeacher:
         self.kind = kd.kind
         self.mapping = kd.mapping
 
-    def run(self, batch: dict[str, torch.Tensor], request: TeacherRequest) -> TeacherPass:
+    def run(self, batch: Batch, request: TeacherRequest) -> TeacherPass:
         return self.teacher_pass(self.model, batch, request.sources, request.attention, request.hidden_states)
 
     def kd_inputs(self, batch, rows, t_pass, n):
-        return [first_rows(t_pass.hidden.flatten(0, 1), rows["rows_teacher"], n)]
+        return [first_rows(t_pass.hidden.flatten(0, 1), rows.teacher, n)]
 
     def row_loss(self, point: CurriculumPoint, student_head: ModelHead) -> RowLoss:
         width = student_head.weight.shape[0]
@@ -168,7 +166,7 @@ class LiveTeacher:
         )
 
     def label_logprobs(self, batch, t_pass, chunking):
-        labels = batch["teacher_labels"]  # (B, Lt); every position, padding too: no selection waits
+        labels = batch.teacher.labels  # (B, Lt); every position, padding too: no selection waits
         head = model_head(self.model)
         flat = label_logprobs(t_pass.hidden.flatten(0, 1), head, labels.flatten(), chunking.rows(head))
         return flat.view_as(labels)
@@ -178,7 +176,7 @@ class LiveTeacher:
 
 
 class TopKTeacher:
-    """A teacher known by its cached top-k distributions, which each batch carries (`CACHE_KEYS`)."""
+    """A teacher known by its cached top-k distributions, which each batch carries (`Batch.cache`)."""
 
     model = None
 
@@ -191,7 +189,7 @@ class TopKTeacher:
         return None
 
     def kd_inputs(self, batch, rows, t_pass, n):
-        return [first_rows(batch[key].flatten(0, 1), rows["rows_group"], n) for key in CACHE_KEYS]
+        return [first_rows(t.flatten(0, 1), rows.group, n) for t in batch.cache.tensors()]
 
     def row_loss(self, point: CurriculumPoint, student_head: ModelHead) -> RowLoss:
         return self.kd.row_loss(point.temperature, point.progress)
@@ -207,6 +205,6 @@ class TopKTeacher:
         )
 
     def knowledge_gap(self, student_rows, student_head, batch, t_pass, point, chunking):
-        teacher = [batch[key][batch["align_mask"]] for key in CACHE_KEYS]
+        teacher = [t[batch.alignment.mask] for t in batch.cache.tensors()]
         kd = self.kd.at(point.temperature, point.progress)
         return chunked_gap(student_rows, student_head, teacher, kd, chunking.rows(student_head))
