@@ -216,16 +216,13 @@ def _window_spans(
     return spans
 
 
-def _collate_side(
-    ids: list[np.ndarray],
-    nbytes: list[np.ndarray],
-    groups: list[np.ndarray],
-    side: InputFormat,
-    targets: list[np.ndarray | None],
-) -> Side:
-    """Pad one model's windows after its prefix tokens; labels are already shifted (position i predicts the
-    token at i + 1). The prefix predicts nothing and belongs to no group (label -100, group -1); a token that
-    is not a target (chat prompt) is no label either."""
+def _collate_side(windows: list[Window], role: str, side: InputFormat) -> Side:
+    """Pad one model's (`role`: "student" or "teacher") windows after its prefix tokens; labels are already
+    shifted (position i predicts the token at i + 1). The prefix predicts nothing and belongs to no group
+    (label -100, group -1); a token that is not a target (chat prompt) is no label either."""
+    ids, nbytes, groups, targets = (
+        [getattr(w, f"{role}_{field}") for w in windows] for field in ("ids", "bytes", "group", "target")
+    )
     start = len(side.prefix)
     batch_size, length = len(ids), start + max((len(x) for x in ids), default=0)
     input_ids = np.full((batch_size, length), side.pad_id, dtype=np.int64)  # (B, L)
@@ -274,22 +271,10 @@ def collate_windows(
     if has_teacher and teacher is None:
         raise ValueError("the windows have a teacher side: pass the teacher's input format")
     student, teacher = _input_format(student), _input_format(teacher)
-    student_side = _collate_side(
-        [w.student_ids for w in windows],
-        [w.student_bytes for w in windows],
-        [w.student_group for w in windows],
-        student,
-        [w.student_target for w in windows],
-    )
+    student_side = _collate_side(windows, "student", student)
     teacher_side = alignment = None
     if has_teacher:
-        teacher_side = _collate_side(
-            [w.teacher_ids for w in windows],
-            [w.teacher_bytes for w in windows],
-            [w.teacher_group for w in windows],
-            teacher,
-            [w.teacher_target for w in windows],
-        )
+        teacher_side = _collate_side(windows, "teacher", teacher)
         alignment = _collate_alignment(windows, len(student.prefix), len(teacher.prefix))
     window_index = torch.tensor([w.index for w in windows], dtype=torch.int64)  # (B,)
     return Batch(student_side, window_index, teacher_side, alignment)
