@@ -228,6 +228,10 @@ class CachedStep:
             root, windows, [str(corpus)], cfg.data.max_length, cfg.teacher.model, student_tok, teacher_tok
         )
         self.coverage = cached.coverage["coverage"]
+        # a cache has no per-token log-probabilities: the cached step runs without the chunk-likelihood term
+        cfg = cfg.model_copy(
+            update={"distill": cfg.distill.model_copy(update={"chunk_likelihood_weight": 0.0})}
+        )
         self.training = build_training(cfg, accelerator, precision, student_tok, teacher_tok, cached)
         self.batches = _prepared([cached.attach(b) for b in batches], accelerator.device)
 
