@@ -94,6 +94,25 @@ def test_bench_leaves_the_thread_count_as_it_found_it(tmp_path):
     assert torch.get_num_threads() == before
 
 
+def test_bench_runs_the_chunk_likelihood_term_on_request_in_the_live_step_only(tmp_path):
+    """The plain-KD comparison turns the term off; --set turns it on for the live step, while the cached step,
+    which has no per-token teacher log-probabilities, runs without it instead of stopping."""
+    import json
+
+    from sakd.cli import main
+
+    out = tmp_path / "b.json"
+    args = ["bench", "--quick", "--no-trl", "--output", str(out)]
+    assert main([*args, "--set", "distill.chunk_likelihood_weight=1"]) == 0
+    step = json.loads(out.read_text())["step"]
+    assert step["cross_vocab"]["sakd_setup"]["objective"].endswith("+ chunk likelihood")
+    assert main(args) == 0
+    assert (
+        "chunk likelihood"
+        not in json.loads(out.read_text())["step"]["cross_vocab"]["sakd_setup"]["objective"]
+    )
+
+
 @pytest.mark.slow  # two live and two cached training runs
 def test_bench_cache_epoch_trains_a_demo_epoch_live_and_cached(tmp_path, monkeypatch, capsys) -> None:
     """Part (d) on a demo shrunk to seconds: one epoch live and one from the cache, same steps, and both
