@@ -193,12 +193,13 @@ def chunk_likelihood(cfg: Config, live: bool, one_vocabulary: bool) -> ChunkLike
 
 
 def chunk_likelihood_configured(cfg: Config) -> bool:
-    """Whether training with the live teacher runs the chunk-likelihood term (reads both tokenizers when the
-    weight is left to its default)."""
-    if cfg.distill.chunk_likelihood_weight is not None:
-        return cfg.distill.chunk_likelihood_weight > 0
-    tokenizers = (load_tokenizer(getattr(cfg, role).tokenizer_path, role) for role in ("teacher", "student"))
-    return not same_vocabulary(*tokenizers)
+    """Whether training with the live teacher runs the chunk-likelihood term, as `chunk_likelihood` decides
+    (both tokenizers are read only when the weight is left to its default)."""
+    one_vocabulary = False  # an explicit weight does not depend on it
+    if cfg.distill.chunk_likelihood_weight is None:
+        roles = ("teacher", "student")
+        one_vocabulary = same_vocabulary(*(load_tokenizer(getattr(cfg, r).tokenizer_path, r) for r in roles))
+    return chunk_likelihood(cfg, live=True, one_vocabulary=one_vocabulary) is not None
 
 
 def check_heads(t: Training, batch: Batch) -> None:
