@@ -24,6 +24,10 @@ def test_bf16_teacher_fp32_student(make_raw, assets, small_data, monkeypatch):
     raw["data"]["eval"] = [str(small_data["tiny"])]
     summary = train(validate(raw))
     assert summary["skipped_steps"] == 0 and summary["eval"]["raw"]["bits_per_byte"] > 0
+    # The process holds at least both models' weights: the reported peak cannot be below them.
+    weights = sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters())
+    method = "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "VmHWM"
+    assert summary["peak_memory"]["method"] == method and summary["peak_memory"]["gib"] * 2**30 > weights
     teacher, student = models["teacher"], models["student"]
 
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
@@ -45,6 +49,16 @@ def test_bf16_teacher_fp32_student(make_raw, assets, small_data, monkeypatch):
     assert moments and {v.dtype for v in moments} == {torch.float32}
 
 
+def test_bf16_autocast_student_passes_the_head_check(make_raw, small_data):
+    """Under bf16 mixed precision the prepared student's forward runs in autocast, so its own logits are
+    16-bit: the head check must compare sakd's head at that precision, not fail a plain Llama (a 1-step run
+    on the CPU, where autocast works the same way as on a GPU)."""
+    raw = make_raw(max_steps=1, grad_accum=1, warmup_steps=0, precision="bf16")
+    raw["data"]["eval"] = [str(small_data["tiny"])]
+    summary = train(validate(raw))
+    assert summary["step"] == 1 and summary["eval"]["raw"]["bits_per_byte"] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fp16_with_grad_scaler_on_gpu(make_raw, monkeypatch):
@@ -55,6 +69,8 @@ def test_fp16_with_grad_scaler_on_gpu(make_raw, monkeypatch):
     raw["teacher"]["dtype"] = "fp16"
     summary = train(validate(raw))
     assert summary["step"] == 4 and summary["skipped_steps"] < 4
+    assert summary["peak_memory"]["method"] == "torch.cuda.max_memory_allocated"
+    assert summary["peak_memory"]["gib"] > 0
     assert {p.dtype for p in models["student"].parameters()} == {torch.float32}
     assert {p.dtype for p in models["teacher"].parameters()} == {torch.float16}
     run = Path(raw["output_dir"])

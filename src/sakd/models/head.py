@@ -170,7 +170,14 @@ def check_head(
             f"{ours.shape[-1]}: sakd cannot reproduce this model's output layer"
         )
     diff = float((ours - expected).abs().max()) if expected.numel() else 0.0
-    tolerance = _tolerance(head.weight.dtype, float(expected.abs().max()) if expected.numel() else 0.0)
+    # Under mixed precision both heads run in autocast's 16 bits (the caller enters it, as training does,
+    # and an Accelerate-prepared model enters it in its forward anyway): compare at that precision, or a
+    # plain model would fail on rounding alone.
+    device_type = ids.device.type
+    precision = (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head.weight.dtype
+    )
+    tolerance = _tolerance(precision, float(expected.abs().max()) if expected.numel() else 0.0)
     if not diff <= tolerance:  # (a NaN fails too)
         raise UserError(
             f"the {role}'s ({name}) logits differ from sakd's head by {diff:.3g} (tolerance {tolerance:.3g}): "

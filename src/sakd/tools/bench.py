@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.tools.bench_args import add_arguments
+from sakd.tools.seed_scale import seed_scale_part
 
 DEFAULTS: dict[str, Any] = {
     "tokens": 4096,
@@ -201,7 +202,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         lap("step_and_data")
         _trl_part(result, o, root / "trl", args.no_trl, device)
         lap("trl")
-        _seed_scale_part(result, args, root / "seed-scale")
+        seed_scale_part(result, args, Path(args.workdir) / "seed-scale", device, precision)
         lap("seed_scale")
     result["cache_epoch_speedup"] = result["cache_epoch_bpb_difference"] = None
     if args.cache_epoch:
@@ -263,16 +264,13 @@ def _step_and_data_parts(
     result: dict[str, Any], o: dict[str, Any], sizes, root: Path, device, precision, overrides, progress
 ) -> None:
     """Parts (b) and (c): the sakd step against the reference and the cached step; the data pipeline."""
-    from accelerate import Accelerator
-
     from sakd.tools.bench_data import run_data_bench
     from sakd.tools.bench_step import build_assets, run_step_bench
+    from sakd.train.run import make_accelerator
 
     print("(b) training steps, sakd vs reference ...", file=sys.stderr)
     assets = build_assets(root, sizes)
-    accelerator = Accelerator(
-        cpu=device.type == "cpu", mixed_precision="no" if precision == "fp32" else precision
-    )
+    accelerator = make_accelerator(precision, cpu=device.type == "cpu")
     step = run_step_bench(
         assets, sizes, progress, overrides, accelerator, precision, root / "runs", o["cache_top_k"]
     )
@@ -340,23 +338,6 @@ def _trl_part(result: dict[str, Any], o: dict[str, Any], root: Path, skip: bool,
     result["trl"] = trl
     result["vs_trl_speed_ratio"], result["vs_trl_memory_ratio"] = headline(trl, max(sizes.vocabs))
     result["vs_trl_speed_ratio_32k"], result["vs_trl_memory_ratio_32k"] = headline(trl, min(sizes.vocabs))
-
-
-def _seed_scale_part(result: dict[str, Any], args: argparse.Namespace, root: Path) -> None:
-    """Part (f): the reference pair's size; its keys stay None unless --seed-scale."""
-    keys = ("seed_scale_tokens_per_s", "seed_scale_peak_gib", "plan_error")
-    result.update(dict.fromkeys(keys))
-    if not args.seed_scale:
-        return
-    from sakd.tools.seed_scale import run_seed_scale
-
-    print("(f) seed scale: 1 B MoE teacher into a 135 M student, fp32 CPU ...", file=sys.stderr)
-    seed = run_seed_scale(root, args.seed_batch_size, args.seed_max_length, 1, args.seed_steps)
-    result["seed_scale"] = seed
-    if "error" not in seed:
-        result["seed_scale_tokens_per_s"] = seed["tokens_per_s"]
-        result["seed_scale_peak_gib"] = seed["peak_gib"]
-        result["plan_error"] = seed["plan_error"]
 
 
 def _meets(value: float, op: str, bound: float) -> bool:

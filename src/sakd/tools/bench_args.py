@@ -82,12 +82,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _later_parts(p: argparse.ArgumentParser) -> None:
     """The flags of parts (d) and (e)."""
-    g = p.add_argument_group("(f) the reference pair's size from random weights, fp32 on the CPU")
+    g = p.add_argument_group(
+        "(f) the reference pair's size from random weights, fp32 on the CPU or --precision on a GPU"
+    )
     g.add_argument(
         "--seed-scale",
         action="store_true",
-        help="also run a few steps of a 1 B-parameter Qwen3-MoE teacher into a 135 M student (about 8 GiB "
-        "of memory and several minutes on 2 CPU cores) and compare the peak with `sakd plan --device cpu`",
+        help="also run a few steps of a 1 B-parameter Qwen3-MoE teacher into a 135 M student (about 10 GiB "
+        "of memory and several minutes on 2 CPU cores), with the --set overrides, and compare the peak with "
+        "`sakd plan`'s for the same config and device kind",
     )
     g.add_argument("--seed-batch-size", type=int, default=2, help="(default 2)")
     g.add_argument("--seed-max-length", type=int, default=128, help="(default 128)")
@@ -112,6 +115,7 @@ def _later_parts(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--workdir",
         default="demo-runs",
-        help="the demo's corpus and pretrained teacher (shared with `sakd demo`)",
+        help="the demo's corpus and pretrained teacher (shared with `sakd demo`), and the seed scale's pair "
+        "in WORKDIR/seed-scale (about 4.5 GB): each is built the first time and reused",
     )
     g.add_argument("--epoch-repeats", type=int, default=1, help="live and cached epochs each, alternating")

@@ -262,7 +262,8 @@ def render_extra(result: dict[str, Any]) -> None:
         console.print(f"  (f) seed scale failed: {seed['error']}")
     elif seed:
         console.print(
-            f"  seed scale: {_fmt(result['seed_scale_tokens_per_s'], 1)} tokens/s, peak RSS "
+            f"  seed scale ({seed.get('device', 'cpu')}, {seed.get('precision', 'fp32')}): "
+            f"{_fmt(result['seed_scale_tokens_per_s'], 1)} tokens/s, peak "
             f"{_fmt(result['seed_scale_peak_gib'])} GiB, plan {_fmt(seed['plan_gib'])} GiB, plan_error "
             f"{_fmt(result['plan_error'], 3)}"
         )

@@ -108,12 +108,11 @@ def _host_batches(cfg, tok, teacher_tok, sizes: TrlSizes) -> list[Batch]:
 
 
 def _sakd_runner(cfg, tok, batches: list[Batch]):
-    from accelerate import Accelerator
-
     from sakd.curriculum import curriculum_at
     from sakd.tools.bench_step import SakdStep, _prepared, _sakd_step
+    from sakd.train.run import make_accelerator
 
-    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    accelerator = make_accelerator("fp32", cpu=True)
     sakd = SakdStep(cfg, accelerator, "fp32", curriculum_at(0.0, cfg.curriculum))
     prepared = _prepared(batches, accelerator.device)
     return lambda i: _sakd_step(sakd.training, sakd.point, [prepared[i]]), sakd.training.student

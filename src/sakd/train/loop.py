@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
@@ -37,10 +37,10 @@ from sakd.train.evaluate import eval_batches as make_eval_batches
 from sakd.train.evaluate import evaluate_student, measure_before_training
 from sakd.train.export import export_final
 from sakd.train.inputs import training_inputs
-from sakd.train.run import Run, TrainingStopped
+from sakd.train.run import Run, TrainingStopped, make_accelerator
 from sakd.train.sharding import is_sharded
 from sakd.train.step import build_training, check_heads, step_batches, train_step
-from sakd.train.tracking import LogInterval, early_stop_due
+from sakd.train.tracking import LogInterval, early_stop_due, peak_memory
 
 log = logging.getLogger("sakd")
 
@@ -93,7 +93,7 @@ def setup(cfg: Config, resume: str | None, force: bool) -> Run:
     out = rundir.prepare(cfg, resume, force, distributed.num_processes)
     tc = cfg.train
     precision = resolve_precision(tc.precision, distributed.device)
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+    accelerator = make_accelerator(precision)
     main = accelerator.is_main_process
     set_seed(tc.seed)
 
@@ -314,6 +314,7 @@ def finish(run: Run, stop_reason: str | None, last_eval: dict[str, Any] | None) 
             "teacher": t.teacher is not None and is_sharded(t.teacher),
         },
         "teacher_cache": cached.coverage if cached is not None else None,
+        "peak_memory": peak_memory(accelerator.device),
         "final": export,
         "eval": final_eval,
         "last_periodic_eval": last_eval,

@@ -7,12 +7,24 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from sakd.config import Config
 from sakd.train.inputs import TrainingInputs
 from sakd.train.nonfinite import NonFiniteGuard
 from sakd.train.step import Training
 from sakd.train.tracking import LoopState
+
+
+def make_accelerator(precision: str, cpu: bool = False) -> Accelerator:
+    """The Accelerator of a run in `precision` ("fp32", "bf16" or "fp16"). Accelerate keeps the first
+    Accelerator's mixed precision in a process-wide state and refuses another, so a second run in the same
+    process (a notebook, a sweep, the bench, the tests) with another precision would fail: that part of the
+    state is dropped first. The process group (PartialState) is kept."""
+    mixed = "no" if precision == "fp32" else precision
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=cpu, mixed_precision=mixed)
 
 
 class TrainingStopped(Exception):

@@ -208,7 +208,8 @@ def check_heads(t: Training, batch: Batch) -> None:
     for role, model in (("student", t.student), ("teacher", t.teacher)):
         if model is not None:
             side = batch.side(role)
-            check_head(model, side.input_ids, side.attention_mask, role)
+            with t.accelerator.autocast():  # the precision the step computes both heads in
+                check_head(model, side.input_ids, side.attention_mask, role)
 
 
 def step_batches(

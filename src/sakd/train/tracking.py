@@ -71,6 +71,24 @@ class LogInterval:
         return record
 
 
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory so far, as a run's summary reports it: on a GPU the CUDA allocator's peak
+    (what `sakd plan` estimates for a GPU), elsewhere the peak resident size (VmHWM, Linux only)."""
+    if device.type == "cuda":
+        return {
+            "gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "method": "torch.cuda.max_memory_allocated",
+        }
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return {"gib": int(line.split()[1]) * 1024 / 2**30, "method": "VmHWM"}
+    except OSError:
+        pass
+    return {"gib": None, "method": None}
+
+
 def early_stop_due(state: LoopState, result: dict[str, Any], tc) -> bool:
     """Whether training should stop early after this evaluation `result` (train config `tc`); updates the
     best held-out bits per byte and the evaluations without improvement."""
