@@ -318,3 +318,32 @@ def test_cached_tail_term_survives_a_student_confident_on_the_top_k(projection, 
     for value, grad in ((ref_kd, ref_grad), (parts["kd"], fused_grad)):
         torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,beta", [(1.0, None), (2.0, None), (1.0, 0.5)])
+def test_chunk_likelihood_part_keeps_the_closed_form_path(temperature, beta):
+    """The chunk-likelihood part folded into the fused loss's cross-entropy weights: the same parts and
+    gradients as the same wrapper over the autograd row loss, and the wrapper does keep `with_grad`."""
+    from sakd.losses.chunk_likelihood import WithChunkLikelihood
+
+    mapping = _mapping(60)
+    params, row_inputs, t_weight, t_bias = _inputs(3, TEACHER_WIDTH)
+    kd = functools.partial(projected_divergence, mapping=mapping, temperature=temperature)
+    if beta is not None:
+        kd = functools.partial(kd, divergence="jsd", beta=beta)
+    reference = make_distill_row_loss(kd, t_weight, t_bias)
+    fused = FusedForwardKL(
+        reference, projected_target(mapping, STUDENT_WIDTH), t_weight, t_bias, temperature, beta
+    )
+    coefficients = torch.randn(ROWS, generator=torch.Generator().manual_seed(5))
+    wrapped, plain = WithChunkLikelihood(fused), WithChunkLikelihood(reference)
+    assert hasattr(wrapped, "with_grad") and not hasattr(plain, "with_grad")
+    weights = {"lm": 0.8, "kd": 1.1, "alm": 0.6}
+    total, parts, grads = _run(wrapped, params, [*row_inputs, coefficients], weights, 9)
+    ref_total, ref_parts, ref_grads = _run(plain, params, [*row_inputs, coefficients], weights, 9)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    assert parts.keys() == ref_parts.keys() == {"lm", "kd", "alm"}
+    for k in parts:
+        torch.testing.assert_close(parts[k], ref_parts[k], rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -18,12 +18,14 @@ the gradients are the same, and here equal chunk probabilities give 0.
 Label log-probability of a position = -(its next-token cross-entropy), which the LM loss already computes.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from sakd.losses.fused import RowCoefficients
 from sakd.losses.rows import IGNORE_INDEX
 from sakd.models.head import ModelHead, head_logits
 
@@ -217,12 +219,15 @@ class WithChunkLikelihood:
     """A row loss plus the part "alm": the sum over rows of a coefficient times the row's cross-entropy, the
     last row input (`ChunkLikelihood.position_weights` at the rows). Its gradient is the chunk-likelihood
     term's; its value is not the term's (the caller logs that). The first row input must be the labels, as it
-    is for every row loss of `sakd.losses.rows` and `sakd.losses.fused`. A row loss with a closed-form
-    `with_grad` keeps one: this part's gradient, coefficient * (softmax - onehot), is added to it."""
+    is for every row loss of `sakd.losses.rows` and `sakd.losses.fused`. A row loss whose closed-form
+    `with_grad` takes per-row cross-entropy multiples (`extra`, as `FusedForwardKL`'s) keeps that path: the
+    part then adds its coefficients to the cross-entropy's per-row weights, inside the loss's one
+    log-softmax of the chunk. Any other row loss runs through autograd."""
 
     def __init__(self, inner):
         self.inner = inner
-        if hasattr(inner, "with_grad"):
+        closed_form = getattr(inner, "with_grad", None)
+        if closed_form is not None and "extra" in inspect.signature(closed_form).parameters:
             self.with_grad = self._with_grad
 
     def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
@@ -236,16 +241,6 @@ class WithChunkLikelihood:
         self, logits: torch.Tensor, part_weights: dict[str, float], *row_inputs: torch.Tensor, **kwargs
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         *inputs, coefficients = row_inputs
-        weight = part_weights.get("alm", 0.0)
+        extra = RowCoefficients("alm", part_weights.get("alm", 0.0), coefficients)
         others = {name: w for name, w in part_weights.items() if name != "alm"}
-        parts, grad = self.inner.with_grad(logits, others, *inputs, **kwargs)
-        labels = inputs[0]
-        column = labels.clamp_min(0)[:, None]
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
-        coefficients = torch.where(labels == IGNORE_INDEX, 0.0, coefficients.float())
-        parts["alm"] = -(coefficients * logp.gather(1, column).squeeze(1)).sum()
-        if weight != 0:
-            scaled = (weight * coefficients)[:, None]
-            own = logp.exp_().mul_(scaled).scatter_add_(1, column, -scaled)
-            grad = own if grad is None else grad.add_(own)
-        return parts, grad
+        return self.inner.with_grad(logits, others, *inputs, extra=extra, **kwargs)

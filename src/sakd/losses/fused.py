@@ -57,17 +57,37 @@ def projected_target(mapping, student_width: int) -> TargetFn:
     return target
 
 
+class RowCoefficients(NamedTuple):
+    """Per-row multiples of each row's cross-entropy, logged as one more part: `coefficients` (n,) and the
+    part's `weight` in the objective. The chunk-likelihood term is such a part (`WithChunkLikelihood`)."""
+
+    part: str
+    weight: float
+    coefficients: torch.Tensor
+
+
 def _cross_entropy(
-    s: torch.Tensor, labels: torch.Tensor, weight: float, out: torch.Tensor | None = None
+    s: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    out: torch.Tensor | None = None,
+    extra: RowCoefficients | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LM part of a chunk: {"lm": summed cross-entropy}, log_softmax(s) (n, W) (one pass over the
-    logits, written to `out` if given; the caller may overwrite it), each row's weight in the gradient (n,)
-    (0 for ignored labels) and the label column (n, 1)."""
+    """The LM part of a chunk: {"lm": summed cross-entropy} (and `extra`'s part), log_softmax(s) (n, W) (one
+    pass over the logits, written to `out` if given; the caller may overwrite it), each row's weight in the
+    gradient (n,) (0 for ignored labels) and the label column (n, 1). With `extra`, each row's weight gains
+    extra.weight * its coefficient: the gradient of a cross-entropy is the same softmax - onehot whatever
+    multiplies it, so the extra part costs no further pass over the logits."""
     valid = labels != IGNORE_INDEX
     column = labels.clamp_min(0)[:, None]
     logsm = torch.log_softmax(s, dim=-1, out=out)  # (n, W)
-    parts = {"lm": torch.where(valid, -logsm.gather(1, column).squeeze(1), 0.0).sum()}
-    return parts, logsm, torch.where(valid, weight, 0.0), column
+    ce = torch.where(valid, -logsm.gather(1, column).squeeze(1), 0.0)  # (n,)
+    parts = {"lm": ce.sum()}
+    if extra is None:
+        return parts, logsm, torch.where(valid, weight, 0.0), column
+    coefficients = extra.coefficients.float()
+    parts[extra.part] = (coefficients * ce).sum()
+    return parts, logsm, torch.where(valid, weight + extra.weight * coefficients, 0.0), column
 
 
 def _shares_softmax(s: torch.Tensor, cols: int, t: float) -> bool:
@@ -129,13 +149,16 @@ class FusedForwardKL(_FusedRowLoss):
         kd_weight: torch.Tensor,
         kd_rows: int | None = None,
         grad_out: torch.Tensor | None = None,
+        extra: RowCoefficients | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits,
         written to `grad_out` (n, W) fp32 if given; `kd_rows` as for the reference
-        (`sakd.losses.rows.kd_selection`)."""
+        (`sakd.losses.rows.kd_selection`); `extra`: one more part, per-row multiples of the cross-entropy
+        (`_cross_entropy`), with its weight in the gradient."""
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
-        parts, logsm, lm_coef, column = _cross_entropy(s, labels, part_weights.get("lm", 0.0), grad_out)
+        lm_w = part_weights.get("lm", 0.0)
+        parts, logsm, lm_coef, column = _cross_entropy(s, labels, lm_w, grad_out, extra)
 
         # The teacher side runs on the KD rows only (all of them with one tokenizer; the aligned group ends
         # with two): its logits, softmax and projection are the expensive part.
