@@ -45,12 +45,21 @@ class KDSettings:
     cross_vocab: str = "projection"
     fused: bool = True
     parameter_end: float | None = None  # the parameter at the end of training (taid's t), linear in between
+    consistent_rows: bool = (
+        False  # projection: KD only where the data's next tokens agree (`projection_rows`)
+    )
 
     @staticmethod
     def of(distill: Any) -> KDSettings:
         end = distill.taid_t_end if distill.divergence == "taid" else None
+        consistent = distill.projection_rows == "consistent"
         return KDSettings(
-            distill.divergence, distill.divergence_parameter, distill.cross_vocab, distill.fused_loss, end
+            distill.divergence,
+            distill.divergence_parameter,
+            distill.cross_vocab,
+            distill.fused_loss,
+            end,
+            consistent,
         )
 
     def parameter_at(self, progress: float) -> float:

@@ -78,6 +78,9 @@ class DistillObjective:
 
         s_head = s_pass.head
         if use_kd:
+            row_weights = teacher.kd_row_weights(batch, rows, n)
+            if row_weights is not None:
+                kd_weight = kd_weight * row_weights
             teacher_rows = teacher.kd_inputs(batch, rows, t_pass, n)
             row_loss = teacher.row_loss(point, s_head)
             chunk = self.chunking.rows(s_head, *teacher.chunk_heads())

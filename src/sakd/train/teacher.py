@@ -25,6 +25,7 @@ from sakd.errors import UserError
 from sakd.losses.chunk_likelihood import label_logprobs
 from sakd.losses.chunked import Chunking, RowLoss
 from sakd.losses.kd import LogitKD, TopKKD
+from sakd.losses.rows import IGNORE_INDEX
 from sakd.models.attention import capture_attentions
 from sakd.models.head import ModelHead, model_head
 from sakd.models.load import capture_final_hidden, unwrap
@@ -116,6 +117,10 @@ class Teacher(Protocol):
     def label_logprobs(self, batch: Batch, t_pass: TeacherPass | None, chunking: Chunking) -> torch.Tensor:
         """The teacher's log-probability of each of its next tokens, fp32 (B, Lt) (0 where there is none)."""
 
+    def kd_row_weights(self, batch: Batch, rows: LossRows, n: int) -> torch.Tensor | None:
+        """A factor (n,) on each distillation row's KD (zeros after the first `rows.teacher` rows), or None:
+        every row at full weight."""
+
 
 def aligned_rows(batch: Batch, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch index, position) of each aligned group's last token on `side`, in (b, g) order."""
@@ -129,6 +134,18 @@ def first_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Te
     """values[index] (K, ...) followed by zeros up to `rows` rows."""
     picked = values.index_select(0, index)
     return torch.cat([picked, picked.new_zeros((rows - picked.shape[0], *picked.shape[1:]))])
+
+
+def consistent_rows(batch: Batch, rows: LossRows, teacher_to_student: torch.Tensor, n: int) -> torch.Tensor:
+    """1 at each distillation row where the teacher's next token projects onto the student's next token (as
+    `VocabMapping.teacher_to_student` maps it), 0 at the others and after the first `rows.teacher` rows (n,).
+    Computed on the device, without waiting for it."""
+    k = rows.teacher.shape[0]
+    teacher_next = batch.teacher.labels.flatten().index_select(0, rows.teacher)  # (K,)
+    student_next = batch.student.labels.flatten().index_select(0, rows.student[:k])  # (K,)
+    projected = teacher_to_student.to(teacher_next.device)[teacher_next.clamp_min(0)]
+    agree = (projected == student_next) & (teacher_next != IGNORE_INDEX)
+    return torch.cat([agree.float(), agree.new_zeros(n - k, dtype=torch.float32)])
 
 
 class LiveTeacher:
@@ -171,6 +188,12 @@ class LiveTeacher:
         flat = label_logprobs(t_pass.hidden.flatten(0, 1), head, labels.flatten(), chunking.rows(head))
         return flat.view_as(labels)
 
+    def kd_row_weights(self, batch, rows, n):
+        settings = self.kd.settings
+        if self.mapping is None or settings is None or not settings.consistent_rows:
+            return None
+        return consistent_rows(batch, rows, self.mapping.teacher_to_student, n)
+
     # the forward, as a class attribute so that tests can stand in for it
     teacher_pass = staticmethod(teacher_pass)
 
@@ -203,6 +226,9 @@ class TopKTeacher:
             "teacher token that the chunk-likelihood term needs: set distill.chunk_likelihood_weight: 0, or "
             "train with the live teacher"
         )
+
+    def kd_row_weights(self, batch, rows, n):
+        return None  # the cache's rows were captured whole; their selection is the capture's
 
     def knowledge_gap(self, student_rows, student_head, batch, t_pass, point, chunking):
         teacher = [t[batch.alignment.mask] for t in batch.cache.tensors()]
