@@ -156,8 +156,11 @@ def test_objective_variants_keep_plain_kds_losses_and_change_the_divergence(fake
     assert fake.distill[slug]["chunk_likelihood_weight"] == 0  # compared with plain KD, not the default
 
 
-def test_only_the_chunk_likelihood_variant_runs_the_term(fake, tmp_path):
-    """The term is on by default across tokenizers: plain KD and the other variants must turn it off."""
-    run_ablation(tmp_path, quick=True, variants=["plain KD", "KD + chunk likelihood (the default)"])
+def test_only_the_default_variant_runs_the_term_and_consistent_rows(fake, tmp_path):
+    """The term and the consistent rows are on by default across tokenizers: plain KD and the other variants
+    must turn them off."""
+    default = "KD + chunk likelihood, consistent rows (the default)"
+    run_ablation(tmp_path, quick=True, variants=["plain KD", default])
     plain, term = (fake.distill[slug] for slug, _, teacher in fake.calls if teacher)
     assert plain["chunk_likelihood_weight"] == 0 and term["chunk_likelihood_weight"] > 0
+    assert plain["projection_rows"] == "all" and term["projection_rows"] == "consistent"

@@ -139,7 +139,7 @@ class DistillConfig(Section):
 
     cross_vocab: Literal["projection", "uld", "hybrid"] = "projection"
     """How the teacher's distribution is compared when the vocabularies differ."""
-    projection_rows: Literal["consistent", "all"] = "all"
+    projection_rows: Literal["consistent", "all"] = "consistent"
     """With the projection across tokenizers, the distillation rows whose KD runs. The projection gives each
     teacher token's probability to the first student token of that token's own text, so at a group end it
     predicts the student's next token only when the student's tokenization of what follows starts with
@@ -147,7 +147,7 @@ class DistillConfig(Section):
     actual next token projects onto the student's actual next token; at the other rows the student's next
     token is longer than the teacher's, or tokenized otherwise in context, and the projected target would
     pull the student away from its own label. Those rows keep the LM loss (and the chunk-likelihood term).
-    "all": every group end."""
+    "all": every group end. A teacher cache keeps every row it captured."""
     chunk_likelihood_weight: float | None = Field(None, ge=0.0)
     """Approximate likelihood matching: each aligned group's text gets, from the student, the probability
     the teacher gives it (its tokens' probabilities multiplied, each model in its own tokenization), which

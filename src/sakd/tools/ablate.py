@@ -36,13 +36,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-# Every variant but the chunk-likelihood one runs without that term, so that each is compared with plain KD.
-PLAIN = {"chunk_likelihood_weight": 0.0}
+# Every variant but the default runs plain KD: without the chunk-likelihood term and with the projected KD
+# at every group end, so that each is compared with plain KD.
+PLAIN = {"chunk_likelihood_weight": 0.0, "projection_rows": "all"}
 
 # Plain KD's losses with another divergence or another term: (distill settings). akl needs one vocabulary, and
 # the demo's two models have different tokenizers, so it is not among them.
 OBJECTIVES: dict[str, dict[str, Any]] = {
-    "KD + chunk likelihood (the default)": {"chunk_likelihood_weight": 1.0},
+    "KD + chunk likelihood, consistent rows (the default)": {
+        "chunk_likelihood_weight": 1.0,
+        "projection_rows": "consistent",
+    },
     "KD with TAID's target (t 0.4 -> 1)": {**PLAIN, "divergence": "taid"},
     "KD with skew KL (alpha 0.1)": {**PLAIN, "divergence": "skew_kl"},
 }

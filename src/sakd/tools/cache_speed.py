@@ -42,8 +42,9 @@ def measure_cache_speedup(
     base = copy.deepcopy(raw_config)
     base.setdefault("train", {}).update(progress=False, tensorboard=False, eval_every=0, save_every=0)
     base["teacher"].pop("cache", None)
-    # a cache holds no per-token log-probabilities, so both sides train without the chunk-likelihood term
-    base.setdefault("distill", {})["chunk_likelihood_weight"] = 0.0
+    # a cache holds no per-token log-probabilities, so both sides train without the chunk-likelihood term;
+    # and it keeps every distillation row it captured, so the live side does too
+    base.setdefault("distill", {}).update(chunk_likelihood_weight=0.0, projection_rows="all")
     cache_dir = work / "teacher-cache"
     base["output_dir"] = str(work / "capture")
     capture = capture_teacher_cache(
