@@ -111,3 +111,22 @@ def cli_run() -> Callable[..., CLIRun]:
         if run.proc.poll() is None:
             run.proc.kill()
             run.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cross_setup(assets):
+    """(frozen teacher, teacher tokenizer, student tokenizer, one two-tokenizer batch of 3 windows of 48 tokens
+    with its loss rows) from the session's tiny pair."""
+    from sakd.data.corpus import build_windows
+    from sakd.data.loader import WindowLoader
+    from sakd.data.tokenize import input_format
+    from sakd.models.load import freeze, load_model, load_tokenizer
+    from sakd.train.rows import with_loss_rows
+
+    teacher_tok = load_tokenizer(str(assets["teacher"]), "t")
+    student_tok = load_tokenizer(str(assets["student"]), "s")
+    windows = build_windows([str(assets["train"])], student_tok, teacher_tok, 48)
+    formats = {"student": input_format(student_tok), "teacher": input_format(teacher_tok)}
+    batch = with_loss_rows(WindowLoader(windows, 3, seed=0, **formats).next_batch())
+    teacher = freeze(load_model(str(assets["teacher"]), "teacher"))
+    return teacher, teacher_tok, student_tok, batch

@@ -10,31 +10,17 @@ import torch
 
 from sakd.config import validate
 from sakd.curriculum import CurriculumSpec, curriculum_at
-from sakd.data.corpus import build_windows
-from sakd.data.loader import WindowLoader
-from sakd.data.tokenize import input_format
 from sakd.errors import UserError
 from sakd.losses import Chunking
 from sakd.losses.chunk_likelihood import ChunkLikelihood, chunk_likelihood_loss, label_groups
 from sakd.losses.kd import KDSettings, logit_kd, top_k_kd
-from sakd.models.load import freeze, load_model, load_tokenizer
+from sakd.models.load import load_model, load_tokenizer
 from sakd.train.objective import DistillObjective
-from sakd.train.rows import LossNorm, TokenCounts, with_loss_rows
+from sakd.train.rows import LossNorm, TokenCounts
 from sakd.train.step import CHUNK_LIKELIHOOD_WEIGHT, build_objective, chunk_likelihood
 from sakd.train.teacher import LiveTeacher, TopKTeacher
 
 NO_AUX = {"weights": {"token_weighting": 0.0}}
-
-
-@pytest.fixture(scope="module")
-def setup(assets):
-    teacher_tok = load_tokenizer(str(assets["teacher"]), "t")
-    student_tok = load_tokenizer(str(assets["student"]), "s")
-    windows = build_windows([str(assets["train"])], student_tok, teacher_tok, 48)
-    formats = {"student": input_format(student_tok), "teacher": input_format(teacher_tok)}
-    batch = with_loss_rows(WindowLoader(windows, 3, seed=0, **formats).next_batch())
-    teacher = freeze(load_model(str(assets["teacher"]), "teacher"))
-    return teacher, teacher_tok, student_tok, batch
 
 
 def _label_logprobs(model, side) -> torch.Tensor:
@@ -65,10 +51,10 @@ def _brute_force(student, teacher, batch, weight, temperature) -> torch.Tensor:
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 100.0])
-def test_objective_term_equals_brute_force(setup, assets, fused, temperature):
+def test_objective_term_equals_brute_force(cross_setup, assets, fused, temperature):
     """Objective with the term = objective without it + the term computed from full logits: the same
     gradients (fused closed-form and autograd row losses), and the logged part is the term's value."""
-    teacher, teacher_tok, student_tok, batch = setup
+    teacher, teacher_tok, student_tok, batch = cross_setup
     student = load_model(str(assets["student"]), "student")
     point = curriculum_at(0.0, CurriculumSpec(**NO_AUX))
     norm = LossNorm(TokenCounts.of([batch]))

@@ -9,35 +9,21 @@ import pytest
 import torch
 
 from sakd.curriculum import CurriculumSpec, curriculum_at
-from sakd.data.corpus import build_windows
-from sakd.data.loader import WindowLoader
-from sakd.data.tokenize import input_format
 from sakd.losses import Chunking
 from sakd.losses.kd import KDSettings, logit_kd
 from sakd.losses.vocab_mapping import token_surfaces
-from sakd.models.load import freeze, load_model, load_tokenizer
+from sakd.models.load import load_model
 from sakd.train.objective import DistillObjective
-from sakd.train.rows import LossNorm, TokenCounts, with_loss_rows
+from sakd.train.rows import LossNorm, TokenCounts
 from sakd.train.teacher import LiveTeacher, consistent_rows
-
-
-@pytest.fixture(scope="module")
-def setup(assets):
-    teacher_tok = load_tokenizer(str(assets["teacher"]), "t")
-    student_tok = load_tokenizer(str(assets["student"]), "s")
-    windows = build_windows([str(assets["train"])], student_tok, teacher_tok, 48)
-    formats = {"student": input_format(student_tok), "teacher": input_format(teacher_tok)}
-    batch = with_loss_rows(WindowLoader(windows, 4, seed=0, **formats).next_batch())
-    teacher = freeze(load_model(str(assets["teacher"]), "teacher"))
-    return teacher, teacher_tok, student_tok, batch
 
 
 def _text(surface) -> bytes:
     return surface.encode() if isinstance(surface, str) else (surface or b"")
 
 
-def test_consistent_rows_are_those_whose_next_tokens_agree(setup):
-    teacher, teacher_tok, student_tok, batch = setup
+def test_consistent_rows_are_those_whose_next_tokens_agree(cross_setup):
+    teacher, teacher_tok, student_tok, batch = cross_setup
     kd = logit_kd(KDSettings(consistent_rows=True), teacher_tok, student_tok)
     rows, n = batch.rows, batch.rows.student.shape[0]
     k = rows.teacher.shape[0]
@@ -55,8 +41,8 @@ def test_consistent_rows_are_those_whose_next_tokens_agree(setup):
     assert 0 < weights[:k].sum() < k  # both kinds occur: the test sees the filter at work
 
 
-def test_objective_runs_kd_only_at_consistent_rows(setup, assets):
-    teacher, teacher_tok, student_tok, batch = setup
+def test_objective_runs_kd_only_at_consistent_rows(cross_setup, assets):
+    teacher, teacher_tok, student_tok, batch = cross_setup
     student = load_model(str(assets["student"]), "student")
     point = curriculum_at(0.0, CurriculumSpec(weights={"token_weighting": 0.0}))
     norm = LossNorm(TokenCounts.of([batch]))
