@@ -143,18 +143,16 @@ class FusedForwardKL(_FusedRowLoss):
         self,
         logits: torch.Tensor,
         part_weights: dict[str, float],
-        labels: torch.Tensor,
-        teacher_hidden: torch.Tensor,
-        kd_mask: torch.Tensor,
-        kd_weight: torch.Tensor,
+        *row_inputs: torch.Tensor,
         kd_rows: int | None = None,
         grad_out: torch.Tensor | None = None,
         extra: RowCoefficients | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits,
-        written to `grad_out` (n, W) fp32 if given; `kd_rows` as for the reference
-        (`sakd.losses.rows.kd_selection`); `extra`: one more part, per-row multiples of the cross-entropy
-        (`_cross_entropy`), with its weight in the gradient."""
+        written to `grad_out` (n, W) fp32 if given. `row_inputs`: labels, teacher_hidden, kd_mask, kd_weight;
+        `kd_rows` as for the reference (`sakd.losses.rows.kd_selection`); `extra`: one more part, per-row
+        multiples of the cross-entropy (`_cross_entropy`), with its weight in the gradient."""
+        labels, teacher_hidden, kd_mask, kd_weight = row_inputs
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
         lm_w = part_weights.get("lm", 0.0)
