@@ -45,9 +45,8 @@ class KDSettings:
     cross_vocab: str = "projection"
     fused: bool = True
     parameter_end: float | None = None  # the parameter at the end of training (taid's t), linear in between
-    consistent_rows: bool = (
-        False  # projection: KD only where the data's next tokens agree (`projection_rows`)
-    )
+    # projection: KD only where the data's next tokens agree (`distill.projection_rows`)
+    consistent_rows: bool = False
 
     @staticmethod
     def of(distill: Any) -> KDSettings:

@@ -32,6 +32,7 @@ import torch
 
 from sakd.losses import chunk_rows, chunked_head_loss, forward_kl, full_head_loss, make_distill_row_loss
 from sakd.losses.fused import FusedForwardKL, same_vocab_target
+from sakd.train.tracking import proc_status_bytes
 
 VARIANTS = ("chunked", "full")
 # Bytes per (row x vocabulary) fp32 logit that a variant keeps alive at its peak, used to predict whether a
@@ -75,17 +76,6 @@ def _one_pass(variant: str, problem, chunk_size: int) -> None:
     hidden.grad = weight.grad = None
 
 
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 class _CpuPeak:
     """Resident-memory peak of this process from now on (see the module docstring)."""
 
@@ -97,11 +87,11 @@ class _CpuPeak:
             self.method = "VmHWM reset"
         except OSError:
             self.method = "ru_maxrss (not resettable: a set-up peak above the baseline hides growth)"
-        self.baseline = _proc_status_bytes("VmRSS") or 0
+        self.baseline = proc_status_bytes("VmRSS") or 0
 
     def peak(self) -> int:
         if self.method == "VmHWM reset":
-            high = _proc_status_bytes("VmHWM") or 0
+            high = proc_status_bytes("VmHWM") or 0
         else:
             scale = 1 if os.uname().sysname == "Darwin" else 1024  # bytes on macOS, KiB on Linux
             high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
@@ -167,7 +157,7 @@ def _child(target: str, spec: dict[str, Any], conn) -> None:
     if spec["threads"]:  # 0: torch's own choice
         torch.set_num_threads(spec["threads"])
     if spec.get("address_space_limit"):
-        vm = _proc_status_bytes("VmSize") or 0
+        vm = proc_status_bytes("VmSize") or 0
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         limit = vm + spec["address_space_limit"]
         if hard == resource.RLIM_INFINITY or limit < hard:

@@ -129,9 +129,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from sakd.curriculum import curriculum_at
     from sakd.data.corpus import build_windows
-    from sakd.tools.bench_loss import _proc_status_bytes
     from sakd.tools.bench_step import SakdStep, _prepared, _sakd_step, pair_loader
     from sakd.train.run import make_accelerator
+    from sakd.train.tracking import peak_memory
 
     precision = spec["precision"]
     cfg = seed_config(
@@ -139,14 +139,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     )
     cuda = spec["device"] == "cuda"
     accelerator = make_accelerator(precision, cpu=not cuda)
-
-    def peak() -> int:
-        return torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")
-
     start = time.perf_counter()
     sakd = SakdStep(cfg, accelerator, precision, curriculum_at(0.0, cfg.curriculum))
     setup_s = time.perf_counter() - start
-    after_load = peak()
+    after_load = peak_memory(accelerator.device)["bytes"]
     count = spec["warmup"] + spec["steps"]
     windows = build_windows(cfg.data.train, sakd.student_tok, sakd.teacher_tok, cfg.data.max_length)
     loader = pair_loader(windows, cfg.train.batch_size, sakd.student_tok, sakd.teacher_tok)
@@ -159,12 +155,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         if i >= spec["warmup"]:
             rates.append(tokens / (time.perf_counter() - begin))
+    peak = peak_memory(accelerator.device)
     return {
         "tokens_per_s": statistics.median(rates),
         "step_tokens_per_s": [round(r, 2) for r in rates],
-        "peak_bytes": peak(),
+        "peak_bytes": peak["bytes"],
         "peak_after_load_bytes": after_load,
-        "peak_method": "torch.cuda.max_memory_allocated" if cuda else "VmHWM",
+        "peak_method": peak["method"],
         "setup_s": round(setup_s, 1),
         "objective": sakd.training.objective.kind,
     }

@@ -71,22 +71,30 @@ class LogInterval:
         return record
 
 
-def peak_memory(device: torch.device) -> dict[str, Any]:
-    """This process's peak memory so far, as a run's summary reports it: on a GPU the CUDA allocator's peak
-    (what `sakd plan` estimates for a GPU), elsewhere the peak resident size (VmHWM, Linux only)."""
-    if device.type == "cuda":
-        return {
-            "gib": torch.cuda.max_memory_allocated(device) / 2**30,
-            "method": "torch.cuda.max_memory_allocated",
-        }
+def proc_status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status ("VmHWM", "VmRSS", ...) in bytes; None where there is none (not
+    Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return {"gib": int(line.split()[1]) * 1024 / 2**30, "method": "VmHWM"}
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except OSError:
-        pass
-    return {"gib": None, "method": None}
+        return None
+    return None
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory so far, as a run's summary reports it ("bytes", "gib", "method"): on a
+    GPU the CUDA allocator's peak (what `sakd plan` estimates for a GPU), elsewhere the peak resident size
+    (VmHWM, Linux only; None elsewhere)."""
+    if device.type == "cuda":
+        peak, method = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    else:
+        peak, method = proc_status_bytes("VmHWM"), "VmHWM"
+    if peak is None:
+        return {"bytes": None, "gib": None, "method": None}
+    return {"bytes": peak, "gib": peak / 2**30, "method": method}
 
 
 def early_stop_due(state: LoopState, result: dict[str, Any], tc) -> bool:
