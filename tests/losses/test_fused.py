@@ -9,7 +9,7 @@ import torch
 
 from sakd.losses.chunked import ChunkBuffers, chunked_head_loss
 from sakd.losses.cross_vocab import projected_divergence
-from sakd.losses.fused import FusedForwardKL, projected_target, same_vocab_target
+from sakd.losses.fused import FusedForwardKL, projected_target, same_vocab_target, softmax_and_log
 from sakd.losses.kd import _same_vocab_kd
 from sakd.losses.rows import make_distill_row_loss
 from sakd.losses.vocab_mapping import VocabMapping
@@ -48,8 +48,12 @@ def _run(row_loss, params, row_inputs, weights, chunk):
     return total, parts, torch.autograd.grad(total, [hidden, weight, bias])
 
 
-def _check(kd, target, temperature, chunk, weights, seed=0, teacher_width=TEACHER_WIDTH, jsd_beta=None):
+def _check(
+    kd, target, temperature, chunk, weights, seed=0, teacher_width=TEACHER_WIDTH, jsd_beta=None, masked=0
+):
+    """The fused loss against its reference; `masked`: that many teacher logits are -inf (probability 0)."""
     params, row_inputs, t_weight, t_bias = _inputs(seed, teacher_width)
+    t_bias[:masked] = float("-inf")
     reference = make_distill_row_loss(kd, t_weight, t_bias)
     fused = FusedForwardKL(reference, target, t_weight, t_bias, temperature, jsd_beta)
     total, parts, grads = _run(fused, params, row_inputs, weights, chunk)
@@ -91,6 +95,23 @@ def test_jsd_matches_autograd(beta, temperature):
     _check(
         kd, projected_target(mapping, STUDENT_WIDTH), temperature, 9, {"lm": 1.0, "kd": 0.4}, jsd_beta=beta
     )
+
+
+@pytest.mark.parametrize("beta", [None, 0.5])
+def test_teacher_probabilities_of_zero_add_nothing(beta):
+    """Columns the teacher gives -inf logits (probability 0, log-probability -inf) add 0 to the divergence, as
+    in the reference, and no NaN: the in-place p * (log p - log q) must not compute 0 * -inf."""
+    divergence = "forward_kl" if beta is None else "jsd"
+    kd = functools.partial(_same_vocab_kd, VOCAB, divergence, temperature=1.0, beta=beta or 0.5)
+    _check(kd, same_vocab_target(VOCAB), 1.0, 7, {"lm": 0.7, "kd": 1.3}, jsd_beta=beta, masked=9)
+
+
+def test_softmax_and_log_is_torchs():
+    x = torch.randn(5, 300) * 8
+    x[0, :10] = float("-inf")
+    p, logp = softmax_and_log(x.clone())
+    torch.testing.assert_close(p, torch.softmax(x, -1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(logp, torch.log_softmax(x, -1), rtol=1e-6, atol=1e-6)
 
 
 def test_the_fused_jsd_refuses_its_ends():

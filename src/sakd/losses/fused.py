@@ -31,8 +31,19 @@ from sakd.losses.sparse import (
 )
 from sakd.models.head import ModelHead, as_head, head_logits
 
-# (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C))
+# (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C)); the
+# logits are a temporary of the caller, which a target may overwrite
 TargetFn = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def softmax_and_log(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(x), log_softmax(x)) over the last dimension, the log written over `x`. One exponential per
+    entry where log_softmax then exp takes two: on a large vocabulary the exponentials are most of a softmax's
+    cost."""
+    x = x.sub_(x.amax(-1, keepdim=True))
+    p = x.exp()
+    total = p.sum(-1, keepdim=True)
+    return p.div_(total), x.sub_(total.log_())
 
 
 def same_vocab_target(vocab: int) -> TargetFn:
@@ -40,8 +51,7 @@ def same_vocab_target(vocab: int) -> TargetFn:
 
     def target(teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         logits = teacher_logits[:, :vocab]
-        logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-        return logp.exp(), logp
+        return softmax_and_log(logits if temperature == 1.0 else logits.div_(temperature))
 
     return target
 
@@ -173,6 +183,7 @@ class FusedForwardKL(_FusedRowLoss):
         logq = logsm[rows] if shared else _tempered_logprobs(s[rows], cols, t)  # (k, C)
         weight = kd_weight[rows].float()
         kd_coef = kd_w * t * weight  # (k,)
+        sign = 1.0
         if self.jsd_beta is not None:
             values, kd_grad = _jsd_with_grad(p, logp, logq, self.jsd_beta)
             parts["kd"] = (weight * values).sum() * t**2
@@ -180,8 +191,7 @@ class FusedForwardKL(_FusedRowLoss):
             grad = logsm.exp_().mul_(lm_coef[:, None])
             kd_grad.mul_(kd_coef[:, None])
         else:
-            # Terms where p == 0 are 0 (masking the difference, as the reference does); a NaN passes through.
-            kl = torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1) * t**2  # (k,)
+            kl = _p_log_ratio(p, logp, logq).sum(-1) * t**2  # (k,); logp is overwritten
             parts["kd"] = (weight * kl).sum()
             del logp
             kd_mass = kd_coef * p.sum(-1)  # (k,) mass 1, or 0 for a projected row whose mass is all unmapped
@@ -190,16 +200,25 @@ class FusedForwardKL(_FusedRowLoss):
                 coef = lm_coef.clone()
                 coef[rows] += kd_mass
                 grad = logsm.exp_().mul_(coef[:, None])
-                kd_grad = p.neg_()
+                kd_grad, sign = p, -1.0  # the KD gradient is -p: subtracted, not negated first
             else:
                 grad = logsm.exp_().mul_(lm_coef[:, None])
                 kd_grad = logq.exp_().mul_(kd_mass[:, None]).sub_(p)  # (k, C)
         if isinstance(rows, slice):
-            grad[rows, :cols] += kd_grad
+            grad[rows, :cols].add_(kd_grad, alpha=sign)
         else:
-            grad[:, :cols].index_add_(0, rows, kd_grad)
+            grad[:, :cols].index_add_(0, rows, kd_grad, alpha=sign)
         grad.scatter_add_(1, column, -lm_coef[:, None])
         return parts, grad
+
+
+def _p_log_ratio(p: torch.Tensor, logp: torch.Tensor, logr: torch.Tensor) -> torch.Tensor:
+    """p * (logp - logr) (k, C), written over `logp`, with the terms where p == 0 equal to 0 as the reference
+    masks them: where p is 0, logp may be -inf (a projected column no teacher token reaches, a masked logit),
+    and -inf - logr times 0 would be NaN, so logp is first raised to the lowest finite float. `logr` is the
+    student's finite log-probabilities (or a mixture with them). A NaN in p or logp passes through. In place,
+    because on a large vocabulary the masked product's (k, C) temporaries cost more than the divergence."""
+    return logp.clamp_min_(torch.finfo(logp.dtype).min).sub_(logr).mul_(p)
 
 
 def _jsd_with_grad(
@@ -213,11 +232,10 @@ def _jsd_with_grad(
     softmax's Jacobian gives d JSD / d u_j = q_j (g_j - sum_i q_i g_i)."""
     logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))  # (k, C)
     q = logq.exp()
-    # Terms where a probability is 0 are 0 (masking the difference, as the reference does).
-    teacher_part = torch.where(p == 0, 0.0, p * (logp - logm)).sum(-1)
-    g = logq.sub(logm).mul_(1.0 - beta)  # (k, C)
-    qg = torch.where(q == 0, 0.0, q * g)
-    del g, logm
+    teacher_part = _p_log_ratio(p, logp, logm).sum(-1)  # logp is overwritten
+    # q * g: the student's log-probabilities are finite, so a q that underflows to 0 gives a 0 term
+    qg = logq.sub(logm).mul_(1.0 - beta).mul_(q)  # (k, C)
+    del logm
     student_part = qg.sum(-1) / (1.0 - beta)  # sum q (log q - log m)
     values = beta * teacher_part + (1.0 - beta) * student_part
     grad = qg.sub_(q.mul_(qg.sum(-1, keepdim=True)))  # (k, C)
