@@ -14,7 +14,6 @@ two).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -230,12 +229,15 @@ def _jsd_with_grad(
 
     With g = (1 - beta) log(q / m) (the derivative with respect to q: the mixture's terms cancel), the
     softmax's Jacobian gives d JSD / d u_j = q_j (g_j - sum_i q_i g_i)."""
-    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))  # (k, C)
     q = logq.exp()
+    # log m from m itself (one logarithm, where logaddexp of the logs takes an exponential and a logarithm);
+    # an m below the smallest normal float is raised to it, where both p and q are 0 to fp32 anyway
+    m = torch.lerp(q, p, beta)  # beta p + (1 - beta) q
+    logm = m.clamp_min_(torch.finfo(m.dtype).tiny).log_()  # (k, C)
     teacher_part = _p_log_ratio(p, logp, logm).sum(-1)  # logp is overwritten
-    # q * g: the student's log-probabilities are finite, so a q that underflows to 0 gives a 0 term
-    qg = logq.sub(logm).mul_(1.0 - beta).mul_(q)  # (k, C)
-    del logm
+    # q * g, written over log m: the student's log-probabilities are finite, so a q that underflows to 0 gives
+    # a 0 term (logq may be a view of the cross-entropy's log-softmax: not written)
+    qg = logm.sub_(logq).mul_(beta - 1.0).mul_(q)  # (k, C)
     student_part = qg.sum(-1) / (1.0 - beta)  # sum q (log q - log m)
     values = beta * teacher_part + (1.0 - beta) * student_part
     grad = qg.sub_(q.mul_(qg.sum(-1, keepdim=True)))  # (k, C)
