@@ -264,7 +264,8 @@ def test_chunk_buffers_change_nothing_and_are_kept(fused):
         assert all(torch.equal(parts[k], b_parts[k]) for k in parts)
         assert all(torch.equal(g, b) for g, b in zip(grads, b_grads, strict=True))
         pointers = {name: t.data_ptr() for name, t in buffers._kept.items()}
-        assert set(pointers) == ({"logits", "grad"} if fused else {"logits"})
+        fused_kept = {"logits", "grad", "teacher_logits", "teacher_probs"}
+        assert set(pointers) == (fused_kept if fused else {"logits"})
         assert kept is None or pointers == kept
         kept = pointers
 

@@ -127,8 +127,8 @@ def chunked_head_loss(
     each chunk's row loss is then called with `kd_rows=` the chunk's own count (a host int), so that it slices
     those rows instead of selecting them by mask (a selection would wait for the device).
 
-    `buffers`: where the chunks' logits (and a fused row loss's logit gradient) are written instead of fresh
-    tensors.
+    `buffers`: where the chunks' logits (and a fused row loss's logit gradient and scratch tensors, as
+    `grad_out=` and `scratch=`) are written instead of fresh tensors.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -161,6 +161,7 @@ def chunked_head_loss(
         kwargs = {} if kd_rows is None else {"kd_rows": min(max(kd_rows - start, 0), stop - start)}
         if train and buffers is not None and hasattr(row_loss, "with_grad"):
             kwargs["grad_out"] = buffers.get("grad", n, vocab, torch.float32, weight_.device)
+            kwargs["scratch"] = buffers
         chunk_parts, chunk_total, grad_logits = _chunk_loss(
             row_loss, logits, chunk_inputs, part_weights, kwargs, train
         )
@@ -173,10 +174,18 @@ def chunked_head_loss(
             continue
         # Through the model's logit transform to the linear output (nothing to do for most models).
         grad_logits = head.transform.chain_(grad_logits, logits).to(weight_.dtype)  # (n, V)
+        # Written and added in place where the dtypes allow: a fresh (V, H) product per chunk is fresh pages on
+        # the CPU, which cost as much as the product when the chunks are small.
         if grad_hidden is not None:
-            grad_hidden[start:stop] = grad_logits @ weight_
+            if grad_hidden.dtype == weight_.dtype:
+                torch.mm(grad_logits, weight_, out=grad_hidden[start:stop])
+            else:
+                grad_hidden[start:stop] = grad_logits @ weight_
         if grad_weight is not None:
-            grad_weight += grad_logits.T @ hidden_chunk
+            if grad_logits.dtype == hidden_chunk.dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad_logits.T, hidden_chunk)
+            else:
+                grad_weight += grad_logits.T @ hidden_chunk
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
         # Free this chunk's (n, V) tensors before the next chunk allocates its own: the peak stays one chunk.

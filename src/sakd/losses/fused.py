@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from sakd.losses.chunked import RowLoss
+from sakd.losses.chunked import ChunkBuffers, RowLoss
 from sakd.losses.rows import IGNORE_INDEX, kd_count, kd_selection
 from sakd.losses.sparse import (
     SparseTeacherSettings,
@@ -30,36 +30,45 @@ from sakd.losses.sparse import (
 )
 from sakd.models.head import ModelHead, as_head, head_logits
 
-# (teacher logits (n, V_t_model) fp32, temperature) -> (teacher probabilities (n, C), their logs (n, C)); the
-# logits are a temporary of the caller, which a target may overwrite
-TargetFn = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+# (teacher logits (n, V_t_model) fp32, temperature, out=) -> (teacher probabilities (n, C), their logs (n, C));
+# the logits are a temporary of the caller, which a target may overwrite; `out`, an (n, C) fp32 tensor or None,
+# is where the probabilities may be written
+TargetFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def softmax_and_log(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(x), log_softmax(x)) over the last dimension, the log written over `x`. One exponential per
-    entry where log_softmax then exp takes two: on a large vocabulary the exponentials are most of a softmax's
-    cost."""
+def softmax_and_log(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(x), log_softmax(x)) over the last dimension, the log written over `x` (the softmax to `out` if
+    given). One exponential per entry where log_softmax then exp takes two: on a large vocabulary the
+    exponentials are most of a softmax's cost."""
     x = x.sub_(x.amax(-1, keepdim=True))
-    p = x.exp()
+    p = torch.exp(x, out=out)
     total = p.sum(-1, keepdim=True)
     return p.div_(total), x.sub_(total.log_())
 
 
+class _SameVocabTarget:
+    """A `TargetFn`: the teacher's distribution at T over the shared tokenizer's `vocab` ids."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(
+        self, teacher_logits: torch.Tensor, temperature: float, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = teacher_logits[:, : self.vocab]
+        return softmax_and_log(logits if temperature == 1.0 else logits.div_(temperature), out)
+
+
 def same_vocab_target(vocab: int) -> TargetFn:
     """The teacher's distribution at T over the shared tokenizer's ids (padding columns dropped)."""
-
-    def target(teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = teacher_logits[:, :vocab]
-        return softmax_and_log(logits if temperature == 1.0 else logits.div_(temperature))
-
-    return target
+    return _SameVocabTarget(vocab)
 
 
 def projected_target(mapping, student_width: int) -> TargetFn:
     """The teacher's distribution at T summed onto student ids (`projected_teacher_probs`)."""
     from sakd.losses.cross_vocab import projected_teacher_probs
 
-    def target(teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def target(teacher_logits: torch.Tensor, temperature: float, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         p = projected_teacher_probs(teacher_logits, mapping, temperature, student_width)
         return p, p.log()
 
@@ -147,6 +156,18 @@ class FusedForwardKL(_FusedRowLoss):
         self.temperature = temperature
         self.jsd_beta = jsd_beta
 
+    def _scratch(self, scratch: ChunkBuffers | None, rows: int) -> tuple:
+        """Kept tensors for the teacher's (rows, V_t) logits and, with one vocabulary, its (rows, C)
+        probabilities; (None, None) without `scratch`."""
+        if scratch is None:
+            return None, None
+        weight = self.teacher.weight
+        logits = scratch.get("teacher_logits", rows, weight.shape[0], weight.dtype, weight.device)
+        probs = None
+        if isinstance(self.target, _SameVocabTarget):
+            probs = scratch.get("teacher_probs", rows, self.target.vocab, torch.float32, weight.device)
+        return logits, probs
+
     @torch.no_grad()
     def with_grad(
         self,
@@ -156,11 +177,13 @@ class FusedForwardKL(_FusedRowLoss):
         kd_rows: int | None = None,
         grad_out: torch.Tensor | None = None,
         extra: RowCoefficients | None = None,
+        scratch: ChunkBuffers | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Parts (sums, as the reference returns them) and d(sum_k part_weights[k] * parts[k]) / d logits,
         written to `grad_out` (n, W) fp32 if given. `row_inputs`: labels, teacher_hidden, kd_mask, kd_weight;
         `kd_rows` as for the reference (`sakd.losses.rows.kd_selection`); `extra`: one more part, per-row
-        multiples of the cross-entropy (`_cross_entropy`), with its weight in the gradient."""
+        multiples of the cross-entropy (`_cross_entropy`), with its weight in the gradient; `scratch`: kept
+        tensors for the teacher's logits and probabilities (`ChunkBuffers`)."""
         labels, teacher_hidden, kd_mask, kd_weight = row_inputs
         s = logits.float()  # (n, W)
         kd_w, t = part_weights.get("kd", 0.0), self.temperature
@@ -176,7 +199,8 @@ class FusedForwardKL(_FusedRowLoss):
             grad.scatter_add_(1, column, -lm_coef[:, None])
             return parts, grad
         hidden = teacher_hidden[rows].to(self.teacher.weight.dtype)
-        p, logp = self.target(head_logits(hidden, self.teacher), t)  # (k, C)
+        t_logits, p_out = self._scratch(scratch, hidden.shape[0])
+        p, logp = self.target(head_logits(hidden, self.teacher, t_logits), t, out=p_out)  # (k, C)
         cols = p.shape[-1]
         shared = _shares_softmax(s, cols, t)
         logq = logsm[rows] if shared else _tempered_logprobs(s[rows], cols, t)  # (k, C)
@@ -280,6 +304,7 @@ class FusedCachedForwardKL(_FusedRowLoss):
         *row_inputs: torch.Tensor,
         kd_rows: int | None = None,  # not needed: rows outside kd_mask are masked, not selected
         grad_out: torch.Tensor | None = None,  # as for FusedForwardKL
+        scratch: ChunkBuffers | None = None,  # not needed: the cache's entries are small
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """As `FusedForwardKL.with_grad`, with this loss's row inputs (`CachedRowInputs`, in order)."""
         r, vocab = CachedRowInputs(*row_inputs), self.settings
