@@ -21,3 +21,15 @@ def test_the_widest_head_sets_the_rows():
     assert chunking.rows(student) == 512
     assert chunking.rows(student, teacher) == 128
     assert chunking.rows(student, None) == 512
+
+
+def test_the_default_bound_depends_on_the_device():
+    """Small chunks on a CPU (their tensors are kept between chunks), few large ones on a GPU (launches);
+    a configured bound is used on every device."""
+    from sakd.config import DistillConfig
+
+    default = DistillConfig()
+    assert default.chunk_logits_on("cpu") == 2**22 and chunk_rows(1024, 2**22, 151_936) == 27
+    assert default.chunk_logits_on("cuda") == 2**26
+    assert DistillConfig(chunk_logits=1000).chunk_logits_on("cuda") == 1000
+    assert DistillConfig(chunk_logits=1000).chunk_logits_on("cpu") == 1000

@@ -189,7 +189,8 @@ class _TeacherRunner:
         log_input_format(tokenizers[1], "teacher")
         probe = self._collate(windows[:1])
         check_head(self.teacher, probe.teacher.input_ids, probe.teacher.attention_mask, "teacher")
-        self.chunk = chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, self.head.weight.shape[0])
+        chunk_logits = cfg.distill.chunk_logits_on(torch.device(dev).type)
+        self.chunk = chunk_rows(cfg.distill.chunk_size, chunk_logits, self.head.weight.shape[0])
 
     def _collate(self, windows) -> Batch:
         return collate_windows(windows, *self.formats).to(self.device)

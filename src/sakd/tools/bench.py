@@ -192,9 +192,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         # The run config's chunking (with --set) unless given: the same chunking as in part (b).
         distill = bench_config(root, root, root, sizes, overrides, root, False).distill
-        for key in ("chunk_size", "chunk_logits"):
-            if o[key] is None:
-                o[key] = getattr(distill, key)
+        if o["chunk_size"] is None:
+            o["chunk_size"] = distill.chunk_size
+        if o["chunk_logits"] is None:
+            o["chunk_logits"] = distill.chunk_logits_on(device.type)
         result["settings"] = {**o, "precision": precision, "progress": args.progress, "overrides": args.set}
         _loss_part(result, o, device)
         lap("loss")

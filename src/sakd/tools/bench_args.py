@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--chunk-logits",
         type=int,
-        help="at most rows x vocabulary logits per chunk (default: distill.chunk_logits of the config)",
+        help="at most rows x vocabulary logits per chunk (default: distill.chunk_logits of the config, or its default on the device)",
     )
     g.add_argument("--repeats", type=int, help="timed passes per variant after a warm-up (default 3)")
     g.add_argument(

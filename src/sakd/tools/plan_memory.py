@@ -246,7 +246,8 @@ def estimate(
     if device == "cpu":
         parts["runtime (Python, torch, libraries)"] = CPU_RUNTIME
         formulas["runtime (Python, torch, libraries)"] = "resident size after the imports, a constant"
-    per_window, batch_parts = _batch_costs(cfg, m, precision, t_bytes, formulas)
+    chunk_logits = cfg.distill.chunk_logits_on(device)
+    per_window, batch_parts = _batch_costs(cfg, m, precision, t_bytes, chunk_logits, formulas)
     batch = cfg.train.batch_size
     plan = Plan(precision, batch, cfg.data.max_length, {**parts, **batch_parts(batch)}, formulas, per_window)
     plan.teacher, plan.student, plan.device = m.teacher, m.student, device
@@ -302,7 +303,9 @@ def _fixed_parts(
     return parts, formulas
 
 
-def _batch_costs(cfg: Config, m: _Models, precision: str, t_bytes: int, formulas: dict[str, str]):
+def _batch_costs(
+    cfg: Config, m: _Models, precision: str, t_bytes: int, chunk_logits: int, formulas: dict[str, str]
+):
     """(bytes per window, a function of the micro-batch giving the parts that grow with it); fills in their
     formulas."""
     act, s, student, teacher = _bytes(precision), cfg.data.max_length, m.student, m.teacher
@@ -325,7 +328,7 @@ def _batch_costs(cfg: Config, m: _Models, precision: str, t_bytes: int, formulas
 
     def batch_parts(batch: int) -> dict[str, int]:
         rows = min(
-            chunk_rows(cfg.distill.chunk_size, cfg.distill.chunk_logits, max(student.vocab, t_vocab)),
+            chunk_rows(cfg.distill.chunk_size, chunk_logits, max(student.vocab, t_vocab)),
             batch * s,
         )
         out = {"student activations": batch * student_window}
@@ -340,7 +343,7 @@ def _batch_costs(cfg: Config, m: _Models, precision: str, t_bytes: int, formulas
     formulas["loss (one chunk)"] = (
         f"min(chunk rows, b x s) x ({5 if m.chunk_likelihood else 4} x {student.vocab} + 3 x {t_vocab}) x 4 B"
         f"{head_term}, chunk rows = min(chunk_size {cfg.distill.chunk_size}, chunk_logits "
-        f"{cfg.distill.chunk_logits} / widest vocabulary)"
+        f"{chunk_logits} / widest vocabulary)"
     )
     return student_window + teacher_window, batch_parts
 

@@ -127,7 +127,7 @@ def build_training(
             cfg.distill.layerwise_pairs,
         )
         heads.to(accelerator.device)
-    objective = build_objective(cfg, teacher, student_tok, teacher_tok, heads, sources)
+    objective = build_objective(cfg, teacher, student_tok, teacher_tok, heads, sources, accelerator.device.type)
     sharded = tc.strategy == "fsdp" and accelerator.num_processes > 1
     alone = accelerator.num_processes == 1
     if alone and (tc.strategy == "fsdp" or (cfg.teacher is not None and cfg.teacher.placement == "shard")):
@@ -156,7 +156,9 @@ def build_training(
     return Training(cfg, accelerator, teacher, student, heads, objective, optimizer, scheduler, ema, attn)
 
 
-def build_objective(cfg: Config, teacher, student_tok, teacher_tok, heads, sources) -> DistillObjective:
+def build_objective(
+    cfg: Config, teacher, student_tok, teacher_tok, heads, sources, device_type: str = "cpu"
+) -> DistillObjective:
     """The objective: KD from the live `teacher` model, or from the teacher cache when the config names one
     (then `teacher` is None), with the auxiliary losses when `heads` are given."""
     if cfg.teacher is None:
@@ -166,7 +168,7 @@ def build_objective(cfg: Config, teacher, student_tok, teacher_tok, heads, sourc
         source = LiveTeacher(teacher, logit_kd(settings, teacher_tok, student_tok))
     else:
         source = TopKTeacher(top_k_kd(settings, teacher_tok, student_tok))
-    chunking = Chunking(cfg.distill.chunk_size, cfg.distill.chunk_logits)
+    chunking = Chunking(cfg.distill.chunk_size, cfg.distill.chunk_logits_on(device_type))
     aux = None
     if heads is not None:
         d = cfg.distill
