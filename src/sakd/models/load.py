@@ -95,6 +95,12 @@ def decoder(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
+# `logits_to_keep` that keeps no position: forwards whose hidden states are captured (`capture_final_hidden`)
+# and projected by sakd's chunked losses need none of the model's own logits, and even the last position's
+# costs a (hidden x vocabulary) product per sequence, a few percent of a CPU step at 151,936.
+NO_LOGITS = torch.zeros(0, dtype=torch.long)
+
+
 @contextmanager
 def capture_final_hidden(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Record the base model's last hidden state (B, T, H) through a forward hook, without editing the model."""

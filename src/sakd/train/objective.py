@@ -20,7 +20,7 @@ from sakd.losses import ChunkBuffers, Chunking, chunked_head_loss, make_distill_
 from sakd.losses.chunk_likelihood import ChunkLikelihood, WithChunkLikelihood
 from sakd.models.attention import capture_attentions
 from sakd.models.head import model_head
-from sakd.models.load import capture_final_hidden, unwrap
+from sakd.models.load import NO_LOGITS, capture_final_hidden, unwrap
 from sakd.train.auxiliary import AuxiliaryLosses, AuxNeeds, StudentPass
 from sakd.train.likelihood import chunk_likelihood_rows
 from sakd.train.rows import LossNorm
@@ -129,7 +129,7 @@ class DistillObjective:
             result = student(
                 input_ids=batch.student.input_ids,
                 attention_mask=batch.student.attention_mask,  # None: no padding (`prepare_batch`)
-                logits_to_keep=1,
+                logits_to_keep=NO_LOGITS,
                 use_cache=False,
                 output_hidden_states=needs.layers,
             )

@@ -28,7 +28,7 @@ from sakd.losses.kd import LogitKD, TopKKD
 from sakd.losses.rows import IGNORE_INDEX
 from sakd.models.attention import capture_attentions
 from sakd.models.head import ModelHead, model_head
-from sakd.models.load import capture_final_hidden, unwrap
+from sakd.models.load import NO_LOGITS, capture_final_hidden, unwrap
 from sakd.router import chunked_gap, knowledge_gap
 
 
@@ -67,7 +67,7 @@ def teacher_pass(
         result = teacher(
             input_ids=batch.teacher.input_ids,
             attention_mask=batch.teacher.attention_mask,
-            logits_to_keep=1,
+            logits_to_keep=NO_LOGITS,
             use_cache=False,
             output_hidden_states=hidden_states,
         )
