@@ -164,14 +164,8 @@ class DistillConfig(Section):
     """At most this many rows x vocabulary logits per chunk: with a large vocabulary a chunk holds fewer than
     `chunk_size` rows, so the loss's peak memory does not grow with the vocabulary. null: 2**26 on a GPU (256
     MiB per fp32 (rows x vocabulary) tensor; 441 rows at 151,936), where a chunk's cost is its kernel launches
-    and few large chunks are fastest; 2**22 on a CPU (16 MiB; 27 rows at 151,936), where the chunk's tensors
-    are kept from chunk to chunk and small chunks cost about the same time in a sixteenth of the memory."""
-
-    def chunk_logits_on(self, device_type: str) -> int:
-        """`chunk_logits`, or its default for a device of this type ("cpu", "cuda", ...)."""
-        if self.chunk_logits is not None:
-            return self.chunk_logits
-        return 2**22 if device_type == "cpu" else 2**26
+    and few large chunks are fastest; 2**21 on a CPU (8 MiB; 13 rows at 151,936), where the chunk's tensors
+    are reused from chunk to chunk, so that small chunks cost little more time in a 32nd of the memory."""
     fused_loss: bool = True
     """Forward KL and JSD (same vocabulary or projection; forward KL from a cache too) use closed-form logit
     gradients instead of autograd through the loss: the same result with fewer (rows x vocabulary) tensors per
@@ -184,6 +178,12 @@ class DistillConfig(Section):
     """Attention transfer compares last-layer maps pooled onto aligned groups (needs eager attention)."""
     contrastive_temperature: float = Field(0.1, gt=0.0)
     """Fixed (never learned) InfoNCE temperature."""
+
+    def chunk_logits_on(self, device_type: str) -> int:
+        """`chunk_logits`, or its default for a device of this type ("cpu", "cuda", ...)."""
+        if self.chunk_logits is not None:
+            return self.chunk_logits
+        return 2**21 if device_type == "cpu" else 2**26
 
 
 class RouterConfig(Section):

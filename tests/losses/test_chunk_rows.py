@@ -29,7 +29,7 @@ def test_the_default_bound_depends_on_the_device():
     from sakd.config import DistillConfig
 
     default = DistillConfig()
-    assert default.chunk_logits_on("cpu") == 2**22 and chunk_rows(1024, 2**22, 151_936) == 27
+    assert default.chunk_logits_on("cpu") == 2**21 and chunk_rows(1024, 2**21, 151_936) == 13
     assert default.chunk_logits_on("cuda") == 2**26
     assert DistillConfig(chunk_logits=1000).chunk_logits_on("cuda") == 1000
     assert DistillConfig(chunk_logits=1000).chunk_logits_on("cpu") == 1000

@@ -68,7 +68,9 @@ def projected_target(mapping, student_width: int) -> TargetFn:
     """The teacher's distribution at T summed onto student ids (`projected_teacher_probs`)."""
     from sakd.losses.cross_vocab import projected_teacher_probs
 
-    def target(teacher_logits: torch.Tensor, temperature: float, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def target(
+        teacher_logits: torch.Tensor, temperature: float, out=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         p = projected_teacher_probs(teacher_logits, mapping, temperature, student_width)
         return p, p.log()
 

@@ -127,7 +127,9 @@ def build_training(
             cfg.distill.layerwise_pairs,
         )
         heads.to(accelerator.device)
-    objective = build_objective(cfg, teacher, student_tok, teacher_tok, heads, sources, accelerator.device.type)
+    objective = build_objective(
+        cfg, teacher, student_tok, teacher_tok, heads, sources, accelerator.device.type
+    )
     sharded = tc.strategy == "fsdp" and accelerator.num_processes > 1
     alone = accelerator.num_processes == 1
     if alone and (tc.strategy == "fsdp" or (cfg.teacher is not None and cfg.teacher.placement == "shard")):
