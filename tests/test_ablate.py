@@ -83,7 +83,9 @@ class FakeSetup:
     ) -> dict:
         self.calls.append((slug, seed, teacher))
         self.distill = getattr(self, "distill", {}) | {slug: distill}
-        name = BASELINE if not teacher else next(n for n, v in ablate.VARIANTS.items() if v == curriculum)
+        self.curricula = getattr(self, "curricula", {}) | {slug: curriculum}
+        variants = ablate.VARIANTS.items()
+        name = BASELINE if not teacher else next((n for n, v in variants if v == curriculum), REFERENCE)
         shift = {BASELINE: [0.05] * 3, "KD + token weights": SHIFTS["steady gain"]}.get(name, [0.0] * 3)
         (self.work / slug).mkdir(parents=True)
         (self.work / slug / "metrics.jsonl").write_text(json.dumps({"event": "train", "tokens_per_s": 50.0}))
@@ -159,8 +161,20 @@ def test_objective_variants_keep_plain_kds_losses_and_change_the_divergence(fake
 def test_only_the_default_variant_runs_the_term_and_consistent_rows(fake, tmp_path):
     """The term and the consistent rows are on by default across tokenizers: plain KD and the other variants
     must turn them off."""
-    default = "KD + chunk likelihood, consistent rows (the default)"
+    default = ablate.DEFAULT_OBJECTIVE
+    assert default.endswith("(the default)") and default in ablate.variant_names()
     run_ablation(tmp_path, quick=True, variants=["plain KD", default])
     plain, term = (fake.distill[slug] for slug, _, teacher in fake.calls if teacher)
     assert plain["chunk_likelihood_weight"] == 0 and term["chunk_likelihood_weight"] > 0
     assert plain["projection_rows"] == "all" and term["projection_rows"] == "consistent"
+
+
+def test_the_default_variant_runs_the_default_kd_weight(fake, tmp_path):
+    """Plain KD keeps weight 1; the default objective runs `curriculum.weights.kd`'s default, whatever it is."""
+    from sakd.curriculum import LossWeights
+
+    names = ["plain KD", ablate.DEFAULT_OBJECTIVE, "KD + chunk likelihood, consistent rows, KD weight 1"]
+    run_ablation(tmp_path, quick=True, variants=names)
+    plain, default, weight_one = (fake.curricula[slug]["weights"]["kd"] for slug, _, t in fake.calls if t)
+    assert plain == weight_one == 1.0
+    assert default == LossWeights().kd == 0.5

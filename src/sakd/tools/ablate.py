@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, AUX_LOSSES
+from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, AUX_LOSSES, LossWeights
 from sakd.tools.demo import prepare
 
 
@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full curriculum": {"enabled": True, "weights": ALL_LOSSES_ON, "phases": ALL_LOSSES_PHASES},
 }
 
+REFERENCE = "plain KD"
+BASELINE = "LM only (baseline)"
 
 # Every variant but the default runs plain KD: without the chunk-likelihood term and with the projected KD
 # at every group end, so that each is compared with plain KD.
@@ -42,14 +44,25 @@ PLAIN = {"chunk_likelihood_weight": 0.0, "projection_rows": "all"}
 
 # Plain KD's losses with another divergence or another term: (distill settings). akl needs one vocabulary, and
 # the demo's two models have different tokenizers, so it is not among them.
+_TERM = {"chunk_likelihood_weight": 1.0, "projection_rows": "consistent"}
+DEFAULT_KD = LossWeights.model_fields["kd"].default
+DEFAULT_OBJECTIVE = f"KD + chunk likelihood, consistent rows, KD weight {DEFAULT_KD:g} (the default)"
 OBJECTIVES: dict[str, dict[str, Any]] = {
-    "KD + chunk likelihood, consistent rows (the default)": {
-        "chunk_likelihood_weight": 1.0,
-        "projection_rows": "consistent",
-    },
+    DEFAULT_OBJECTIVE: _TERM,
+    "KD + chunk likelihood, consistent rows, KD weight 1": _TERM,
     "KD with TAID's target (t 0.4 -> 1)": {**PLAIN, "divergence": "taid"},
     "KD with skew KL (alpha 0.1)": {**PLAIN, "divergence": "skew_kl"},
 }
+# The objectives whose KD weight is not plain KD's (1): the default's is the default's.
+OBJECTIVE_KD_WEIGHTS = {DEFAULT_OBJECTIVE: DEFAULT_KD}
+
+
+def objective_curriculum(name: str) -> dict[str, Any]:
+    """Plain KD's curriculum, with the objective's own KD weight where it has one."""
+    plain = VARIANTS[REFERENCE]
+    if name not in OBJECTIVE_KD_WEIGHTS:
+        return plain
+    return {**plain, "weights": {**plain["weights"], "kd": OBJECTIVE_KD_WEIGHTS[name]}}
 
 
 def variant_names() -> list[str]:
@@ -61,10 +74,6 @@ def _tokens_per_s(run: Path) -> float:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r.get("event") == "train"]
     return sum(rates) / len(rates)
-
-
-REFERENCE = "plain KD"
-BASELINE = "LM only (baseline)"
 
 
 def run_ablation(
@@ -89,7 +98,7 @@ def run_ablation(
                 summary = setup.student_run(slug, teacher=False, seed=seed)
             elif name in OBJECTIVES:
                 summary = setup.student_run(
-                    slug, curriculum=VARIANTS[REFERENCE], distill=OBJECTIVES[name], seed=seed
+                    slug, curriculum=objective_curriculum(name), distill=OBJECTIVES[name], seed=seed
                 )
             else:
                 summary = setup.student_run(slug, curriculum=VARIANTS[name], distill=PLAIN, seed=seed)
