@@ -174,24 +174,37 @@ def chunked_head_loss(
             continue
         # Through the model's logit transform to the linear output (nothing to do for most models).
         grad_logits = head.transform.chain_(grad_logits, logits).to(weight_.dtype)  # (n, V)
-        # Written and added in place where the dtypes allow: a fresh (V, H) product per chunk is fresh pages on
-        # the CPU, which cost as much as the product when the chunks are small.
-        if grad_hidden is not None:
-            if grad_hidden.dtype == weight_.dtype:
-                torch.mm(grad_logits, weight_, out=grad_hidden[start:stop])
-            else:
-                grad_hidden[start:stop] = grad_logits @ weight_
-        if grad_weight is not None:
-            if grad_logits.dtype == hidden_chunk.dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad_logits.T, hidden_chunk)
-            else:
-                grad_weight += grad_logits.T @ hidden_chunk
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0)
+        _add_head_grads(grad_logits, hidden_chunk, weight_, (grad_hidden, grad_weight, grad_bias), start)
         # Free this chunk's (n, V) tensors before the next chunk allocates its own: the peak stays one chunk.
         del logits, grad_logits, chunk_parts, chunk_total
 
     return _finish(total, parts, hidden, head, (grad_hidden, grad_weight, grad_bias) if train else None)
+
+
+def _add_head_grads(
+    grad_logits: torch.Tensor,
+    hidden_chunk: torch.Tensor,
+    weight: torch.Tensor,
+    grads: tuple[torch.Tensor | None, ...],
+    start: int,
+) -> None:
+    """A chunk's share of the gradients (hidden rows from `start`, weight, bias; None: not needed), written
+    and added in place where the dtypes allow: a fresh (V, H) product per chunk is fresh pages on the CPU,
+    which cost as much as the product when the chunks are small."""
+    grad_hidden, grad_weight, grad_bias = grads
+    if grad_hidden is not None:
+        rows = grad_hidden[start : start + grad_logits.shape[0]]
+        if grad_hidden.dtype == weight.dtype:
+            torch.mm(grad_logits, weight, out=rows)
+        else:
+            rows.copy_(grad_logits @ weight)
+    if grad_weight is not None:
+        if grad_logits.dtype == hidden_chunk.dtype == grad_weight.dtype:
+            grad_weight.addmm_(grad_logits.T, hidden_chunk)
+        else:
+            grad_weight += grad_logits.T @ hidden_chunk
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
 
 
 def _finish(
