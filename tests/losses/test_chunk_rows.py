@@ -33,3 +33,16 @@ def test_the_default_bound_depends_on_the_device():
     assert default.chunk_logits_on("cuda") == 2**26
     assert DistillConfig(chunk_logits=1000).chunk_logits_on("cuda") == 1000
     assert DistillConfig(chunk_logits=1000).chunk_logits_on("cpu") == 1000
+
+
+def test_a_wide_head_keeps_enough_rows_per_chunk():
+    """Few rows per chunk make the head's products slow per row; the floor follows the widest head."""
+    assert chunk_rows(1024, 2**21, 262_144) == 8  # no hidden size given: no floor
+    assert chunk_rows(1024, 2**21, 262_144, hidden=640) == 80
+    assert chunk_rows(1024, 2**21, 151_936, hidden=128) == 16
+    assert chunk_rows(1024, 2**21, 151_936, hidden=64) == 13  # a narrow head: the logits bound decides
+    assert chunk_rows(32, 2**21, 262_144, hidden=640) == 32  # never above chunk_size
+    chunking = Chunking(1024, 2**21)
+    student = nn.Linear(576, 49_152, bias=False, device="meta")
+    teacher = nn.Linear(640, 262_144, bias=False, device="meta")
+    assert chunking.rows(student, teacher) == 80

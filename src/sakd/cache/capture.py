@@ -190,7 +190,7 @@ class _TeacherRunner:
         probe = self._collate(windows[:1])
         check_head(self.teacher, probe.teacher.input_ids, probe.teacher.attention_mask, "teacher")
         chunk_logits = cfg.distill.chunk_logits_on(torch.device(dev).type)
-        self.chunk = chunk_rows(cfg.distill.chunk_size, chunk_logits, self.head.weight.shape[0])
+        self.chunk = chunk_rows(cfg.distill.chunk_size, chunk_logits, *self.head.weight.shape)
 
     def _collate(self, windows) -> Batch:
         return collate_windows(windows, *self.formats).to(self.device)

@@ -325,10 +325,11 @@ def _batch_costs(
         teacher_window = s * (sources + 3) * teacher.hidden * t_bytes
         formulas["teacher forward"] = f"b x s x ({sources} sources + 3) x {teacher.hidden} x {t_bytes} B"
     t_vocab = teacher.vocab if teacher is not None else 0
+    widest = max(h, teacher.hidden if teacher is not None else 0)  # the head a chunk's floor follows
 
     def batch_parts(batch: int) -> dict[str, int]:
         rows = min(
-            chunk_rows(cfg.distill.chunk_size, chunk_logits, max(student.vocab, t_vocab)),
+            chunk_rows(cfg.distill.chunk_size, chunk_logits, max(student.vocab, t_vocab), widest),
             batch * s,
         )
         out = {"student activations": batch * student_window}
