@@ -165,7 +165,8 @@ class DistillConfig(Section):
     `chunk_size` rows, so the loss's peak memory does not grow with the vocabulary. null: 2**26 on a GPU (256
     MiB per fp32 (rows x vocabulary) tensor; 441 rows at 151,936), where a chunk's cost is its kernel launches
     and few large chunks are fastest; 2**21 on a CPU (8 MiB; 13 rows at 151,936), where the chunk's tensors
-    are reused from chunk to chunk, so that small chunks cost little more time in a 32nd of the memory."""
+    are reused from chunk to chunk, so that small chunks cost little more time in a 32nd of the memory. A
+    chunk keeps at least hidden / 8 rows of the widest head whatever the bound (`chunk_rows`)."""
     fused_loss: bool = True
     """Forward KL and JSD (same vocabulary or projection; forward KL from a cache too) use closed-form logit
     gradients instead of autograd through the loss: the same result with fewer (rows x vocabulary) tensors per
