@@ -240,7 +240,7 @@ def run_loss_bench(
         calibration = {"allocated_mb": calibration_mb, "measured_mb": check.get("peak_mb"), **check}
     results = []
     for vocab in sorted(vocabs):
-        rows = chunk_rows(chunk_size, chunk_logits, vocab)  # as training chunks this vocabulary
+        rows = chunk_rows(chunk_size, chunk_logits, vocab, hidden)  # as training chunks this head
         for variant in VARIANTS:
             rows_alive = tokens if variant == "full" else min(rows, tokens)
             predicted = bytes_per_logit[variant] * rows_alive * vocab

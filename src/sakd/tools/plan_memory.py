@@ -42,7 +42,7 @@ from torch import nn
 from sakd.config import Config
 from sakd.curriculum import AUX_LOSSES
 from sakd.errors import UserError
-from sakd.losses.chunked import chunk_rows
+from sakd.losses.chunked import HIDDEN_PER_ROW, chunk_rows
 from sakd.train.step import chunk_likelihood_configured
 
 GIB = 1024**3
@@ -344,7 +344,7 @@ def _batch_costs(
     formulas["loss (one chunk)"] = (
         f"min(chunk rows, b x s) x ({5 if m.chunk_likelihood else 4} x {student.vocab} + 3 x {t_vocab}) x 4 B"
         f"{head_term}, chunk rows = min(chunk_size {cfg.distill.chunk_size}, chunk_logits "
-        f"{chunk_logits} / widest vocabulary)"
+        f"{chunk_logits} / widest vocabulary), at least widest hidden {widest} / {HIDDEN_PER_ROW}"
     )
     return student_window + teacher_window, batch_parts
 
