@@ -234,17 +234,24 @@ def test_vectorised_row_sort_is_torch_stable_sort(k):
         assert torch.equal(values, expected.values) and torch.equal(order, expected.indices)
 
 
+@pytest.mark.parametrize("projected", [False, True])
 @pytest.mark.parametrize("fused", [True, False])
-def test_chunk_buffers_change_nothing_and_are_kept(fused):
-    """Chunks written into kept buffers give bit-identical losses and gradients; a later, smaller call
-    takes rows of the same buffers."""
-    kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", temperature=1.0)
+def test_chunk_buffers_change_nothing_and_are_kept(fused, projected):
+    """Chunks written into kept buffers give bit-identical losses and gradients, with one vocabulary and
+    across tokenizers; a later, smaller call takes rows of the same buffers."""
+    if projected:
+        mapping = _mapping(TEACHER_WIDTH)
+        kd = functools.partial(projected_divergence, mapping=mapping, temperature=1.0)
+        target = projected_target(mapping, STUDENT_WIDTH)
+    else:
+        kd = functools.partial(_same_vocab_kd, VOCAB, "forward_kl", temperature=1.0)
+        target = same_vocab_target(VOCAB)
     buffers = ChunkBuffers()
     kept = None
     for seed, rows in ((0, ROWS), (1, ROWS - 9)):
         (hidden, weight, bias), row_inputs, t_weight, t_bias = _inputs(seed, TEACHER_WIDTH)
         reference = make_distill_row_loss(kd, t_weight, t_bias)
-        row_loss = FusedForwardKL(reference, same_vocab_target(VOCAB), t_weight, t_bias, 1.0)
+        row_loss = FusedForwardKL(reference, target, t_weight, t_bias, 1.0)
         row_loss = row_loss if fused else reference
         inputs = [t[:rows] for t in row_inputs]
         results = []

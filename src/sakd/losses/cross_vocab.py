@@ -52,23 +52,32 @@ def _check_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m
 
 
 def projected_teacher_probs(
-    teacher_logits: torch.Tensor, mapping: VocabMapping, temperature: float, student_width: int
+    teacher_logits: torch.Tensor,
+    mapping: VocabMapping,
+    temperature: float,
+    student_width: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Teacher probabilities at T summed onto student ids, renormalised. (N, V_t_model) -> (N, student_width).
 
     Mass on unmapped teacher tokens is dropped. A row whose mass is all unmapped (a teacher certain of a
-    special token) comes back all zeros: there is nothing to distil there.
+    special token) comes back all zeros: there is nothing to distil there. `out`: an (N, student_width + 1)
+    fp32 tensor to sum into (its last column holds the unmapped mass); the result is then a view of it.
     """
     probs = torch.softmax(_teacher_logits(teacher_logits, mapping, temperature), dim=-1)  # (N, V_t)
     targets = mapping.teacher_to_student.to(probs.device)
     # Unmapped tokens go to one extra column that is then cut off, which avoids copying the mapped columns.
     targets = torch.where(targets >= 0, targets, student_width)
-    projected = probs.new_zeros(*probs.shape[:-1], student_width + 1)
+    if out is None:
+        projected = probs.new_zeros(*probs.shape[:-1], student_width + 1)
+    else:
+        projected = out.zero_()
     projected.index_add_(-1, targets, probs)
     projected = projected[..., :student_width]
     total = projected.sum(-1, keepdim=True)
     # `total == 0` (not `total > 0`) so that a NaN teacher stays NaN and is caught, never zeroed.
-    return projected / torch.where(total == 0, 1.0, total)
+    total = torch.where(total == 0, 1.0, total)
+    return projected / total if out is None else projected.div_(total)
 
 
 def projected_divergence(

@@ -14,8 +14,7 @@ two).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -30,10 +29,18 @@ from sakd.losses.sparse import (
 )
 from sakd.models.head import ModelHead, as_head, head_logits
 
-# (teacher logits (n, V_t_model) fp32, temperature, out=) -> (teacher probabilities (n, C), their logs (n, C));
-# the logits are a temporary of the caller, which a target may overwrite; `out`, an (n, C) fp32 tensor or None,
-# is where the probabilities may be written
-TargetFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+class TargetFn(Protocol):
+    """The teacher's distribution over the student's first C columns, from its logits: called with (teacher
+    logits (n, V_t_model) fp32, temperature, out=), it returns (probabilities (n, C), their logs (n, C)). The
+    logits are a temporary of the caller, which a target may overwrite. `out_width` is the width of the (n,
+    out_width) fp32 tensor it takes as `out` to write the probabilities into, so that a caller can keep one
+    from chunk to chunk."""
+
+    out_width: int
+
+    def __call__(
+        self, teacher_logits: torch.Tensor, temperature: float, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def softmax_and_log(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,13 +57,31 @@ class _SameVocabTarget:
     """A `TargetFn`: the teacher's distribution at T over the shared tokenizer's `vocab` ids."""
 
     def __init__(self, vocab: int):
-        self.vocab = vocab
+        self.out_width = vocab
 
     def __call__(
         self, teacher_logits: torch.Tensor, temperature: float, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = teacher_logits[:, : self.vocab]
+        logits = teacher_logits[:, : self.out_width]
         return softmax_and_log(logits if temperature == 1.0 else logits.div_(temperature), out)
+
+
+class _ProjectedTarget:
+    """A `TargetFn`: the teacher's distribution at T summed onto the student's ids (`projected_teacher_probs`);
+    its `out` has one more column than the student, where unmapped teacher tokens go."""
+
+    def __init__(self, mapping, student_width: int):
+        self.mapping = mapping
+        self.student_width = student_width
+        self.out_width = student_width + 1
+
+    def __call__(
+        self, teacher_logits: torch.Tensor, temperature: float, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from sakd.losses.cross_vocab import projected_teacher_probs
+
+        p = projected_teacher_probs(teacher_logits, self.mapping, temperature, self.student_width, out)
+        return p, p.log()
 
 
 def same_vocab_target(vocab: int) -> TargetFn:
@@ -66,15 +91,7 @@ def same_vocab_target(vocab: int) -> TargetFn:
 
 def projected_target(mapping, student_width: int) -> TargetFn:
     """The teacher's distribution at T summed onto student ids (`projected_teacher_probs`)."""
-    from sakd.losses.cross_vocab import projected_teacher_probs
-
-    def target(
-        teacher_logits: torch.Tensor, temperature: float, out=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        p = projected_teacher_probs(teacher_logits, mapping, temperature, student_width)
-        return p, p.log()
-
-    return target
+    return _ProjectedTarget(mapping, student_width)
 
 
 class RowCoefficients(NamedTuple):
@@ -159,15 +176,13 @@ class FusedForwardKL(_FusedRowLoss):
         self.jsd_beta = jsd_beta
 
     def _scratch(self, scratch: ChunkBuffers | None, rows: int) -> tuple:
-        """Kept tensors for the teacher's (rows, V_t) logits and, with one vocabulary, its (rows, C)
+        """Kept tensors for the teacher's (rows, V_t) logits and for the target's (rows, out_width)
         probabilities; (None, None) without `scratch`."""
         if scratch is None:
             return None, None
         weight = self.teacher.weight
         logits = scratch.get("teacher_logits", rows, weight.shape[0], weight.dtype, weight.device)
-        probs = None
-        if isinstance(self.target, _SameVocabTarget):
-            probs = scratch.get("teacher_probs", rows, self.target.vocab, torch.float32, weight.device)
+        probs = scratch.get("teacher_probs", rows, self.target.out_width, torch.float32, weight.device)
         return logits, probs
 
     @torch.no_grad()
