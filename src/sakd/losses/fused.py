@@ -29,6 +29,7 @@ from sakd.losses.sparse import (
 )
 from sakd.models.head import ModelHead, as_head, head_logits
 
+
 class TargetFn(Protocol):
     """The teacher's distribution over the student's first C columns, from its logits: called with (teacher
     logits (n, V_t_model) fp32, temperature, out=), it returns (probabilities (n, C), their logs (n, C)). The
