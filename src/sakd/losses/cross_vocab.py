@@ -68,10 +68,7 @@ def projected_teacher_probs(
     targets = mapping.teacher_to_student.to(probs.device)
     # Unmapped tokens go to one extra column that is then cut off, which avoids copying the mapped columns.
     targets = torch.where(targets >= 0, targets, student_width)
-    if out is None:
-        projected = probs.new_zeros(*probs.shape[:-1], student_width + 1)
-    else:
-        projected = out.zero_()
+    projected = probs.new_zeros(*probs.shape[:-1], student_width + 1) if out is None else out.zero_()
     projected.index_add_(-1, targets, probs)
     projected = projected[..., :student_width]
     total = projected.sum(-1, keepdim=True)

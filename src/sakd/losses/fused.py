@@ -19,6 +19,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from sakd.losses.chunked import ChunkBuffers, RowLoss
+from sakd.losses.cross_vocab import VocabMapping, projected_teacher_probs
 from sakd.losses.rows import IGNORE_INDEX, kd_count, kd_selection
 from sakd.losses.sparse import (
     SparseTeacherSettings,
@@ -71,7 +72,7 @@ class _ProjectedTarget:
     """A `TargetFn`: the teacher's distribution at T summed onto the student's ids (`projected_teacher_probs`);
     its `out` has one more column than the student, where unmapped teacher tokens go."""
 
-    def __init__(self, mapping, student_width: int):
+    def __init__(self, mapping: VocabMapping, student_width: int):
         self.mapping = mapping
         self.student_width = student_width
         self.out_width = student_width + 1
@@ -79,8 +80,6 @@ class _ProjectedTarget:
     def __call__(
         self, teacher_logits: torch.Tensor, temperature: float, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from sakd.losses.cross_vocab import projected_teacher_probs
-
         p = projected_teacher_probs(teacher_logits, self.mapping, temperature, self.student_width, out)
         return p, p.log()
 
@@ -90,7 +89,7 @@ def same_vocab_target(vocab: int) -> TargetFn:
     return _SameVocabTarget(vocab)
 
 
-def projected_target(mapping, student_width: int) -> TargetFn:
+def projected_target(mapping: VocabMapping, student_width: int) -> TargetFn:
     """The teacher's distribution at T summed onto student ids (`projected_teacher_probs`)."""
     return _ProjectedTarget(mapping, student_width)
 
