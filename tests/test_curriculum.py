@@ -109,6 +109,17 @@ def test_temperature_schedules():
     assert curriculum_at(0.7, SPEC).temperature == 1.0  # the default is constant
 
 
+def test_kd_fades_to_its_end_fraction():
+    spec = CurriculumSpec(weights={"kd": 0.8, "lm": 1.0}, kd_end=0.25)
+    assert [curriculum_at(p, spec).weights["kd"] for p in (0.0, 0.5, 1.0)] == pytest.approx([0.8, 0.5, 0.2])
+    assert curriculum_at(0.5, spec).weights["lm"] == 1.0  # only KD fades
+    assert curriculum_at(0.5, CurriculumSpec(weights={"kd": 0.8})).weights["kd"] == 0.8  # default: constant
+    late = CurriculumSpec(weights={"kd": 0.8}, kd_end=0.25, phases={"kd": 2}, ramp=0.0)  # from its own start
+    assert curriculum_at(0.3, late).weights["kd"] == 0.0
+    assert curriculum_at(0.65, late).weights["kd"] == pytest.approx(0.8 * (1 - 0.75 * 0.5))
+    assert curriculum_at(0.5, spec.model_copy(update={"enabled": False})).weights["kd"] == 0.8
+
+
 def test_pure():
     for progress in (0.0, 0.31, 0.612, 1.0):
         assert curriculum_at(progress, SPEC) == curriculum_at(progress, SPEC)

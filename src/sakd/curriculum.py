@@ -104,7 +104,7 @@ class CurriculumSpec(_Section):
     """How loss weights, temperatures and the router's top-k change with progress (config `curriculum:`)."""
 
     enabled: bool = True
-    """false: no phases or ramps; every loss at its full weight and temperatures and top-k at their end
+    """false: no phases, ramps or KD fade; every loss at its full weight and temperatures and top-k at their end
     values from the first step (the no-curriculum ablation)."""
     weights: LossWeights = Field(default_factory=LossWeights)
     """Full weight of each loss."""
@@ -114,6 +114,11 @@ class CurriculumSpec(_Section):
     """Progress at which phases 2, 3, ... begin: strictly increasing, in (0, 1). Phase 1 starts at 0."""
     ramp: float = Field(0.05, ge=0.0, le=0.5)
     """Width (in progress) of the linear ramp of a loss joining after phase 1; 0 switches it on at once."""
+    kd_end: float = Field(1.0, ge=0.0)
+    """KD's weight at the end of training as a fraction of its full weight: from KD's start it moves linearly
+    (or along `temperature_schedule`) from the full weight to this fraction of it by progress 1. 1: constant.
+    Below 1 the teacher's pull fades as the student recovers; the chunk-likelihood term, which scales with
+    KD's weight, fades with it."""
     temperature_start: float = Field(1.0, gt=0.0)
     """Distillation temperature at progress 0."""
     temperature_end: float = Field(1.0, gt=0.0)
@@ -221,6 +226,13 @@ def _top_k(spec: CurriculumSpec, progress: float) -> int:
     return min(spec.top_k_start + int(u * steps), spec.top_k_end)
 
 
+def _kd_fade(spec: CurriculumSpec, progress: float, start: float) -> float:
+    """The factor on KD's weight: 1 until KD's phase starts, then towards `kd_end` at progress 1."""
+    if spec.kd_end == 1.0 or progress <= start:
+        return 1.0
+    return _interpolate(1.0, spec.kd_end, (progress - start) / (1.0 - start), spec.temperature_schedule)
+
+
 def curriculum_at(progress: float, spec: CurriculumSpec) -> CurriculumPoint:
     """The curriculum at `progress` in [0, 1] (see `training_progress`). Pure: same input, same output."""
     if not 0.0 <= progress <= 1.0:  # also refuses NaN
@@ -241,8 +253,10 @@ def curriculum_at(progress: float, spec: CurriculumSpec) -> CurriculumPoint:
         name: _ramp_fraction(progress, _phase_start(spec, phases[name]), spec.ramp) for name in LOSS_NAMES
     }
     schedule = spec.temperature_schedule
+    weights = {name: full[name] * fraction[name] for name in LOSS_NAMES}
+    weights["kd"] *= _kd_fade(spec, progress, _phase_start(spec, phases["kd"]))
     return CurriculumPoint(
-        weights={name: full[name] * fraction[name] for name in LOSS_NAMES},
+        weights=weights,
         fraction=fraction,
         temperature=_interpolate(spec.temperature_start, spec.temperature_end, progress, schedule),
         router_temperature=_interpolate(
