@@ -169,12 +169,19 @@ def test_only_the_default_variant_runs_the_term_and_consistent_rows(fake, tmp_pa
     assert plain["projection_rows"] == "all" and term["projection_rows"] == "consistent"
 
 
-def test_the_default_variant_runs_the_default_kd_weight(fake, tmp_path):
-    """Plain KD keeps weight 1; the default objective runs `curriculum.weights.kd`'s default, whatever it is."""
-    from sakd.curriculum import LossWeights
+def test_the_default_variant_runs_the_default_kd_schedule(fake, tmp_path):
+    """Plain KD keeps weight 1; the default objective runs the default KD weight and fade, whatever they are,
+    and the other schedules of the term run theirs."""
+    from sakd.curriculum import CurriculumSpec
 
-    names = ["plain KD", ablate.DEFAULT_OBJECTIVE, "KD + chunk likelihood, consistent rows, KD weight 1"]
-    run_ablation(tmp_path, quick=True, variants=names)
-    plain, default, weight_one = (fake.curricula[slug]["weights"]["kd"] for slug, _, t in fake.calls if t)
-    assert plain == weight_one == 1.0
-    assert default == LossWeights().kd == 0.5
+    schedules = [n for n in ablate.OBJECTIVES if n.startswith("KD + chunk likelihood")]
+    assert len(schedules) == 3 and ablate.DEFAULT_OBJECTIVE in schedules
+    run_ablation(tmp_path, quick=True, variants=["plain KD", *schedules])
+    curricula = [fake.curricula[slug] for slug, _, teacher in fake.calls if teacher]
+    assert curricula[0]["weights"]["kd"] == 1.0 and not curricula[0]["enabled"]
+    spec = CurriculumSpec()
+    default = CurriculumSpec(**curricula[1])
+    assert (default.weights.kd, default.kd_end) == (spec.weights.kd, spec.kd_end)
+    others = {(c["weights"]["kd"], c["kd_end"]) for c in curricula[2:]}
+    assert len(others) == 2 and (spec.weights.kd, spec.kd_end) not in others
+    assert others <= {(1.0, 0.0), (0.5, 1.0), (1.0, 1.0)}

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, AUX_LOSSES, LossWeights
+from sakd.curriculum import ALL_LOSSES_ON, ALL_LOSSES_PHASES, AUX_LOSSES, CurriculumSpec
 from sakd.tools.demo import prepare
 
 
@@ -45,24 +45,35 @@ PLAIN = {"chunk_likelihood_weight": 0.0, "projection_rows": "all"}
 # Plain KD's losses with another divergence or another term: (distill settings). akl needs one vocabulary, and
 # the demo's two models have different tokenizers, so it is not among them.
 _TERM = {"chunk_likelihood_weight": 1.0, "projection_rows": "consistent"}
-DEFAULT_KD = LossWeights.model_fields["kd"].default
-DEFAULT_OBJECTIVE = f"KD + chunk likelihood, consistent rows, KD weight {DEFAULT_KD:g} (the default)"
+
+
+def _kd_schedule(kd: float, kd_end: float) -> str:
+    return f"KD weight {kd:g}" + ("" if kd_end == 1.0 else f" fading to {kd * kd_end:g}")
+
+
+_DEFAULTS = CurriculumSpec()
+DEFAULT_KD = (_DEFAULTS.weights.kd, _DEFAULTS.kd_end)
+DEFAULT_OBJECTIVE = f"KD + chunk likelihood, consistent rows, {_kd_schedule(*DEFAULT_KD)} (the default)"
+# The term's objectives by their KD schedule: (KD weight, kd_end); the default's is the default's.
+_TERM_SCHEDULES = {DEFAULT_OBJECTIVE: DEFAULT_KD}
+for _schedule in ((1.0, 0.0), (0.5, 1.0), (1.0, 1.0)):
+    if _schedule != DEFAULT_KD:
+        _TERM_SCHEDULES[f"KD + chunk likelihood, consistent rows, {_kd_schedule(*_schedule)}"] = _schedule
 OBJECTIVES: dict[str, dict[str, Any]] = {
-    DEFAULT_OBJECTIVE: _TERM,
-    "KD + chunk likelihood, consistent rows, KD weight 1": _TERM,
+    **dict.fromkeys(_TERM_SCHEDULES, _TERM),
     "KD with TAID's target (t 0.4 -> 1)": {**PLAIN, "divergence": "taid"},
     "KD with skew KL (alpha 0.1)": {**PLAIN, "divergence": "skew_kl"},
 }
-# The objectives whose KD weight is not plain KD's (1): the default's is the default's.
-OBJECTIVE_KD_WEIGHTS = {DEFAULT_OBJECTIVE: DEFAULT_KD}
 
 
 def objective_curriculum(name: str) -> dict[str, Any]:
-    """Plain KD's curriculum, with the objective's own KD weight where it has one."""
+    """Plain KD's curriculum, with the objective's own KD schedule where it has one (the curriculum on, for
+    KD's fade; with only KD and LM weighted it changes nothing else)."""
     plain = VARIANTS[REFERENCE]
-    if name not in OBJECTIVE_KD_WEIGHTS:
+    if name not in _TERM_SCHEDULES:
         return plain
-    return {**plain, "weights": {**plain["weights"], "kd": OBJECTIVE_KD_WEIGHTS[name]}}
+    kd, kd_end = _TERM_SCHEDULES[name]
+    return {"enabled": True, "weights": {**plain["weights"], "kd": kd}, "kd_end": kd_end}
 
 
 def variant_names() -> list[str]:
