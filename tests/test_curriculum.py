@@ -12,9 +12,9 @@ from sakd.curriculum import (
     training_progress,
 )
 
-# The full student-aware curriculum (every loss on); the shipped defaults switch the losses that did not
+# The full student-aware curriculum (every loss on, KD constant); the shipped defaults switch the losses that did not
 # measure better off, which test_defaults_are_the_measured_winner checks.
-SPEC = CurriculumSpec(weights=ALL_LOSSES_ON, phases=ALL_LOSSES_PHASES)
+SPEC = CurriculumSpec(weights=ALL_LOSSES_ON, phases=ALL_LOSSES_PHASES, kd_end=1.0)
 FULL = SPEC.weights.model_dump()
 PHASE1 = {"kd", "lm"}
 PHASE2 = {"feature", "attention"}
@@ -113,7 +113,8 @@ def test_kd_fades_to_its_end_fraction():
     spec = CurriculumSpec(weights={"kd": 0.8, "lm": 1.0}, kd_end=0.25)
     assert [curriculum_at(p, spec).weights["kd"] for p in (0.0, 0.5, 1.0)] == pytest.approx([0.8, 0.5, 0.2])
     assert curriculum_at(0.5, spec).weights["lm"] == 1.0  # only KD fades
-    assert curriculum_at(0.5, CurriculumSpec(weights={"kd": 0.8})).weights["kd"] == 0.8  # default: constant
+    assert curriculum_at(0.5, CurriculumSpec(weights={"kd": 0.8}, kd_end=1.0)).weights["kd"] == 0.8
+    assert curriculum_at(0.5, CurriculumSpec()).weights["kd"] == 0.5  # the default: 1 fading to 0
     late = CurriculumSpec(weights={"kd": 0.8}, kd_end=0.25, phases={"kd": 2}, ramp=0.0)  # from its own start
     assert curriculum_at(0.3, late).weights["kd"] == 0.0
     assert curriculum_at(0.65, late).weights["kd"] == pytest.approx(0.8 * (1 - 0.75 * 0.5))
@@ -148,6 +149,7 @@ def test_curriculum_off_gives_full_weights_from_the_start():
 def test_custom_phases():
     spec = CurriculumSpec(
         weights=ALL_LOSSES_ON,
+        kd_end=1.0,
         phase_starts=[0.5],
         phases={
             "feature": 2,
@@ -201,10 +203,13 @@ def test_log_values():
 
 
 def test_defaults_are_the_measured_winner():
-    """Plain KD + LM: no auxiliary loss beat it per unit of compute on the demo (README, ablation)."""
+    """KD + LM: no auxiliary loss beat them per unit of compute on the demo (README, ablation); KD starts at
+    weight 1 and fades to 0, which beat a constant weight on the real pair and the full demo."""
     point = curriculum_at(0.0, CurriculumSpec())
     assert {name for name, w in point.weights.items() if w > 0} == {"kd", "lm"}
-    assert curriculum_at(1.0, CurriculumSpec()).weights == point.weights
+    assert point.weights["kd"] == 1.0
+    end = curriculum_at(1.0, CurriculumSpec()).weights
+    assert end == {**point.weights, "kd": 0.0}
 
 
 def test_progress_bar_shows_the_phase_only_when_phases_train_differently():

@@ -333,14 +333,16 @@ def finish(run: Run, stop_reason: str | None, last_eval: dict[str, Any] | None) 
 
 
 def _phases_differ(cfg: Config) -> bool:
-    """Whether the curriculum's phases train differently (the progress bar shows the phase only then); the
-    router's top-k and temperature matter only when the router is used."""
+    """Whether the curriculum's phases train differently (the progress bar shows the phase only then): which
+    losses have ramped in, not KD's fade, which goes on across phases; the router's top-k and temperature
+    matter only when the router is used."""
+    w = cfg.curriculum.weights
 
     def key(point: CurriculumPoint) -> tuple:
-        w = cfg.curriculum.weights
         uses_router = w.router > 0 or w.balance > 0 or w.token_weighting > 0
         router = (point.top_k, point.router_temperature) if uses_router else ()
-        return (tuple(sorted(point.weights.items())), point.temperature, *router)
+        ramped = tuple(sorted((name, f) for name, f in point.fraction.items() if getattr(w, name) > 0))
+        return (ramped, point.temperature, *router)
 
     keys = {key(curriculum_at(i / 20, cfg.curriculum)) for i in range(21)}
     return len(keys) > 1
