@@ -147,9 +147,11 @@ def save(run: Run, tag: str = "", collective: bool = True) -> Path:
 
 
 def evaluate(run: Run) -> dict[str, Any]:
-    """Held-out metrics at the current step, logged and written to the metrics."""
+    """Held-out metrics at the current step, logged and written to the metrics. The distillation loss is
+    weighed as the step just trained was, not as the next one will be: at the end of training the next
+    point is progress 1, where a KD weight that fades to 0 would leave nothing of KD to measure."""
     t, state = run.training, run.state
-    point = curriculum_point(run.cfg, state.step)
+    point = curriculum_point(run.cfg, max(state.step - 1, 0))
     progress = run.main and run.cfg.train.progress
     result = evaluate_student(
         t.student, t.teacher, t.objective, run.eval_batches, point, run.accelerator, t.ema, progress
