@@ -47,18 +47,21 @@ PLAIN = {"chunk_likelihood_weight": 0.0, "projection_rows": "all"}
 _TERM = {"chunk_likelihood_weight": 1.0, "projection_rows": "consistent"}
 
 
-def _kd_schedule(kd: float, kd_end: float) -> str:
-    return f"KD weight {kd:g}" + ("" if kd_end == 1.0 else f" fading to {kd * kd_end:g}")
+def _term_name(kd: float, kd_end: float) -> str:
+    """The chunk-likelihood objective's name under one KD schedule (its weight, and `kd_end` when it fades)."""
+    fade = "" if kd_end == 1.0 else f" fading to {kd * kd_end:g}"
+    return f"KD + chunk likelihood, consistent rows, KD weight {kd:g}{fade}"
 
 
 _DEFAULTS = CurriculumSpec()
 DEFAULT_KD = (_DEFAULTS.weights.kd, _DEFAULTS.kd_end)
-DEFAULT_OBJECTIVE = f"KD + chunk likelihood, consistent rows, {_kd_schedule(*DEFAULT_KD)} (the default)"
+DEFAULT_OBJECTIVE = f"{_term_name(*DEFAULT_KD)} (the default)"
 # The term's objectives by their KD schedule: (KD weight, kd_end); the default's is the default's.
-_TERM_SCHEDULES = {DEFAULT_OBJECTIVE: DEFAULT_KD}
-for _schedule in ((1.0, 0.0), (0.5, 1.0), (1.0, 1.0)):
-    if _schedule != DEFAULT_KD:
-        _TERM_SCHEDULES[f"KD + chunk likelihood, consistent rows, {_kd_schedule(*_schedule)}"] = _schedule
+_TERM_SCHEDULES = {DEFAULT_OBJECTIVE: DEFAULT_KD} | {
+    _term_name(*schedule): schedule
+    for schedule in ((1.0, 0.0), (0.5, 1.0), (1.0, 1.0))
+    if schedule != DEFAULT_KD
+}
 OBJECTIVES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(_TERM_SCHEDULES, _TERM),
     "KD with TAID's target (t 0.4 -> 1)": {**PLAIN, "divergence": "taid"},
