@@ -121,6 +121,16 @@ def test_kd_fades_to_its_end_fraction():
     assert curriculum_at(0.5, spec.model_copy(update={"enabled": False})).weights["kd"] == 0.8
 
 
+def test_kd_fade_ends_at_its_point_and_stays():
+    spec = CurriculumSpec(weights={"kd": 1.0}, kd_end=0.0, kd_fade_until=0.5)
+    weights = [curriculum_at(p, spec).weights["kd"] for p in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert weights == pytest.approx([1.0, 0.5, 0.0, 0.0, 0.0])
+    late = CurriculumSpec(weights={"kd": 1.0}, kd_end=0.0, kd_fade_until=0.5, phases={"kd": 2}, ramp=0.0)
+    assert curriculum_at(0.4, late).weights["kd"] == pytest.approx(0.5)  # from 0.3 to 0.5
+    too_early = late.model_copy(update={"kd_fade_until": 0.2})  # ends before KD starts: fades to the end
+    assert curriculum_at(0.65, too_early).weights["kd"] == pytest.approx(0.5)
+
+
 def test_pure():
     for progress in (0.0, 0.31, 0.612, 1.0):
         assert curriculum_at(progress, SPEC) == curriculum_at(progress, SPEC)

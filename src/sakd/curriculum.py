@@ -120,6 +120,9 @@ class CurriculumSpec(_Section):
     (Gemma 3 270M into a pruned SmolLM2-135M, 30 steps, four seeds) it beat a constant 0.5 and training alone
     on every seed, and on the full demo it closed more of the gap to the teacher. At 60 steps training alone
     still wins on three seeds of four (see the README)."""
+    kd_fade_until: float = Field(1.0, gt=0.0, le=1.0)
+    """Progress by which KD's fade reaches `kd_end`; it stays there after. With `kd_end` 0 the teacher does not
+    run from then on (unless another loss reads it), so the rest of training costs what training alone does."""
     temperature_start: float = Field(1.0, gt=0.0)
     """Distillation temperature at progress 0."""
     temperature_end: float = Field(1.0, gt=0.0)
@@ -228,10 +231,13 @@ def _top_k(spec: CurriculumSpec, progress: float) -> int:
 
 
 def _kd_fade(spec: CurriculumSpec, progress: float, start: float) -> float:
-    """The factor on KD's weight: 1 until KD's phase starts, then towards `kd_end` at progress 1."""
+    """The factor on KD's weight: 1 until KD's phase starts, then towards `kd_end` at `kd_fade_until`, and
+    `kd_end` after (a fade that would end before KD starts ends at progress 1 instead)."""
     if spec.kd_end == 1.0 or progress <= start:
         return 1.0
-    return _interpolate(1.0, spec.kd_end, (progress - start) / (1.0 - start), spec.temperature_schedule)
+    until = spec.kd_fade_until if spec.kd_fade_until > start else 1.0
+    position = min((progress - start) / (until - start), 1.0)
+    return _interpolate(1.0, spec.kd_end, position, spec.temperature_schedule)
 
 
 def curriculum_at(progress: float, spec: CurriculumSpec) -> CurriculumPoint:

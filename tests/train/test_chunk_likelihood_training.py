@@ -114,3 +114,36 @@ def test_on_by_default_across_tokenizers_with_the_live_teacher_only(base_config)
     assert chunk_likelihood(validate(raw), live=True, one_vocabulary=False) is None
     raw["distill"] = {"chunk_likelihood_weight": 0.3}
     assert chunk_likelihood(validate(raw), live=True, one_vocabulary=True).weight == 0.3  # asked for
+
+
+def test_a_faded_kd_leaves_the_teacher_idle(cross_setup, assets):
+    """Once KD has faded to 0 (`kd_fade_until`), the step is training alone: the teacher never runs, and the
+    loss and its gradients are the LM-only objective's."""
+    teacher, teacher_tok, student_tok, batch = cross_setup
+    student = load_model(str(assets["student"]), "student")
+    spec = CurriculumSpec(**NO_AUX, kd_end=0.0, kd_fade_until=0.5)
+    norm = LossNorm(TokenCounts.of([batch]))
+    source = LiveTeacher(
+        teacher, logit_kd(KDSettings("forward_kl", 0.5, "projection", False), teacher_tok, student_tok)
+    )
+    calls = []
+    run = source.run
+    source.run = lambda *args: calls.append(1) or run(*args)
+    objective = DistillObjective(source, Chunking(37), likelihood=ChunkLikelihood(1.0, 1.0))
+
+    def loss_and_grads(objective, progress):
+        loss, parts = objective(student, batch, curriculum_at(progress, spec), norm)
+        loss.backward()
+        grads = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad(set_to_none=True)
+        return loss.item(), grads, parts
+
+    _, _, parts = loss_and_grads(objective, 0.25)
+    assert calls and "kd" in parts and "alm" in parts  # KD at half its weight: the teacher runs
+    calls.clear()
+    faded, faded_grads, parts = loss_and_grads(objective, 0.75)
+    assert not calls and set(parts) == {"lm"}
+    alone, alone_grads, _ = loss_and_grads(DistillObjective(None, Chunking(37)), 0.75)
+    assert faded == pytest.approx(alone, rel=1e-6)
+    for got, want in zip(faded_grads, alone_grads, strict=True):
+        torch.testing.assert_close(got, want)
