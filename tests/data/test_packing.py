@@ -30,48 +30,62 @@ def test_windows_cover_the_same_characters_on_both_sides(tokenized, max_length):
     assert [w.index for w in windows] == list(range(len(windows)))
     for window in windows:
         assert 2 <= len(window.student_ids) <= max_length and 2 <= len(window.teacher_ids) <= max_length
-        num_groups = window.student_group[-1] + 1
-        assert window.teacher_group[-1] + 1 == num_groups
-        assert np.all(np.diff(window.student_group) >= 0) and np.all(np.diff(window.teacher_group) >= 0)
-        student_group_bytes = np.bincount(window.student_group, weights=window.student_bytes)
+        aligned = window.student_group >= 0
+        num_groups = window.student_group[aligned][-1] + 1
+        assert window.teacher_group[-1] + 1 == num_groups and np.all(window.teacher_group >= 0)
+        assert np.all(np.diff(window.student_group[aligned]) >= 0)
+        assert np.all(np.diff(window.teacher_group) >= 0)
+        assert np.all(np.diff(np.flatnonzero(aligned)) == 1)  # the aligned tokens are one run
+        student_group_bytes = np.bincount(
+            window.student_group[aligned], weights=window.student_bytes[aligned]
+        )
         teacher_group_bytes = np.bincount(window.teacher_group, weights=window.teacher_bytes)
         assert student_group_bytes.tolist() == teacher_group_bytes.tolist()
     expected = reference_windows(student_docs, teacher_docs, max_length)
-    assert [w.student_ids.tolist() for w in windows] == [student for student, _ in expected]
-    assert [w.teacher_ids.tolist() for w in windows] == [teacher for _, teacher in expected]
+    assert [w.student_ids.tolist() for w in windows] == [student for student, _, _ in expected]
+    assert [w.student_group.tolist() for w in windows] == [group for _, group, _ in expected]
+    assert [w.teacher_ids.tolist() for w in windows] == [teacher for _, _, teacher in expected]
     teacher_stream = np.array(stream(teacher_docs, "ids"))  # every document has tokens: all are kept
     for window in windows:  # teacher_start: where a window's teacher tokens stand in that stream
         start = window.teacher_start
         assert teacher_stream[start : start + len(window.teacher_ids)].tolist() == window.teacher_ids.tolist()
-    if max_length >= 64:  # no group is that long: the windows are the whole stream
-        assert window_stream(windows, "student_ids") == stream(student_docs, "ids")
+    if max_length >= 64:  # the student's windows are exactly those it gets alone: same tokens, same order
+        alone = pack_windows(student_docs, None, max_length)
+        assert [w.student_ids.tolist() for w in windows] == [w.student_ids.tolist() for w in alone]
+    if max_length >= 1000:  # no window edge cuts a group but the stream's: the windows are the whole stream
         assert window_stream(windows, "teacher_ids") == stream(teacher_docs, "ids")
-        assert window_stream(windows, "student_bytes") == stream(student_docs, "nbytes")
 
 
-def reference_windows(student_docs, teacher_docs, max_length) -> list[tuple[list[int], list[int]]]:
-    """Plain greedy packing, one group at a time: (student ids, teacher ids) of each window."""
-    groups = []
+def reference_windows(student_docs, teacher_docs, max_length) -> list[tuple[list[int], list[int], list[int]]]:
+    """Plain loops: the student stream cut every `max_length` tokens; in each window, the whole groups from
+    its first one while the teacher side fits. (student ids, student group of each token, teacher ids)."""
+    groups, offset, teacher_offset = [], 0, 0  # (student start, stop, teacher start, stop) in the streams
     for student_doc, teacher_doc in zip(student_docs, teacher_docs, strict=True):
         teacher_group_ends, student_group_ends = alignment_groups(teacher_doc.ends, student_doc.ends)
         student_starts, teacher_starts = [0, *student_group_ends[:-1]], [0, *teacher_group_ends[:-1]]
         for s0, s1, t0, t1 in zip(
             student_starts, student_group_ends, teacher_starts, teacher_group_ends, strict=True
         ):
-            groups.append((student_doc.ids[s0:s1].tolist(), teacher_doc.ids[t0:t1].tolist()))
-    windows, student, teacher = [], [], []
-    for group_student, group_teacher in groups:
-        oversized = max(len(group_student), len(group_teacher)) > max_length
-        if (
-            oversized
-            or max(len(student) + len(group_student), len(teacher) + len(group_teacher)) > max_length
-        ):
-            windows.append((student, teacher))
-            student, teacher = [], []
-        if not oversized:
-            student, teacher = student + group_student, teacher + group_teacher
-    windows.append((student, teacher))
-    return [(student, teacher) for student, teacher in windows if min(len(student), len(teacher)) >= 2]
+            groups.append((offset + s0, offset + s1, teacher_offset + t0, teacher_offset + t1))
+        offset, teacher_offset = offset + len(student_doc), teacher_offset + len(teacher_doc)
+    student_ids, teacher_ids = stream(student_docs, "ids"), stream(teacher_docs, "ids")
+    windows = []
+    for start in range(0, len(student_ids), max_length):
+        stop = min(start + max_length, len(student_ids))
+        group, teacher, count = [-1] * (stop - start), [], 0
+        for s0, s1, t0, t1 in groups:
+            if s0 < start or s1 > stop:
+                continue
+            if t1 - t0 > max_length and not teacher:
+                continue  # a leading group too long for the teacher's side stays unaligned
+            if len(teacher) + t1 - t0 > max_length:
+                break
+            for position in range(s0, s1):
+                group[position - start] = count
+            teacher, count = teacher + teacher_ids[t0:t1], count + 1
+        if stop - start >= 2 and len(teacher) >= 2:
+            windows.append((student_ids[start:stop], group, teacher))
+    return windows
 
 
 def test_packing_is_deterministic(tokenized):
@@ -97,15 +111,24 @@ def doc(ids, ends, nbytes) -> TokenizedDoc:
     return TokenizedDoc(np.array(ids), np.array(ends), np.array(nbytes))
 
 
-def test_a_group_longer_than_max_length_is_dropped_and_a_final_single_token_too():
-    # student: "ab" + "cdefg" (one token) + "h"; teacher: "a", "b", "c".."g" one token each, "h"
+def test_a_group_too_long_for_the_teacher_side_learns_from_the_lm_loss_alone():
+    # student: "a", "b", "cdefg" (one token), "h"; teacher: one token per character
     student = doc([1, 2, 3, 4], [1, 2, 7, 8], [1, 1, 5, 1])
     teacher = doc([11, 12, 13, 14, 15, 16, 17, 18], [1, 2, 3, 4, 5, 6, 7, 8], [1] * 8)
-    windows = pack_windows([student], [teacher], max_length=4)
-    # groups: a | b | cdefg (1 student, 5 teacher tokens: too long) | h (a lone final group: dropped)
-    assert len(windows) == 1
-    assert windows[0].student_ids.tolist() == [1, 2] and windows[0].teacher_ids.tolist() == [11, 12]
-    assert windows[0].student_group.tolist() == windows[0].teacher_group.tolist() == [0, 1]
+    (window,) = pack_windows([student], [teacher], max_length=4)
+    # groups a | b | cdefg (5 teacher tokens: past the teacher's 4) | h: the teacher side stops before cdefg
+    assert window.student_ids.tolist() == [1, 2, 3, 4] and window.teacher_ids.tolist() == [11, 12]
+    assert window.student_group.tolist() == [0, 1, -1, -1] and window.teacher_group.tolist() == [0, 1]
+    # a window that starts with such a group aligns from the group after it
+    student = doc([3, 4, 5], [5, 6, 7], [5, 1, 1])
+    teacher = doc([13, 14, 15, 16, 17, 18, 19], [1, 2, 3, 4, 5, 6, 7], [1] * 7)
+    (window,) = pack_windows([student], [teacher], max_length=4)
+    assert window.student_group.tolist() == [-1, 0, 1] and window.teacher_ids.tolist() == [18, 19]
+    assert window.teacher_start == 5
+    # the student stream's last lone token is dropped, as without a teacher
+    student = doc([1, 2, 3, 4], [1, 2, 7, 8], [1, 1, 5, 1])
+    teacher = doc([11, 12, 13, 14, 15, 16, 17, 18], [1, 2, 3, 4, 5, 6, 7, 8], [1] * 8)
+    assert [w.student_ids.tolist() for w in pack_windows([student], [teacher], max_length=3)] == [[1, 2, 3]]
 
 
 def test_documents_without_tokens_are_skipped():
@@ -124,7 +147,7 @@ def test_collate_pads_shifts_labels_and_points_at_group_ends(
     batch_size = len(windows)
     student_length = max(len(w.student_ids) for w in windows)
     teacher_length = max(len(w.teacher_ids) for w in windows)
-    num_groups = max(w.student_group[-1] + 1 for w in windows)
+    num_groups = max(w.student_group.max() + 1 for w in windows)
     assert batch.student.input_ids.shape == batch.student.labels.shape == (batch_size, student_length)
     assert batch.teacher.input_ids.shape == batch.teacher.group.shape == (batch_size, teacher_length)
     assert batch.alignment.student_pos.shape == batch.alignment.mask.shape == (batch_size, num_groups)
@@ -148,10 +171,11 @@ def test_collate_pads_shifts_labels_and_points_at_group_ends(
         pad_positions = batch.student.attention_mask[b] == 0
         assert (batch.student.input_ids[b][pad_positions] == student_pad).all()
 
-        groups = window.student_group[-1] + 1
+        groups = window.student_group.max() + 1
         assert batch.alignment.mask[b].tolist() == [True] * (groups - 1) + [False] * (num_groups - groups + 1)
         assert (batch.alignment.student_pos[b, groups:] == 0).all()
-        student_cum_bytes = np.cumsum(window.student_bytes)
+        leading = window.student_bytes[: np.argmax(window.student_group >= 0)].sum()  # before its first group
+        student_cum_bytes = np.cumsum(window.student_bytes) - leading
         teacher_cum_bytes = np.cumsum(window.teacher_bytes)
         for g in range(groups - 1):
             s, t = int(batch.alignment.student_pos[b, g]), int(batch.alignment.teacher_pos[b, g])

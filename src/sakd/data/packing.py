@@ -85,18 +85,19 @@ class _Stream:
 def pack_windows(
     student_docs: list[TokenizedDoc], teacher_docs: list[TokenizedDoc] | None, max_length: int
 ) -> list[Window]:
-    """Cut the stream of documents (each ending with its EOS) into windows at alignment group boundaries.
+    """Cut the stream of documents (each ending with its EOS) into windows.
 
-    Each window holds at most `max_length` tokens on each side and may span documents; windows are
-    consecutive and do not overlap. A group longer than `max_length` on either side (text the tokenizers
-    never cut at the same character) is dropped, and the windows before and after it stop and start there.
-    A window with fewer than 2 tokens on either side (nothing to predict) is dropped, and so is a document
-    without tokens on one side. Without teacher documents every token is its own group, so windows hold
-    exactly `max_length` tokens (the last one fewer).
+    Windows may span documents; they are consecutive and do not overlap. Without teacher documents every
+    token is its own group, so windows hold exactly `max_length` tokens (the last one fewer). With them, the
+    student's windows are the same, and each teacher window holds the whole alignment groups inside its
+    student window (`_student_length_windows`). A window with fewer than 2 tokens on either side (nothing to
+    predict) is dropped, and so is a document without tokens on one side.
 
     Chat documents (with `target`) are aligned on their assistant content only, and a window starts at a
     conversation's start unless the conversation alone is longer than `max_length` (it is then cut at group
-    boundaries; the number of such conversations is logged).
+    boundaries; the number of such conversations is logged). Their windows are cut at alignment group
+    boundaries, with at most `max_length` tokens on each side; a group longer than that on either side is
+    dropped, and the windows before and after it stop and start there.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
@@ -114,6 +115,8 @@ def pack_windows(
             max_length,
         )
 
+    if teacher_docs is not None and doc_starts is None:
+        return _student_length_windows(streams, max_length)
     windows: list[Window] = []
     for first_group, end_group in _window_spans(streams, max_length, doc_starts):
         parts = [stream.window(first_group, end_group) for stream in streams]
@@ -130,6 +133,46 @@ def pack_windows(
                 teacher_start=start,
                 student_target=targets[0],
                 teacher_target=targets[1] if len(targets) == 2 else None,
+            )
+        )
+    return windows
+
+
+def _student_length_windows(streams: list[_Stream], max_length: int) -> list[Window]:
+    """Plain documents with a teacher: the student's windows are the ones it gets alone (`max_length`
+    consecutive tokens, the last fewer), so a distilled run and one trained alone see the same tokens in the
+    same order, and distillation costs the student none of its data. The teacher's window holds the whole
+    alignment groups inside the student's, up to `max_length` tokens. The student tokens of a group that the
+    window's edge cuts (or that lies past the teacher's `max_length`) belong to no group: they learn from the
+    LM loss alone, and so do those of leading groups longer than `max_length` on the teacher's side. A
+    window whose teacher side would hold fewer than 2 tokens (text the tokenizers never cut at the same
+    character for a whole window) is dropped."""
+    student, teacher = streams
+    windows: list[Window] = []
+    for start in range(0, len(student.ids), max_length):
+        stop = min(start + max_length, len(student.ids))
+        first = int(np.searchsorted(student.group_starts, start, side="left"))  # first whole group
+        end = int(np.searchsorted(student.group_starts, stop, side="right")) - 1  # after the last whole one
+        while first < end and teacher.group_sizes[first] > max_length:  # too long for the teacher's side
+            first += 1
+        teacher_end = np.searchsorted(teacher.group_starts, teacher.group_starts[first] + max_length, "right")
+        end = max(first, min(end, int(teacher_end) - 1))
+        teacher_ids, teacher_bytes, teacher_group = teacher.window(first, end)
+        if stop - start < 2 or len(teacher_ids) < 2:
+            continue
+        group = np.full(stop - start, -1, dtype=np.int64)
+        inside = slice(student.group_starts[first] - start, student.group_starts[end] - start)
+        group[inside] = np.repeat(np.arange(end - first, dtype=np.int64), student.group_sizes[first:end])
+        windows.append(
+            Window(
+                student.ids[start:stop],
+                student.nbytes[start:stop],
+                group,
+                teacher_ids,
+                teacher_bytes,
+                teacher_group,
+                index=len(windows),
+                teacher_start=int(teacher.group_starts[first]),
             )
         )
     return windows
