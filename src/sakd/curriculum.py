@@ -118,8 +118,8 @@ class CurriculumSpec(_Section):
     constant. The chunk-likelihood term, which scales with KD's weight, fades with it. The default, 1 fading
     to 0, lets the teacher's pull give way to the data as the student learns: on a real pretrained pair
     (Gemma 3 270M into a pruned SmolLM2-135M, 30 steps, four seeds) it beat a constant 0.5 and training alone
-    on every seed, and on the full demo it closed more of the gap to the teacher. At 60 steps it beat training alone on all
-    four seeds (see the README)."""
+    on every seed, and on the full demo it closed more of the gap to the teacher. At 60 steps it beat
+    training alone on all four seeds (see the README)."""
     kd_fade_until: float = Field(1.0, gt=0.0, le=1.0)
     """Progress by which KD's fade reaches `kd_end`; it stays there after. With `kd_end` 0 the teacher does not
     run from then on (unless another loss reads it), so the rest of training costs what training alone does."""

@@ -151,6 +151,8 @@ def _student_length_windows(streams: list[_Stream], max_length: int) -> list[Win
     windows: list[Window] = []
     for start in range(0, len(student.ids), max_length):
         stop = min(start + max_length, len(student.ids))
+        if stop - start < 2:  # a lone last token predicts nothing
+            continue
         first = int(np.searchsorted(student.group_starts, start, side="left"))  # first whole group
         end = int(np.searchsorted(student.group_starts, stop, side="right")) - 1  # after the last whole one
         while first < end and teacher.group_sizes[first] > max_length:  # too long for the teacher's side
@@ -158,11 +160,11 @@ def _student_length_windows(streams: list[_Stream], max_length: int) -> list[Win
         teacher_end = np.searchsorted(teacher.group_starts, teacher.group_starts[first] + max_length, "right")
         end = max(first, min(end, int(teacher_end) - 1))
         teacher_ids, teacher_bytes, teacher_group = teacher.window(first, end)
-        if stop - start < 2 or len(teacher_ids) < 2:
+        if len(teacher_ids) < 2:
             continue
         group = np.full(stop - start, -1, dtype=np.int64)
         inside = slice(student.group_starts[first] - start, student.group_starts[end] - start)
-        group[inside] = np.repeat(np.arange(end - first, dtype=np.int64), student.group_sizes[first:end])
+        group[inside] = student.window(first, end)[2]
         windows.append(
             Window(
                 student.ids[start:stop],
