@@ -158,6 +158,17 @@ class DistillConfig(Section):
     chunk_likelihood_temperature: float = Field(100.0, gt=0.0)
     """The chunk probabilities are compared as exp(log-probability / this), which keeps long chunks' gradients
     from vanishing."""
+    on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """On-policy distillation (GKD's lambda): the share of micro-batches whose text the student writes itself.
+    Such a micro-batch keeps the first `on_policy_prompt_tokens` student tokens of each window as a prompt,
+    samples `on_policy_new_tokens` more from the current student (at `on_policy_temperature`, stopping at its
+    EOS), and is distilled on that text, tokenized and aligned afresh for both models, so the teacher judges
+    what the student itself would write. The sampled tokens carry no LM loss. Which micro-batches are drawn
+    depends only on the seed and the step, so a resumed run draws the same ones. 0: off. Needs the live
+    teacher and plain text data (not chat)."""
+    on_policy_prompt_tokens: int = Field(32, ge=1)
+    on_policy_new_tokens: int = Field(64, ge=1)
+    on_policy_temperature: float = Field(1.0, gt=0.0)
     chunk_size: int = Field(1024, ge=1)
     """Rows per chunk when projecting hidden states through the LM heads."""
     chunk_logits: int | None = Field(None, ge=1)
@@ -283,9 +294,27 @@ class Config(Section):
                     f"teacher.cache holds no teacher hidden states or attention: set curriculum.weights."
                     f"{{{','.join(need_teacher)}}} to 0 or drop teacher.cache"
                 )
+        problems += self._on_policy_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _on_policy_problems(self) -> list[str]:
+        d = self.distill
+        if d.on_policy_fraction == 0:
+            return []
+        problems = []
+        if self.teacher is None or self.teacher.cache:
+            problems.append(
+                "distill.on_policy_fraction needs the live teacher: the student's own text has no cached "
+                "teacher targets (drop teacher.cache, or set it to 0)"
+            )
+        if d.on_policy_prompt_tokens + d.on_policy_new_tokens > self.data.max_length:
+            problems.append(
+                f"distill.on_policy_prompt_tokens + on_policy_new_tokens ({d.on_policy_prompt_tokens} + "
+                f"{d.on_policy_new_tokens}) exceeds data.max_length ({self.data.max_length})"
+            )
+        return problems
 
 
 def _looks_like_path(ref: str) -> bool:

@@ -349,10 +349,13 @@ def test_cached_tail_term_survives_a_student_confident_on_the_top_k(projection, 
         torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("temperature,beta", [(1.0, None), (2.0, None), (1.0, 0.5)])
-def test_chunk_likelihood_part_keeps_the_closed_form_path(temperature, beta):
+def test_chunk_likelihood_part_keeps_the_closed_form_path(temperature, beta, sampled):
     """The chunk-likelihood part folded into the fused loss's cross-entropy weights: the same parts and
-    gradients as the same wrapper over the autograd row loss, and the wrapper does keep `with_grad`."""
+    gradients as the same wrapper over the autograd row loss, and the wrapper does keep `with_grad`.
+    `sampled`: some rows have a next token but no LM label (the student sampled it), so the term reaches
+    rows the LM loss does not."""
     from sakd.losses.chunk_likelihood import WithChunkLikelihood
 
     mapping = _mapping(60)
@@ -364,15 +367,30 @@ def test_chunk_likelihood_part_keeps_the_closed_form_path(temperature, beta):
     fused = FusedForwardKL(
         reference, projected_target(mapping, STUDENT_WIDTH), t_weight, t_bias, temperature, beta
     )
-    coefficients = torch.randn(ROWS, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    coefficients = torch.randn(ROWS, generator=g)
+    next_tokens = row_inputs[0]
+    if sampled:
+        next_tokens = torch.where(next_tokens < 0, torch.randint(0, VOCAB, (ROWS,), generator=g), next_tokens)
+        row_inputs[0] = torch.where(torch.rand(ROWS, generator=g) < 0.4, -100, row_inputs[0])
+        assert ((row_inputs[0] < 0) & (next_tokens >= 0)).sum() > 5
     wrapped, plain = WithChunkLikelihood(fused), WithChunkLikelihood(reference)
     assert hasattr(wrapped, "with_grad") and not hasattr(plain, "with_grad")
     weights = {"lm": 0.8, "kd": 1.1, "alm": 0.6}
-    total, parts, grads = _run(wrapped, params, [*row_inputs, coefficients], weights, 9)
-    ref_total, ref_parts, ref_grads = _run(plain, params, [*row_inputs, coefficients], weights, 9)
+    inputs = [*row_inputs, coefficients, next_tokens]
+    total, parts, grads = _run(wrapped, params, inputs, weights, 9)
+    ref_total, ref_parts, ref_grads = _run(plain, params, inputs, weights, 9)
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
     assert parts.keys() == ref_parts.keys() == {"lm", "kd", "alm"}
     for k in parts:
         torch.testing.assert_close(parts[k], ref_parts[k], rtol=1e-5, atol=1e-5)
+    hidden, weight, bias = params
+    logsm = torch.log_softmax((hidden @ weight.T + bias).detach(), dim=-1)
+    ce = -logsm.gather(1, next_tokens.clamp_min(0)[:, None]).squeeze(1)
+    labelled = row_inputs[0] >= 0
+    torch.testing.assert_close(parts["lm"], ce[labelled].sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        parts["alm"], (coefficients * ce)[next_tokens >= 0].sum(), rtol=1e-5, atol=1e-5
+    )
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -60,13 +60,20 @@ def dropout_student(assets, tmp_path_factory) -> Path:
 def make_raw(base_config, small_data, dropout_student, tmp_path) -> Callable[..., dict]:
     """`make_raw(name, data="mid", losses="kd", **train)`: a raw cross-tokenizer config writing to
     tmp_path/name, 8 steps of 2 micro-batches of 1 window of 32 tokens, checkpoint every step, no held-out
-    data. losses "kd": KD + LM only (fast); "all": every loss and the router from the first step."""
+    data. losses "kd": KD + LM only (fast); "all": every loss and the router from the first step; "on-policy":
+    KD + LM, half the micro-batches sampled by the student."""
 
     def make(name: str = "run", data: str = "mid", losses: str = "kd", **train_overrides) -> dict:
         raw = copy.deepcopy(base_config)
         raw["student"] = {"model": str(dropout_student)}
         raw["data"] = {"train": [str(small_data[data])], "eval": [], "max_length": 32, "eval_max_windows": 2}
-        raw["curriculum"] = copy.deepcopy(KD_ONLY if losses == "kd" else EVERY_LOSS)
+        raw["curriculum"] = copy.deepcopy(EVERY_LOSS if losses == "all" else KD_ONLY)
+        if losses == "on-policy":  # half the micro-batches are the student's own text
+            raw["distill"] = {
+                "on_policy_fraction": 0.5,
+                "on_policy_prompt_tokens": 8,
+                "on_policy_new_tokens": 16,
+            }
         raw["train"].update(
             max_steps=8, batch_size=1, grad_accum=2, save_every=1, keep_last=20, ema_decay=0.9
         )

@@ -48,8 +48,16 @@ def _crashed_copy(ref: Path, run: Path, last_step: int) -> None:
         ("tiny", "kd", 8, 2, 2),
         ("tiny", "kd", 8, 2, 6),
         ("mid", "all", 3, 1, 2),
+        ("mid", "on-policy", 6, 1, 3),
     ],
-    ids=["mid-epoch-step1", "mid-epoch-step5", "epochs-step2", "epochs-step6", "router-and-heads-step2"],
+    ids=[
+        "mid-epoch-step1",
+        "mid-epoch-step5",
+        "epochs-step2",
+        "epochs-step6",
+        "router-and-heads-step2",
+        "on-policy-step3",
+    ],
 )
 def test_resume_from_any_checkpoint_is_bit_exact(
     make_raw, reference_run, monkeypatch, data, losses, max_steps, save_every, resume_step

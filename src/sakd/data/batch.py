@@ -3,7 +3,8 @@
 Collation (`sakd.data.packing.collate_windows`) builds the two `Side`s, the `Alignment` and the window indices;
 the loss rows (`LossRows`) are added where a batch is prepared for the objective
 (`sakd.train.step.prepare_batch`); a teacher cache attaches its `CachedTargets`
-(`sakd.cache.training.CachedTeacher.attach`). Each step returns a new batch (`dataclasses.replace`), so a
+(`sakd.cache.training.CachedTeacher.attach`); on-policy distillation builds batches of the student's own text
+and marks what it `sampled` (`sakd.data.sampled`). Each step returns a new batch (`dataclasses.replace`), so a
 batch handed out is never changed behind its holder's back.
 
 The classes compare by identity (`eq=False`): tensors have no single truth value to compare with.
@@ -16,6 +17,8 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 import torch
+
+IGNORE_INDEX = -100  # a position without a label
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +73,9 @@ class Batch:
     alignment: Alignment | None = None
     rows: LossRows | None = None  # set by `prepare_batch`
     cache: CachedTargets | None = None  # set by a teacher cache
+    # (B, Ls) bool, set for text the student wrote (`sakd.data.sampled`): the labels it sampled itself.
+    # They are distilled like any other, but carry no LM loss: the data did not write them.
+    sampled: torch.Tensor | None = None
 
     def side(self, role: str) -> Side:
         """The side of `role`, "student" or "teacher"."""
@@ -78,6 +84,11 @@ class Batch:
         if role == "teacher" and self.teacher is not None:
             return self.teacher
         raise ValueError(f"the batch has no {role} side")
+
+    def lm_labels(self) -> torch.Tensor:
+        """(B, Ls) the student's labels that carry the LM loss: every label but those the student sampled."""
+        labels = self.student.labels
+        return labels if self.sampled is None else labels.masked_fill(self.sampled, IGNORE_INDEX)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Every tensor moved to `device`."""

@@ -9,10 +9,9 @@ import numpy as np
 import torch
 
 from sakd.data.align import alignment_groups
-from sakd.data.batch import Alignment, Batch, Side
+from sakd.data.batch import IGNORE_INDEX, Alignment, Batch, Side
 from sakd.data.tokenize import InputFormat, TokenizedDoc
 
-IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 

@@ -216,10 +216,13 @@ class ChunkLikelihood:
 
 
 class WithChunkLikelihood:
-    """A row loss plus the part "alm": the sum over rows of a coefficient times the row's cross-entropy, the
-    last row input (`ChunkLikelihood.position_weights` at the rows). Its gradient is the chunk-likelihood
-    term's; its value is not the term's (the caller logs that). The first row input must be the labels, as it
-    is for every row loss of `sakd.losses.rows` and `sakd.losses.fused`. A row loss whose closed-form
+    """A row loss plus the part "alm": the sum over rows of a coefficient times the row's cross-entropy of its
+    next token. The last two row inputs are the coefficients (`ChunkLikelihood.position_weights` at the rows)
+    and the next tokens; the inner row loss reads the others, its LM labels first, as every row loss of
+    `sakd.losses.rows` and `sakd.losses.fused` does. The next tokens are the LM labels, and more where the
+    student sampled a token itself (which has no LM label but is part of the text the term compares).
+    Its gradient is the chunk-likelihood term's; its value is not the term's (the caller logs that). A row
+    loss whose closed-form
     `with_grad` takes per-row cross-entropy multiples (`extra`, as `FusedForwardKL`'s) keeps that path: the
     part then adds its coefficients to the cross-entropy's per-row weights, inside the loss's one
     log-softmax of the chunk. Any other row loss runs through autograd."""
@@ -231,16 +234,16 @@ class WithChunkLikelihood:
             self.with_grad = self._with_grad
 
     def __call__(self, logits: torch.Tensor, *row_inputs: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-        *inputs, coefficients = row_inputs
+        *inputs, coefficients, next_tokens = row_inputs
         parts = self.inner(logits, *inputs, **kwargs)
-        ce = F.cross_entropy(logits.float(), inputs[0], ignore_index=IGNORE_INDEX, reduction="none")  # (n,)
+        ce = F.cross_entropy(logits.float(), next_tokens, ignore_index=IGNORE_INDEX, reduction="none")  # (n,)
         parts["alm"] = (coefficients.float() * ce).sum()
         return parts
 
     def _with_grad(
         self, logits: torch.Tensor, part_weights: dict[str, float], *row_inputs: torch.Tensor, **kwargs
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        *inputs, coefficients = row_inputs
-        extra = RowCoefficients("alm", part_weights.get("alm", 0.0), coefficients)
+        *inputs, coefficients, next_tokens = row_inputs
+        extra = RowCoefficients("alm", part_weights.get("alm", 0.0), coefficients, next_tokens)
         others = {name: w for name, w in part_weights.items() if name != "alm"}
         return self.inner.with_grad(logits, others, *inputs, extra=extra, **kwargs)

@@ -95,12 +95,15 @@ def projected_target(mapping: VocabMapping, student_width: int) -> TargetFn:
 
 
 class RowCoefficients(NamedTuple):
-    """Per-row multiples of each row's cross-entropy, logged as one more part: `coefficients` (n,) and the
-    part's `weight` in the objective. The chunk-likelihood term is such a part (`WithChunkLikelihood`)."""
+    """Per-row multiples of each row's cross-entropy of its next token, logged as one more part:
+    `coefficients` (n,), the part's `weight` in the objective, and the rows' `next_tokens` (n,): the LM
+    labels, and more where a row has a next token but no LM label (a token the student sampled itself). The
+    chunk-likelihood term is such a part (`WithChunkLikelihood`)."""
 
     part: str
     weight: float
     coefficients: torch.Tensor
+    next_tokens: torch.Tensor
 
 
 def _cross_entropy(
@@ -114,17 +117,21 @@ def _cross_entropy(
     pass over the logits, written to `out` if given; the caller may overwrite it), each row's weight in the
     gradient (n,) (0 for ignored labels) and the label column (n, 1). With `extra`, each row's weight gains
     extra.weight * its coefficient: the gradient of a cross-entropy is the same softmax - onehot whatever
-    multiplies it, so the extra part costs no further pass over the logits."""
+    multiplies it, so the extra part costs no further pass over the logits. Its next tokens are the labels
+    wherever a row has a label, so one column serves both."""
     valid = labels != IGNORE_INDEX
-    column = labels.clamp_min(0)[:, None]
+    targets = labels if extra is None else extra.next_tokens
+    column = targets.clamp_min(0)[:, None]
     logsm = torch.log_softmax(s, dim=-1, out=out)  # (n, W)
-    ce = torch.where(valid, -logsm.gather(1, column).squeeze(1), 0.0)  # (n,)
+    picked = -logsm.gather(1, column).squeeze(1)  # (n,)
+    ce = torch.where(valid, picked, 0.0)  # (n,)
     parts = {"lm": ce.sum()}
     if extra is None:
         return parts, logsm, torch.where(valid, weight, 0.0), column
-    coefficients = extra.coefficients.float()
-    parts[extra.part] = (coefficients * ce).sum()
-    return parts, logsm, torch.where(valid, weight + extra.weight * coefficients, 0.0), column
+    has_next = targets != IGNORE_INDEX
+    coefficients = torch.where(has_next, extra.coefficients.float(), 0.0)
+    parts[extra.part] = (coefficients * picked).sum()
+    return parts, logsm, torch.where(valid, weight, 0.0) + extra.weight * coefficients, column
 
 
 def _shares_softmax(s: torch.Tensor, cols: int, t: float) -> bool:

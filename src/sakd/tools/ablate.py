@@ -62,8 +62,15 @@ _TERM_SCHEDULES = {DEFAULT_OBJECTIVE: DEFAULT_KD} | {
     for schedule in ((1.0, 0.0), (0.5, 1.0), (1.0, 1.0))
     if schedule != DEFAULT_KD
 }
+# GKD's mixed distillation on top of the default: that share of micro-batches is the student's own text
+ON_POLICY = {
+    f"the default + the student's own text in {share:.0%} of micro-batches (on-policy, GKD lambda {share:g})": share
+    for share in (0.25, 0.5)
+}
+_TERM_SCHEDULES |= dict.fromkeys(ON_POLICY, DEFAULT_KD)
 OBJECTIVES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(_TERM_SCHEDULES, _TERM),
+    **{name: {**_TERM, "on_policy_fraction": share} for name, share in ON_POLICY.items()},
     "KD with TAID's target (t 0.4 -> 1)": {**PLAIN, "divergence": "taid"},
     "KD with skew KL (alpha 0.1)": {**PLAIN, "divergence": "skew_kl"},
 }

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
 from sakd.data.tokenize import log_input_format
+from sakd.errors import UserError
 from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
 from sakd.report.trackers import open_trackers
@@ -37,6 +38,7 @@ from sakd.train.evaluate import eval_batches as make_eval_batches
 from sakd.train.evaluate import evaluate_student, measure_before_training
 from sakd.train.export import export_final
 from sakd.train.inputs import training_inputs
+from sakd.train.on_policy import OnPolicy
 from sakd.train.run import Run, TrainingStopped, make_accelerator
 from sakd.train.sharding import is_sharded
 from sakd.train.step import build_training, check_heads, step_batches, train_step
@@ -107,8 +109,21 @@ def setup(cfg: Config, resume: str | None, force: bool) -> Run:
     training = build_training(cfg, accelerator, precision, student_tok, teacher_tok, inputs.cached)
     loader = inputs.loader(cfg, accelerator, student_tok, teacher_tok)
     run = Run(cfg, out, training, inputs, loader, (student_tok, teacher_tok))
+    run.on_policy = on_policy_sampler(cfg, inputs, (student_tok, teacher_tok), accelerator.process_index)
     run.eval_batches = make_eval_batches(inputs.eval_windows, tc.batch_size, student_tok, teacher_tok)
     return run
+
+
+def on_policy_sampler(cfg: Config, inputs, tokenizers: tuple, process: int) -> OnPolicy | None:
+    """The run's on-policy sampler (None: off); a UserError for chat data, whose prompts and answers it does
+    not yet tell apart."""
+    sampler = OnPolicy.of(cfg, *tokenizers, process)
+    if sampler is not None and any(w.student_target is not None for w in inputs.windows):
+        raise UserError(
+            "distill.on_policy_fraction works on plain text data only for now: these rows are chat or "
+            "prompt-completion rows (set it to 0)"
+        )
+    return sampler
 
 
 def resume_run(run: Run, resume: str) -> None:
@@ -228,11 +243,14 @@ def step(run: Run, progress: Progress) -> None:
     t, state, accelerator = run.training, run.state, run.accelerator
     progress.boundary = (run.loader.state_dict(), checkpoint.rng_state())
     host_batches = [run.loader.next_batch() for _ in range(run.cfg.train.grad_accum)]
+    point = curriculum_point(run.cfg, state.step)
+    if run.on_policy is not None:
+        host_batches, sampled = run.on_policy(t.student, host_batches, state.step, point, accelerator)
+        progress.interval.sampled += sampled
     batches = step_batches(host_batches, accelerator)
     if not progress.heads_checked:
         check_heads(t, batches.batches[0])
         progress.heads_checked = True
-    point = curriculum_point(run.cfg, state.step)
     result = train_step(t, batches, point)
     state.step += 1
     progress.boundary = (run.loader.state_dict(), checkpoint.rng_state())

@@ -94,13 +94,16 @@ class DistillObjective:
             part_weights["kd"] = norm.token_weight(w["kd"], counts.kd)
         kd_mask = torch.arange(n, device=hidden.device) < k  # (N,)
         student_rows = hidden.flatten(0, 1).index_select(0, rows.student)  # (N, Hs)
-        labels = batch.student.labels.flatten().index_select(0, rows.student)  # (N,)
+        labels = batch.lm_labels().flatten().index_select(0, rows.student)  # (N,)
         row_inputs = [labels, *teacher_rows, kd_mask, kd_weight]
         if use_kd and self.likelihood is not None:
             coefficients, alm = chunk_likelihood_rows(
                 self.likelihood, batch, rows, (student_rows, s_head), (teacher, t_pass), self.chunking
             )
-            row_loss, row_inputs = WithChunkLikelihood(row_loss), [*row_inputs, coefficients]
+            # the term reaches every next token, those the student sampled itself too
+            next_tokens = batch.student.labels.flatten().index_select(0, rows.student)  # (N,)
+            row_loss = WithChunkLikelihood(row_loss)
+            row_inputs = [*row_inputs, coefficients, next_tokens]
             part_weights["alm"] = norm.token_weight(self.likelihood.weight * w["kd"], counts.kd)
             parts["alm"] = alm / max(counts.kd, 1)
         total, sums = chunked_head_loss(

@@ -19,7 +19,7 @@ class TokenCounts:
 
     @staticmethod
     def of(batches: list[Batch]) -> TokenCounts:
-        lm = sum(int((b.student.labels != IGNORE_INDEX).sum()) for b in batches)
+        lm = sum(int((b.lm_labels() != IGNORE_INDEX).sum()) for b in batches)
         kd = sum(int(b.alignment.mask.sum()) for b in batches if b.alignment is not None)
         return TokenCounts(lm, kd)
 

@@ -64,6 +64,7 @@ class Run:
     eval_batches: list = field(default_factory=list)
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     resumed_from: Path | None = None
+    on_policy: Any = None  # an `OnPolicy` sampler when the student writes some micro-batches itself
 
     @property
     def accelerator(self) -> Accelerator:

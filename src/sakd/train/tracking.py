@@ -39,6 +39,7 @@ class LogInterval:
         self.loss = 0.0
         self.parts: dict[str, float] = {}
         self.tokens = 0
+        self.sampled = 0  # micro-batches of the student's own text (on-policy)
         self.grad_norm = math.nan  # of the last step that was not skipped
         self.t0 = time.perf_counter()
 
@@ -60,6 +61,7 @@ class LogInterval:
             **{f"loss_{k}": float(v) / max(self.steps, 1) for k, v in self.parts.items()},
             "grad_norm": None if math.isnan(grad_norm := float(self.grad_norm)) else grad_norm,
             "tokens_per_s": self.tokens / dt,
+            "sampled_batches": self.sampled,
             "skipped_steps": state.skipped_steps,
             "elapsed_s": round(state.elapsed_s, 2),
             "phase": point.phase,
