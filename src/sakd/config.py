@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sakd.config_paths import file_problems
 from sakd.curriculum import CurriculumSpec
 from sakd.errors import UserError
 
@@ -317,32 +318,6 @@ class Config(Section):
         return problems
 
 
-def _looks_like_path(ref: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else (or anything that exists) is a local path."""
-    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
-
-
-def _file_problems(raw: dict[str, Any]) -> list[str]:
-    """Local paths that do not exist, read from the raw mapping so that they are reported together with every
-    other problem (even when the rest of the config is invalid)."""
-    problems = []
-    for role in ("student", "teacher"):
-        spec = raw.get(role)
-        for key in ("model", "tokenizer", "chat_template"):
-            ref = spec.get(key) if isinstance(spec, dict) else None
-            is_path = key == "chat_template" or (isinstance(ref, str) and _looks_like_path(ref))
-            if isinstance(ref, str) and ref and is_path and not Path(ref).expanduser().exists():
-                problems.append(f"{role}.{key}: '{ref}' does not exist")
-    data = raw.get("data")
-    for split in ("train", "eval"):
-        sources = data.get(split) if isinstance(data, dict) else None
-        for src in sources if isinstance(sources, list) else []:
-            path = src.get("path") if isinstance(src, dict) else src
-            if isinstance(path, str) and not Path(path).expanduser().exists():
-                problems.append(f"data.{split}: '{path}' does not exist")
-    return problems
-
-
 def _format_validation(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
@@ -400,7 +375,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def validate(raw: dict[str, Any], check_files: bool = True) -> Config:
     """Validate a raw mapping; every problem is reported at once in one `UserError`."""
-    missing = _file_problems(raw) if check_files else []
+    missing = file_problems(raw) if check_files else []
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
