@@ -71,3 +71,16 @@ def test_fsdp_evaluation_adds_up_despite_an_uneven_split(fsdp_run, one_process_r
         )
         assert fsdp[weights]["bits_per_byte"] == pytest.approx(one[weights]["bits_per_byte"], rel=1e-5)
     assert fsdp["distill_loss"] == pytest.approx(one["distill_loss"], rel=1e-5)
+
+
+def test_fsdp_students_sample_their_own_text_in_step(make_dist_raw):
+    """On-policy micro-batches on a sharded student: every process samples (each layer's weights gathered
+    for each forward) the same number of forwards, so no process waits for another forever, and every
+    micro-batch of every step is the student's own text."""
+    raw = make_dist_raw("fsdp-on-policy", strategy="fsdp", max_steps=3)
+    raw["distill"] = {"on_policy_fraction": 1.0, "on_policy_prompt_tokens": 8, "on_policy_new_tokens": 12}
+    proc = run_two(write_yaml(raw, Path(raw["output_dir"]).with_suffix(".yaml")))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = _records(Path(raw["output_dir"]), "train")
+    assert [r["sampled_batches"] for r in records] == [1, 1, 1]  # the main process's, one per step
+    assert all(r["loss"] == r["loss"] for r in records)

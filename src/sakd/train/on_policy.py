@@ -99,28 +99,23 @@ class OnPolicy:
         prefix = len(self.text.formats[0].prefix)
         ids = batch.student.input_ids
         mask = batch.student.attention_mask
-        lengths = (mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])) - prefix
-        prompts = [ids[b, : prefix + min(self.sampling.prompt_tokens, int(n))] for b, n in enumerate(lengths)]
-        model = unwrap(student)
+        shortest = int(mask.sum(1).min()) if mask is not None else ids.shape[1]
+        # One prompt length for the whole micro-batch (only a last, shorter window lowers it): the rows sample
+        # together without padding, and every process runs the same number of forwards.
+        prompts = ids[:, : prefix + min(self.sampling.prompt_tokens, shortest - prefix)]  # (B, prefix + P)
         generator = torch.Generator(accelerator.device).manual_seed(seed)
-        sampled: list[list[int]] = [[] for _ in prompts]
-        # rows with prompts of one length sample together, without padding
-        for length in sorted({len(p) for p in prompts}):
-            rows = [b for b, p in enumerate(prompts) if len(p) == length]
-            with accelerator.autocast():
-                new = sample_tokens(
-                    model,
-                    torch.stack([prompts[b] for b in rows]).to(accelerator.device),
-                    self.sampling.new_tokens,
-                    self.sampling.temperature,
-                    generator,
-                    self.vocab,
-                )
-            for b, tokens in zip(rows, new.tolist(), strict=True):
-                sampled[b] = _until_eos(tokens, self.eos)
+        with accelerator.autocast():
+            new = sample_tokens(
+                unwrap(student),
+                prompts.to(accelerator.device),
+                self.sampling.new_tokens,
+                self.sampling.temperature,
+                generator,
+                self.vocab,
+            )
         rows = [
-            SampledRow(prompt[prefix:].tolist(), tokens, int(window))
-            for prompt, tokens, window in zip(prompts, sampled, batch.window_index, strict=True)
+            SampledRow(prompt[prefix:].tolist(), _until_eos(tokens, self.eos), int(window))
+            for prompt, tokens, window in zip(prompts, new.tolist(), batch.window_index, strict=True)
         ]
         return self.text.batch(rows)
 
