@@ -185,3 +185,25 @@ def test_the_default_variant_runs_the_default_kd_schedule(fake, tmp_path):
     others = {(c["weights"]["kd"], c["kd_end"]) for c in curricula[2:]}
     assert len(others) == 2 and (spec.weights.kd, spec.kd_end) not in others
     assert others <= {(1.0, 0.0), (0.5, 1.0), (1.0, 1.0)}
+
+
+def test_the_variants_on_top_of_the_default_run_the_default_plus_their_part(fake, tmp_path):
+    """On-policy text and the token weights are measured on top of the default: its term, rows and KD
+    schedule, plus the on-policy share or the token weights, and nothing else."""
+    from sakd.curriculum import CurriculumSpec
+
+    names = [*ablate.ON_POLICY, ablate.TOKEN_WEIGHTS_ON_DEFAULT]
+    run_ablation(tmp_path, quick=True, variants=[ablate.DEFAULT_OBJECTIVE, *names])
+    runs = [(fake.distill[slug], fake.curricula[slug]) for slug, _, teacher in fake.calls if teacher]
+    base_distill, base_curriculum = runs[0]
+    shares = []
+    for distill, curriculum in runs[1:]:
+        extra = {k: v for k, v in distill.items() if base_distill.get(k) != v}
+        changed = {k for k, v in curriculum["weights"].items() if base_curriculum["weights"][k] != v}
+        assert curriculum["kd_end"] == CurriculumSpec().kd_end and curriculum["enabled"]
+        if extra:
+            assert set(extra) == {"on_policy_fraction"} and not changed
+            shares.append(extra["on_policy_fraction"])
+        else:
+            assert changed == {"token_weighting"} and curriculum["weights"]["token_weighting"] == 1.0
+    assert shares == [0.25, 0.5]

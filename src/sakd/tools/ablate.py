@@ -67,7 +67,10 @@ ON_POLICY = {
     f"the default + the student's own text in {share:.0%} of micro-batches (on-policy, GKD lambda {share:g})": share
     for share in (0.25, 0.5)
 }
-_TERM_SCHEDULES |= dict.fromkeys(ON_POLICY, DEFAULT_KD)
+# The student-aware token weights on top of the default (a curriculum weight, not a distill setting)
+TOKEN_WEIGHTS_ON_DEFAULT = "the default + student-aware token weights"
+_TERM_SCHEDULES |= dict.fromkeys([*ON_POLICY, TOKEN_WEIGHTS_ON_DEFAULT], DEFAULT_KD)
+_EXTRA_WEIGHTS = {TOKEN_WEIGHTS_ON_DEFAULT: {"token_weighting": 1.0}}
 OBJECTIVES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(_TERM_SCHEDULES, _TERM),
     **{name: {**_TERM, "on_policy_fraction": share} for name, share in ON_POLICY.items()},
@@ -83,7 +86,8 @@ def objective_curriculum(name: str) -> dict[str, Any]:
     if name not in _TERM_SCHEDULES:
         return plain
     kd, kd_end = _TERM_SCHEDULES[name]
-    return {"enabled": True, "weights": {**plain["weights"], "kd": kd}, "kd_end": kd_end}
+    weights = {**plain["weights"], "kd": kd, **_EXTRA_WEIGHTS.get(name, {})}
+    return {"enabled": True, "weights": weights, "kd_end": kd_end}
 
 
 def variant_names() -> list[str]:
