@@ -185,15 +185,13 @@ def test_chat_data_is_refused(make_raw, pair):
     that distils on the wrong text."""
     from types import SimpleNamespace
 
-    from sakd.train.loop import on_policy_sampler
-
     raw = make_raw()
     raw["distill"] = {"on_policy_fraction": 0.5, "on_policy_prompt_tokens": 8, "on_policy_new_tokens": 16}
     cfg = validate(raw)
     chat = SimpleNamespace(student_target=np.ones(4, dtype=bool))
     with pytest.raises(UserError, match="plain text data only"):
-        on_policy_sampler(cfg, SimpleNamespace(windows=[chat]), pair, 0)
+        OnPolicy.of(cfg, [chat], pair, 0)
     plain = SimpleNamespace(student_target=None)
-    assert on_policy_sampler(cfg, SimpleNamespace(windows=[plain]), pair, 0) is not None
+    assert OnPolicy.of(cfg, [plain], pair, 0) is not None
     raw["distill"]["on_policy_fraction"] = 0.0
-    assert on_policy_sampler(validate(raw), SimpleNamespace(windows=[chat]), pair, 0) is None
+    assert OnPolicy.of(validate(raw), [chat], pair, 0) is None

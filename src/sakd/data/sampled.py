@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sakd.data.batch import Batch
+from sakd.data.batch import IGNORE_INDEX, Batch
 from sakd.data.packing import Window, collate_windows, pack_windows
 from sakd.data.tokenize import InputFormat, TokenizedDoc, input_format, text_tokenizer, tokenized_doc
 
@@ -68,7 +68,7 @@ class SampledText:
         for b, token_flags in enumerate(flags):
             # position i predicts token i + 1: its label is sampled when that token is
             sampled[b, shift : shift + len(token_flags) - 1] = torch.from_numpy(token_flags[1:])
-        return replace(batch, sampled=sampled & (batch.student.labels != -100))
+        return replace(batch, sampled=sampled & (batch.student.labels != IGNORE_INDEX))
 
     def window(self, row: SampledRow) -> tuple[Window, np.ndarray] | None:
         """The row's window (the first `max_length` student tokens of its text, as packing makes them) and

@@ -222,10 +222,9 @@ class WithChunkLikelihood:
     `sakd.losses.rows` and `sakd.losses.fused` does. The next tokens are the LM labels, and more where the
     student sampled a token itself (which has no LM label but is part of the text the term compares).
     Its gradient is the chunk-likelihood term's; its value is not the term's (the caller logs that). A row
-    loss whose closed-form
-    `with_grad` takes per-row cross-entropy multiples (`extra`, as `FusedForwardKL`'s) keeps that path: the
-    part then adds its coefficients to the cross-entropy's per-row weights, inside the loss's one
-    log-softmax of the chunk. Any other row loss runs through autograd."""
+    loss whose closed-form `with_grad` takes per-row cross-entropy multiples (`extra`, as `FusedForwardKL`'s)
+    keeps that path: the part then adds its coefficients to the cross-entropy's per-row weights, inside the
+    loss's one log-softmax of the chunk. Any other row loss runs through autograd."""
 
     def __init__(self, inner):
         self.inner = inner

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint, curriculum_at, training_progress
 from sakd.data.tokenize import log_input_format
-from sakd.errors import UserError
 from sakd.models.load import load_tokenizer, resolve_precision, unwrap
 from sakd.report import build_report
 from sakd.report.trackers import open_trackers
@@ -109,21 +108,9 @@ def setup(cfg: Config, resume: str | None, force: bool) -> Run:
     training = build_training(cfg, accelerator, precision, student_tok, teacher_tok, inputs.cached)
     loader = inputs.loader(cfg, accelerator, student_tok, teacher_tok)
     run = Run(cfg, out, training, inputs, loader, (student_tok, teacher_tok))
-    run.on_policy = on_policy_sampler(cfg, inputs, (student_tok, teacher_tok), accelerator.process_index)
+    run.on_policy = OnPolicy.of(cfg, inputs.windows, (student_tok, teacher_tok), accelerator.process_index)
     run.eval_batches = make_eval_batches(inputs.eval_windows, tc.batch_size, student_tok, teacher_tok)
     return run
-
-
-def on_policy_sampler(cfg: Config, inputs, tokenizers: tuple, process: int) -> OnPolicy | None:
-    """The run's on-policy sampler (None: off); a UserError for chat data, whose prompts and answers it does
-    not yet tell apart."""
-    sampler = OnPolicy.of(cfg, *tokenizers, process)
-    if sampler is not None and any(w.student_target is not None for w in inputs.windows):
-        raise UserError(
-            "distill.on_policy_fraction works on plain text data only for now: these rows are chat or "
-            "prompt-completion rows (set it to 0)"
-        )
-    return sampler
 
 
 def resume_run(run: Run, resume: str) -> None:

@@ -101,7 +101,9 @@ class DistillObjective:
                 self.likelihood, batch, rows, (student_rows, s_head), (teacher, t_pass), self.chunking
             )
             # the term reaches every next token, those the student sampled itself too
-            next_tokens = batch.student.labels.flatten().index_select(0, rows.student)  # (N,)
+            next_tokens = labels
+            if batch.sampled is not None:
+                next_tokens = batch.student.labels.flatten().index_select(0, rows.student)  # (N,)
             row_loss = WithChunkLikelihood(row_loss)
             row_inputs = [*row_inputs, coefficients, next_tokens]
             part_weights["alm"] = norm.token_weight(self.likelihood.weight * w["kd"], counts.kd)

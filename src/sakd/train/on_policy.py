@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,38 +23,35 @@ from transformers import DynamicCache
 from sakd.config import Config
 from sakd.curriculum import CurriculumPoint
 from sakd.data.batch import Batch
+from sakd.data.packing import Window
 from sakd.data.sampled import SampledRow, SampledText
+from sakd.errors import UserError
 from sakd.models.load import unwrap
 
 log = logging.getLogger("sakd")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    fraction: float  # of the micro-batches
-    prompt_tokens: int
-    new_tokens: int
-    temperature: float
 
 
 class OnPolicy:
     """Replaces drawn micro-batches of a step by the student's own text (`__call__`)."""
 
     def __init__(self, cfg: Config, student_tok, teacher_tok, process: int = 0):
-        d = cfg.distill
-        self.sampling = Sampling(
-            d.on_policy_fraction, d.on_policy_prompt_tokens, d.on_policy_new_tokens, d.on_policy_temperature
-        )
+        self.settings = cfg.distill  # its on_policy_* fields
         self.text = SampledText(student_tok, teacher_tok, cfg.data.max_length)
         self.eos, self.vocab = student_tok.eos_token_id, len(student_tok)
         self.seed, self.process = cfg.train.seed, process
 
     @staticmethod
-    def of(cfg: Config, student_tok, teacher_tok, process: int = 0) -> OnPolicy | None:
-        """The run's on-policy sampler; None when `distill.on_policy_fraction` is 0."""
-        if cfg.distill.on_policy_fraction == 0 or cfg.teacher is None:
-            return None
+    def of(cfg: Config, windows: list[Window], tokenizers: tuple, process: int = 0) -> OnPolicy | None:
+        """The run's on-policy sampler for its training `windows`; None when `distill.on_policy_fraction` is
+        0. A UserError for chat data, whose prompts and answers it does not yet tell apart."""
         s = cfg.distill
+        if s.on_policy_fraction == 0:
+            return None
+        if any(w.student_target is not None for w in windows):
+            raise UserError(
+                "distill.on_policy_fraction works on plain text data only for now: these rows are chat or "
+                "prompt-completion rows (set it to 0)"
+            )
         log.info(
             "on-policy: %.0f%% of micro-batches are the student's own text (%d prompt tokens from the data, "
             "%d sampled at temperature %g)",
@@ -64,12 +60,12 @@ class OnPolicy:
             s.on_policy_new_tokens,
             s.on_policy_temperature,
         )
-        return OnPolicy(cfg, student_tok, teacher_tok, process)
+        return OnPolicy(cfg, *tokenizers, process)
 
     def drawn(self, step: int, micro_batch: int) -> bool:
         """Whether micro-batch `micro_batch` of optimizer step `step` is the student's own text."""
         draw = np.random.default_rng([self.seed, step, micro_batch]).random()
-        return bool(draw < self.sampling.fraction)
+        return bool(draw < self.settings.on_policy_fraction)
 
     def __call__(
         self,
@@ -102,14 +98,16 @@ class OnPolicy:
         shortest = int(mask.sum(1).min()) if mask is not None else ids.shape[1]
         # One prompt length for the whole micro-batch (only a last, shorter window lowers it): the rows sample
         # together without padding, and every process runs the same number of forwards.
-        prompts = ids[:, : prefix + min(self.sampling.prompt_tokens, shortest - prefix)]  # (B, prefix + P)
+        prompts = ids[
+            :, : prefix + min(self.settings.on_policy_prompt_tokens, shortest - prefix)
+        ]  # (B, prefix + P)
         generator = torch.Generator(accelerator.device).manual_seed(seed)
         with accelerator.autocast():
             new = sample_tokens(
                 unwrap(student),
                 prompts.to(accelerator.device),
-                self.sampling.new_tokens,
-                self.sampling.temperature,
+                self.settings.on_policy_new_tokens,
+                self.settings.on_policy_temperature,
                 generator,
                 self.vocab,
             )
